@@ -1,0 +1,28 @@
+"""Which account kinds each operation may move money between (debit kind -> credit kind).
+
+This is the structural shape of custody. The segregation control (a later module) explains the
+customer-money/platform-money breaches with its own code; here anything outside the table is
+FLOW_NOT_ALLOWED.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CUST, SUSP, OWN, FEE, OMNI, PBANK = (
+    "customer",
+    "suspense",
+    "own_funds",
+    "fee_income",
+    "omnibus",
+    "platform_bank",
+)
+
+ALLOWED_FLOWS: Final[dict[str, frozenset[tuple[str, str]]]] = {
+    "deposit": frozenset({(OMNI, CUST), (OMNI, SUSP), (PBANK, OWN)}),
+    "transfer": frozenset({(CUST, CUST), (SUSP, CUST)}),
+    "charge_fee": frozenset({(CUST, FEE)}),
+    "top_up_shortfall": frozenset({(OWN, CUST), (OWN, SUSP)}),
+    "place_hold": frozenset({(CUST, CUST), (CUST, FEE)}),
+    "request_withdrawal": frozenset({(CUST, OMNI), (OWN, PBANK), (FEE, PBANK)}),
+}

@@ -1,0 +1,88 @@
+"""Configuration by environment (documented in docs/CONFIG.md).
+
+CUSTODY_STORE            sqlite (default) | postgres
+CUSTODY_DATA_DIR         folder for the SQLite file and local keys (default ./custody-data)
+CUSTODY_SQLITE_PATH      explicit SQLite file (default $CUSTODY_DATA_DIR/ledger.sqlite3)
+CUSTODY_PG_DSN_*         POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD,
+                         POSTGRES_DBNAME, POSTGRES_SCHEMA (eventsourcing's own keys, passed through)
+CUSTODY_MASTER_KEY       base64 32-byte key wrapping per-customer data keys (default: a key file
+                         created with mode 0600 in the data folder)
+CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
+CUSTODY_QUEUE_MAX        most requests waiting for a platform's writer (default 10000)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+STORE_SQLITE: Final = "sqlite"
+STORE_POSTGRES: Final = "postgres"
+_PG_KEYS: Final = (
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DBNAME",
+    "POSTGRES_SCHEMA",
+    "POSTGRES_POOL_SIZE",
+    "POSTGRES_MAX_OVERFLOW",
+    "POSTGRES_CONNECT_TIMEOUT",
+    "POSTGRES_LOCK_TIMEOUT",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+def _int(env: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be in {low}..{high}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    store: str
+    data_dir: Path
+    sqlite_path: Path
+    postgres: dict[str, str] = field(default_factory=dict)
+    master_key_b64: str | None = None
+    group_max: int = 8192
+    queue_max: int = 10_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        store = env.get("CUSTODY_STORE", STORE_SQLITE)
+        if store not in (STORE_SQLITE, STORE_POSTGRES):
+            raise ConfigError("CUSTODY_STORE must be 'sqlite' or 'postgres'")
+        data_dir = Path(env.get("CUSTODY_DATA_DIR", "custody-data"))
+        sqlite_path = Path(env.get("CUSTODY_SQLITE_PATH", str(data_dir / "ledger.sqlite3")))
+        postgres = {k: env[k] for k in _PG_KEYS if k in env}
+        if store == STORE_POSTGRES:
+            postgres.setdefault("POSTGRES_HOST", "127.0.0.1")
+            postgres.setdefault("POSTGRES_PORT", "5432")
+            postgres.setdefault("POSTGRES_USER", "postgres")
+            postgres.setdefault("POSTGRES_PASSWORD", "")
+            postgres.setdefault("POSTGRES_DBNAME", "postgres")
+        return cls(
+            store=store,
+            data_dir=data_dir,
+            sqlite_path=sqlite_path,
+            postgres=postgres,
+            master_key_b64=env.get("CUSTODY_MASTER_KEY"),
+            group_max=_int(env, "CUSTODY_GROUP_MAX", 8192, 1, 65_536),
+            queue_max=_int(env, "CUSTODY_QUEUE_MAX", 10_000, 1, 1_000_000),
+        )

@@ -1,0 +1,229 @@
+"""Turns a validated instruction into a proposal (what it would do) and the record's effect fields.
+
+Planning refuses only what the generic controls cannot see (an unknown hold, a movement that
+is not reversible); everything else is left to `controls.registry.run_controls`. Nothing here
+mutates state: the caller applies the record after every control has accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from controls.base import Proposal, Refusal
+from controls.codes import Code
+from ledger import commands as c
+from ledger.domain import AccountKind, HoldStatus, PlatformState
+
+Effects = dict[str, Any]
+Plan = tuple[Proposal, Effects] | Refusal
+
+PLAN_CONTROL = "integrity"
+REVERSIBLE_KINDS = frozenset(
+    {"deposited", "transferred", "fee_charged", "shortfall_topped_up", "hold_captured"}
+)
+
+
+def _refuse(code: Code, message: str) -> Refusal:
+    return Refusal(code, PLAN_CONTROL, message)
+
+
+def _move(op: str, cmd: Any, debit: str, credit: str) -> Plan:
+    amount = cmd.amount_minor
+    proposal = Proposal(op, cmd, cmd.currency, entries=((debit, credit, amount),))
+    return proposal, {"ccy": cmd.currency, "entries": [[debit, credit, amount]]}
+
+
+def plan_deposit(state: PlatformState, cmd: c.Deposit) -> Plan:
+    return _move("deposit", cmd, cmd.mirror_account_id, cmd.account_id)
+
+
+def plan_transfer(state: PlatformState, cmd: c.Transfer) -> Plan:
+    return _move("transfer", cmd, cmd.from_account_id, cmd.to_account_id)
+
+
+def plan_fee(state: PlatformState, cmd: c.ChargeFee) -> Plan:
+    return _move("charge_fee", cmd, cmd.from_account_id, cmd.to_account_id)
+
+
+def plan_top_up(state: PlatformState, cmd: c.TopUpShortfall) -> Plan:
+    return _move("top_up_shortfall", cmd, cmd.from_account_id, cmd.to_account_id)
+
+
+def _new_hold(
+    op: str, cmd: Any, debit: str, credit: str, reason: str, hold_kind: str, now_ms: int
+) -> Plan:
+    if not reason:
+        return _refuse(Code.HOLD_REASON_REQUIRED, "a hold needs a reason")
+    if cmd.expires_at_ms <= now_ms:
+        return _refuse(Code.HOLD_EXPIRY_INVALID, "a hold's expiry must be in the future")
+    amount = cmd.amount_minor
+    proposal = Proposal(op, cmd, cmd.currency, hold=(debit, credit, amount))
+    hold = {
+        "id": cmd.client_id,
+        "debit": debit,
+        "credit": credit,
+        "amount": amount,
+        "expires": cmd.expires_at_ms,
+        "reason": reason,
+        "kind": "withdrawal" if op == "request_withdrawal" else "hold",
+    }
+    return proposal, {"ccy": cmd.currency, "hold": hold}
+
+
+def plan_place_hold(state: PlatformState, cmd: c.PlaceHold, now_ms: int) -> Plan:
+    return _new_hold(
+        "place_hold", cmd, cmd.from_account_id, cmd.to_account_id, cmd.reason, "hold", now_ms
+    )
+
+
+def plan_withdrawal(state: PlatformState, cmd: c.RequestWithdrawal, now_ms: int) -> Plan:
+    if not cmd.payee_ref:
+        return _refuse(Code.INVALID_ARGUMENT, "a withdrawal needs the payee reference")
+    return _new_hold(
+        "request_withdrawal",
+        cmd,
+        cmd.account_id,
+        cmd.mirror_account_id,
+        f"withdrawal to {cmd.payee_ref}",
+        "withdrawal",
+        now_ms,
+    )
+
+
+def _pending_hold(state: PlatformState, hold_id: str, kind: str) -> Any:
+    hold = state.holds.get(hold_id)
+    if hold is None or hold.kind != kind:
+        return _refuse(Code.HOLD_NOT_FOUND, f"no {kind} {hold_id!r}")
+    if hold.status is not HoldStatus.PENDING:
+        return _refuse(Code.HOLD_NOT_PENDING, f"{kind} {hold_id!r} is already {hold.status}")
+    return hold
+
+
+def _resolve(op: str, cmd: Any, hold: Any, captured: int, status: HoldStatus) -> Plan:
+    entries = ((hold.debit, hold.credit, captured),) if captured else ()
+    proposal = Proposal(op, cmd, None, entries=entries)
+    return proposal, {"resolve": [[hold.id, captured, status.value]]}
+
+
+def plan_capture(state: PlatformState, cmd: c.CaptureHold) -> Plan:
+    hold = _pending_hold(state, cmd.hold_id, "hold")
+    if isinstance(hold, Refusal):
+        return hold
+    if type(cmd.amount_minor) is not int or cmd.amount_minor < 1:
+        return _refuse(Code.INVALID_AMOUNT, "capture amount must be at least 1")
+    if cmd.amount_minor > hold.amount_minor:
+        return _refuse(Code.HOLD_EXCEEDED, "capture exceeds the held amount")
+    plan = _resolve("capture_hold", cmd, hold, cmd.amount_minor, HoldStatus.CAPTURED)
+    assert not isinstance(plan, Refusal)
+    plan[1]["ccy"] = state.accounts[hold.debit].currency
+    return plan
+
+
+def plan_release(state: PlatformState, cmd: c.ReleaseHold) -> Plan:
+    hold = _pending_hold(state, cmd.hold_id, "hold")
+    if isinstance(hold, Refusal):
+        return hold
+    return _resolve("release_hold", cmd, hold, 0, HoldStatus.RELEASED)
+
+
+def plan_settle(state: PlatformState, cmd: c.SettleWithdrawal) -> Plan:
+    hold = _pending_hold(state, cmd.withdrawal_id, "withdrawal")
+    if isinstance(hold, Refusal):
+        return hold
+    plan = _resolve("settle_withdrawal", cmd, hold, hold.amount_minor, HoldStatus.CAPTURED)
+    assert not isinstance(plan, Refusal)
+    plan[1]["ccy"] = state.accounts[hold.debit].currency
+    return plan
+
+
+def plan_fail(state: PlatformState, cmd: c.FailWithdrawal) -> Plan:
+    hold = _pending_hold(state, cmd.withdrawal_id, "withdrawal")
+    if isinstance(hold, Refusal):
+        return hold
+    return _resolve("fail_withdrawal", cmd, hold, 0, HoldStatus.RELEASED)
+
+
+def plan_expire(state: PlatformState, cmd: c.ExpireHolds, now_ms: int) -> Plan:
+    expired = [
+        [h.id, 0, HoldStatus.EXPIRED.value]
+        for h in state.holds.values()
+        if h.status is HoldStatus.PENDING and h.expires_at_ms <= now_ms
+    ][: cmd.max_holds]
+    return Proposal("expire_holds", cmd), {"resolve": expired}
+
+
+def plan_reverse(state: PlatformState, cmd: c.Reverse) -> Plan:
+    original = state.done.get(cmd.movement_id)
+    if original is None:
+        return _refuse(Code.MOVEMENT_NOT_FOUND, f"no movement {cmd.movement_id!r}")
+    if original.kind not in REVERSIBLE_KINDS or not original.entries:
+        return _refuse(Code.NOT_REVERSIBLE, f"a {original.kind} record cannot be reversed")
+    if original.reversed_by is not None:
+        return _refuse(Code.ALREADY_REVERSED, f"already reversed by {original.reversed_by!r}")
+    entries = tuple((credit, debit, amount) for debit, credit, amount in original.entries)
+    currency = state.accounts[entries[0][0]].currency
+    proposal = Proposal("reverse", cmd, currency, entries=entries)
+    return proposal, {
+        "ccy": currency,
+        "entries": [list(e) for e in entries],
+        "reverses": cmd.movement_id,
+    }
+
+
+def plan_open(state: PlatformState, cmd: c.OpenAccount) -> Plan:
+    if cmd.account_id in state.accounts:
+        return _refuse(Code.ACCOUNT_EXISTS, f"account {cmd.account_id!r} exists")
+    account: dict[str, Any] = {
+        "id": cmd.account_id,
+        "kind": cmd.kind,
+        "ccy": cmd.currency,
+        "role": cmd.role,
+    }
+    return Proposal("open_account", cmd, cmd.currency), {"account": account}
+
+
+def _lifecycle(op: str) -> Callable[[PlatformState, Any], Plan]:
+    def plan(state: PlatformState, cmd: Any) -> Plan:
+        return Proposal(op, cmd, subject=cmd.account_id), {"subject": cmd.account_id}
+
+    return plan
+
+
+def plan_create_platform(state: PlatformState, cmd: c.CreatePlatform) -> Plan:
+    if state.created:
+        return _refuse(Code.PLATFORM_EXISTS, "the platform already exists")
+    return Proposal("create_platform", cmd), {"name": cmd.name}
+
+
+_PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
+    c.CreatePlatform: plan_create_platform,
+    c.OpenAccount: plan_open,
+    c.FreezeAccount: _lifecycle("freeze_account"),
+    c.UnfreezeAccount: _lifecycle("unfreeze_account"),
+    c.CloseAccount: _lifecycle("close_account"),
+    c.Deposit: plan_deposit,
+    c.Transfer: plan_transfer,
+    c.ChargeFee: plan_fee,
+    c.TopUpShortfall: plan_top_up,
+    c.CaptureHold: plan_capture,
+    c.ReleaseHold: plan_release,
+    c.SettleWithdrawal: plan_settle,
+    c.FailWithdrawal: plan_fail,
+    c.Reverse: plan_reverse,
+}
+_TIMED_PLANNERS: dict[type, Callable[[PlatformState, Any, int], Plan]] = {
+    c.PlaceHold: plan_place_hold,
+    c.RequestWithdrawal: plan_withdrawal,
+    c.ExpireHolds: plan_expire,
+}
+
+
+def plan(state: PlatformState, cmd: c.Command, now_ms: int) -> Plan:
+    planner = _PLANNERS.get(type(cmd))
+    if planner is not None:
+        return planner(state, cmd)
+    return _TIMED_PLANNERS[type(cmd)](state, cmd, now_ms)
+
+
+__all__ = ["AccountKind", "Plan", "plan"]

@@ -1,0 +1,102 @@
+"""Applies one decoded record to a platform's live state. Writer and replay share this code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ledger import records
+from ledger.domain import Account, AccountKind, AccountStatus, Done, Hold, HoldStatus, PlatformState
+from ledger.domain import StateError as StateError
+
+_STATUS_BY_KIND = {
+    "account_frozen": AccountStatus.FROZEN,
+    "account_unfrozen": AccountStatus.OPEN,
+    "account_closed": AccountStatus.CLOSED,
+}
+_HOLD_STATUS = {s.value: s for s in HoldStatus}
+
+
+def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: bytes | None) -> None:
+    """Fold `rec` into `state`. `fingerprint` is the instruction's idempotency fingerprint."""
+    seq = rec["seq"]
+    if seq != state.next_seq:
+        raise StateError(f"record {seq}: expected position {state.next_seq}")
+    if rec["platform"] != state.platform_id:
+        raise StateError(f"record {seq}: belongs to platform {rec['platform']!r}")
+    kind = rec["kind"]
+    if kind != records.REFUSED_KIND:
+        _apply_accepted(state, rec, kind, seq)
+        if fingerprint is not None:
+            state.add_done(rec["cid"], Done(fingerprint, seq, kind, _posted(state, rec)))
+    state.next_seq = seq + 1
+    state.last_ts_ms = rec["ts"]
+
+
+def _posted(state: PlatformState, rec: dict[str, Any]) -> list[list[Any]] | None:
+    """The postings a record made, so that a later reversal can undo exactly those."""
+    entries = rec.get("entries")
+    if entries is not None:
+        return entries  # type: ignore[no-any-return]
+    posted = []
+    for hold_id, captured, _ in rec.get("resolve", ()):
+        if captured:
+            hold = state.holds[hold_id]
+            posted.append([hold.debit, hold.credit, captured])
+    return posted or None
+
+
+def _apply_accepted(state: PlatformState, rec: dict[str, Any], kind: str, seq: int) -> None:
+    if kind == "platform_created":
+        state.created = True
+        return
+    if not state.created:
+        raise StateError(f"record {seq}: platform not created yet")
+    entries = rec.get("entries")
+    if entries is not None:
+        for debit, credit, amount in entries:
+            state.post(debit, credit, amount, seq)
+        reverses = rec.get("reverses")
+        if reverses is not None:
+            state.mark_reversed(reverses, rec["cid"], seq)
+        return
+    hold = rec.get("hold")
+    if hold is not None:
+        state.reserve(
+            Hold(
+                hold["id"],
+                hold["debit"],
+                hold["credit"],
+                hold["amount"],
+                hold["expires"],
+                hold["reason"],
+                hold["kind"],
+                seq,
+            )
+        )
+        return
+    resolve = rec.get("resolve")
+    if resolve is not None:
+        for hold_id, captured, status in resolve:
+            state.resolve(hold_id, captured, _HOLD_STATUS[status], seq)
+        return
+    _apply_lifecycle(state, rec, kind, seq)
+
+
+def _apply_lifecycle(state: PlatformState, rec: dict[str, Any], kind: str, seq: int) -> None:
+    if kind == "account_opened":
+        spec = rec["account"]
+        state.add_account(
+            Account(
+                spec["id"],
+                AccountKind(spec["kind"]),
+                spec["ccy"],
+                spec["role"],
+                seq,
+                spec.get("holder"),
+            )
+        )
+        return
+    status = _STATUS_BY_KIND.get(kind)
+    if status is None:
+        raise StateError(f"record {seq}: unknown record kind {kind!r}")
+    state.set_status(state.accounts[rec["subject"]], status, seq)

@@ -1,0 +1,124 @@
+"""The event store: eventsourcing's application recorder, one ordered log per platform.
+
+Each platform's log is one stream in the recorder's table: originator_id `log:<platform>`,
+originator_version = the record's position (0, 1, 2, ...), topic = record kind, state = the
+32-byte chain hash followed by the canonical record bytes. One `append` is one database
+transaction; the primary key (originator_id, originator_version) makes a second writer for the
+same platform fail instead of forking the log. A `directory` stream lists the platforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    StoredEvent,
+)
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import Environment
+
+from ledger.config import STORE_POSTGRES, Config
+
+DIRECTORY_STREAM: Final = "directory"
+APP_NAME: Final = "custody"
+READ_PAGE_MAX: Final = 10_000
+
+__all__ = ["IntegrityError", "LedgerStore", "Row", "log_stream"]
+
+Row = tuple[int, str, bytes]  # (position, kind, packed state)
+
+
+def log_stream(platform_id: str) -> str:
+    return f"log:{platform_id}"
+
+
+class BatchSQLiteRecorder(SQLiteApplicationRecorder):
+    """Inserts a batch with one executemany: we number records ourselves and never need rowids."""
+
+    def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **_: Any) -> None:
+        c.executemany(
+            self.insert_events_statement,
+            [(s.originator_id, s.originator_version, s.topic, s.state) for s in stored_events],
+        )
+
+
+class StoreError(RuntimeError):
+    """The database refused or lost a write; nothing of that transaction is acknowledged."""
+
+
+class LedgerStore:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        env: dict[str, str] = {"ORIGINATOR_ID_TYPE": "text", "CREATE_TABLE": "y"}
+        if config.store == STORE_POSTGRES:
+            env["PERSISTENCE_MODULE"] = "eventsourcing.postgres"
+            env.update(config.postgres)
+        else:
+            config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
+            env["SQLITE_DBNAME"] = str(config.sqlite_path)
+            env["SQLITE_LOCK_TIMEOUT"] = "10"
+            env["APPLICATION_RECORDER_TOPIC"] = "ledger.store:BatchSQLiteRecorder"
+        self.factory = InfrastructureFactory.construct(Environment(APP_NAME, env))
+        self.recorder: ApplicationRecorder = self.factory.application_recorder()
+        self.is_postgres = config.store == STORE_POSTGRES
+
+    def close(self) -> None:
+        self.factory.close()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def append(self, stream: str, rows: Sequence[Row], extra: Sequence[StoredEvent] = ()) -> None:
+        """Commit `rows` (and `extra` events, e.g. a directory entry) in ONE transaction."""
+        assert rows or extra
+        events = [StoredEvent(stream, seq, kind, state) for seq, kind, state in rows]
+        events.extend(extra)
+        self.recorder.insert_events(events)
+
+    def append_many(self, batches: Sequence[tuple[str, Sequence[Row]]]) -> None:
+        """Commit rows of several streams in one transaction (group commit across platforms)."""
+        events = [
+            StoredEvent(stream, seq, kind, state)
+            for stream, rows in batches
+            for seq, kind, state in rows
+        ]
+        assert events
+        self.recorder.insert_events(events)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read(self, stream: str, after: int = -1, limit: int = READ_PAGE_MAX) -> list[Row]:
+        assert 1 <= limit <= READ_PAGE_MAX
+        events = self.recorder.select_events(stream, gt=after, limit=limit)
+        return [(e.originator_version, e.topic, bytes(e.state)) for e in events]
+
+    def iter_rows(self, stream: str, after: int = -1, stop: int | None = None) -> Iterator[Row]:
+        """Every row after `after` (up to and including `stop`), page by page, in order."""
+        while True:
+            page = self.read(stream, after)
+            for row in page:
+                if stop is not None and row[0] > stop:
+                    return
+                yield row
+            if len(page) < READ_PAGE_MAX:
+                return
+            after = page[-1][0]
+
+    def last_row(self, stream: str) -> Row | None:
+        events = self.recorder.select_events(stream, desc=True, limit=1)
+        if not events:
+            return None
+        e = events[0]
+        return (e.originator_version, e.topic, bytes(e.state))
+
+    def platform_ids(self) -> list[str]:
+        return [state.decode() for _, _, state in self.iter_rows(DIRECTORY_STREAM)]
+
+    def directory_entry(self, platform_id: str) -> StoredEvent:
+        last = self.last_row(DIRECTORY_STREAM)
+        position = 0 if last is None else last[0] + 1
+        return StoredEvent(DIRECTORY_STREAM, position, "platform", platform_id.encode())

@@ -1,0 +1,363 @@
+"""The single writer of one platform's log: decide, chain and commit many instructions at once.
+
+Live state is in memory. An instruction is validated, checked for idempotent replay, planned,
+run through the controls, turned into exactly one record, chained, and folded into the state;
+a whole group of instructions from many callers then commits in ONE database transaction.
+Nothing is acknowledged before that commit. If the commit fails, the in-memory state is rebuilt
+from the store (it may be ahead of it) and every caller in the group gets an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from controls.base import DEFAULT_POLICY, Policy, Refusal
+from controls.codes import Code
+from controls.idempotency import Replay, classify, conflict_refusal
+from controls.registry import run_controls
+from ledger import commands as c
+from ledger import records
+from ledger.decide import plan
+from ledger.domain import PlatformState, StateError
+from ledger.fold import apply_record
+from ledger.pii import blind
+from ledger.store import LedgerStore, Row, log_stream
+from ledger.validate import InvalidInput, validate
+
+_ENCODE: Final = records.ENCODER.encode
+_SHA256: Final = hashlib.sha256
+_FINGERPRINT: Final = records.fingerprint
+_REFUSED: Final = records.REFUSED_KIND
+_KIND_BY_OP: Final = records.KIND_BY_OP
+
+
+class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the caller learns about one instruction, only after its record is durable."""
+
+    client_id: str
+    status: str  # accepted | replayed | refused | invalid
+    seq: int = -1
+    kind: str = ""
+    code: str = ""
+    control: str = ""
+    message: str = ""
+    field: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "replayed")
+
+
+class Request(msgspec.Struct, frozen=True):
+    """One caller's instructions; `linked` means all or none (an atomic batch)."""
+
+    commands: Sequence[c.Command]
+    actor: str
+    linked: bool = False
+
+
+class ChainBroken(RuntimeError):
+    """A stored record does not link to its predecessor: the log was altered."""
+
+
+class WriterFenced(RuntimeError):
+    """Another writer appended to this platform's log; this one must stop writing."""
+
+
+class CommitFailed(RuntimeError):
+    """The group's database transaction did not commit; none of its instructions happened."""
+
+
+class PlatformWriter:
+    def __init__(
+        self,
+        store: LedgerStore,
+        platform_id: str,
+        *,
+        sealer: Callable[[str, str], dict[str, str]] | None = None,
+        blind_key: bytes | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        policy: Policy = DEFAULT_POLICY,
+    ) -> None:
+        self.store = store
+        self.platform_id = platform_id
+        self.stream = log_stream(platform_id)
+        self.sealer = sealer
+        self.blind_key = blind_key
+        self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.policy = policy
+        self.state = PlatformState(platform_id)
+        self.head = records.CHAIN_GENESIS
+        self.fenced = False
+
+    # -- startup --------------------------------------------------------------------------------
+
+    def load(self, progress: Callable[[int], None] | None = None) -> None:
+        """Rebuild the live state by replaying (and re-chaining) every stored record."""
+        self.state = PlatformState(self.platform_id)
+        self.head = records.CHAIN_GENESIS
+        for seq, kind, packed in self.store.iter_rows(self.stream):
+            self._replay_row(seq, kind, packed)
+            if progress is not None and seq % 100_000 == 0:
+                progress(seq)
+
+    def _replay_row(self, seq: int, kind: str, packed: bytes) -> None:
+        stored_hash, data = records.unpack_state(packed)
+        head = _SHA256(self.head + data).digest()
+        if head != stored_hash:
+            raise ChainBroken(f"platform {self.platform_id}: chain broken at record {seq}")
+        rec = records.decode(data)
+        if rec.get("kind") != kind or rec.get("v") != records.RECORD_VERSION:
+            raise ChainBroken(f"platform {self.platform_id}: record {seq} kind/version mismatch")
+        fp = None
+        if kind != _REFUSED:
+            fp = _FINGERPRINT(_ENCODE(rec["cmd"]))
+        apply_record(self.state, rec, fp)
+        self.head = head
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def execute(self, requests: Sequence[Request]) -> list[list[Outcome]]:
+        """Decide every request, commit all their records in one transaction, then answer."""
+        if self.fenced:
+            raise WriterFenced(f"writer for {self.platform_id} is fenced")
+        state = self.state
+        ts = max(self.clock_ms(), state.last_ts_ms)
+        rows: list[Row] = []
+        answers: list[list[Outcome]] = []
+        head_before = self.head
+        for request in requests:
+            if request.linked:
+                answers.append(self._linked(request, ts, rows))
+            else:
+                answers.append(
+                    [self._one(cmd, request.actor, ts, rows) for cmd in request.commands]
+                )
+        if rows:
+            self._commit(rows, head_before)
+        return answers
+
+    def _commit(self, rows: list[Row], head_before: bytes) -> None:
+        extra = []
+        if rows[0][1] == "platform_created":
+            extra.append(self.store.directory_entry(self.platform_id))
+        try:
+            self.store.append(self.stream, rows, extra)
+        except Exception as exc:
+            self._recover(exc)
+            raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
+
+    def _recover(self, exc: Exception) -> None:
+        from ledger.store import IntegrityError
+
+        if isinstance(exc, IntegrityError):
+            self.fenced = True  # someone else holds this log: stop, never fork it
+        try:
+            self.load()
+        except Exception:
+            self.fenced = True
+
+    def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[Row]) -> Outcome:
+        try:
+            validate(cmd)
+        except InvalidInput as exc:
+            return Outcome(
+                getattr(cmd, "client_id", ""),
+                "invalid",
+                code=Code.INVALID_ARGUMENT,
+                message=exc.message,
+                field=exc.field,
+            )
+        plain_name = cmd.holder_name if isinstance(cmd, c.OpenAccount) else None
+        cmd = self._blinded(cmd)
+        cmd_bytes = _ENCODE(cmd)
+        fp = _FINGERPRINT(cmd_bytes)
+        state = self.state
+        cid = cmd.client_id
+        replay = classify(state.done, cid, fp)
+        if replay is Replay.SAME:
+            done = state.done[cid]
+            return Outcome(cid, "replayed", seq=done.seq, kind=done.kind)
+        if replay is Replay.CONFLICT:
+            return self._refuse(cmd, cmd_bytes, conflict_refusal(cid), actor, ts, rows)
+        planned = plan(state, cmd, ts)
+        if isinstance(planned, Refusal):
+            return self._refuse(cmd, cmd_bytes, planned, actor, ts, rows)
+        proposal, effects = planned
+        refusal = run_controls(state, proposal, self.policy)
+        if refusal is not None:
+            return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows)
+        if plain_name is not None and isinstance(cmd, c.OpenAccount):
+            effects["account"]["holder"] = self._seal(cmd.account_id, plain_name)
+        kind = _KIND_BY_OP[proposal.op]
+        rec: dict[str, Any] = {
+            "v": 1,
+            "platform": self.platform_id,
+            "seq": state.next_seq,
+            "ts": ts,
+            "kind": kind,
+            "cid": cid,
+            "actor": actor,
+            "pv": self.policy.version,
+            "cmd": msgspec.Raw(cmd_bytes),
+            **effects,
+        }
+        self._append(rec, kind, rows)
+        apply_record(state, rec, fp)
+        return Outcome(cid, "accepted", seq=rec["seq"], kind=kind)
+
+    def _refuse(
+        self,
+        cmd: c.Command,
+        cmd_bytes: bytes,
+        refusal: Refusal,
+        actor: str,
+        ts: int,
+        rows: list[Row],
+        linked_to: str | None = None,
+    ) -> Outcome:
+        state = self.state
+        rec: dict[str, Any] = {
+            "v": 1,
+            "platform": self.platform_id,
+            "seq": state.next_seq,
+            "ts": ts,
+            "kind": _REFUSED,
+            "cid": cmd.client_id,
+            "actor": actor,
+            "pv": self.policy.version,
+            "cmd": msgspec.Raw(cmd_bytes),
+            "code": refusal.code.value,
+            "control": refusal.control,
+            "message": refusal.message,
+        }
+        if linked_to is not None:
+            rec["linked_to"] = linked_to
+        self._append(rec, _REFUSED, rows)
+        apply_record(state, rec, None)
+        return Outcome(
+            cmd.client_id,
+            "refused",
+            seq=rec["seq"],
+            kind=_REFUSED,
+            code=refusal.code.value,
+            control=refusal.control,
+            message=refusal.message,
+        )
+
+    def _append(self, rec: dict[str, Any], kind: str, rows: list[Row]) -> None:
+        data = _ENCODE(rec)
+        head = _SHA256(self.head + data).digest()
+        rows.append((rec["seq"], kind, head + data))
+        self.head = head
+
+    # -- linked batches -------------------------------------------------------------------------
+
+    def _linked(self, request: Request, ts: int, rows: list[Row]) -> list[Outcome]:
+        state = self.state
+        sp = state.savepoint()
+        mark = len(rows)
+        head_mark = self.head
+        outcomes: list[Outcome] = []
+        failed: Outcome | None = None
+        for cmd in request.commands:
+            outcome = self._one(cmd, request.actor, ts, rows)
+            outcomes.append(outcome)
+            if not outcome.ok:
+                failed = outcome
+                break
+        if failed is None:
+            state.release(sp)
+            return outcomes
+        state.rollback(sp)
+        del rows[mark:]
+        self.head = head_mark
+        return self._refuse_linked(request, failed, ts, rows)
+
+    def _refuse_linked(
+        self, request: Request, failed: Outcome, ts: int, rows: list[Row]
+    ) -> list[Outcome]:
+        """Record the cause for the failing item and LINKED_FAILED for every other item."""
+        outcomes: list[Outcome] = []
+        for cmd in request.commands:
+            if failed.status == "invalid":
+                outcomes.append(
+                    failed
+                    if cmd.client_id == failed.client_id
+                    else Outcome(
+                        cmd.client_id,
+                        "invalid",
+                        code=Code.LINKED_FAILED,
+                        message=f"linked with invalid instruction {failed.client_id!r}",
+                    )
+                )
+                continue
+            blinded = self._blinded(cmd)
+            cmd_bytes = _ENCODE(blinded)
+            if cmd.client_id == failed.client_id:
+                refusal = Refusal(Code(failed.code), failed.control, failed.message)
+                outcomes.append(self._refuse(blinded, cmd_bytes, refusal, request.actor, ts, rows))
+            else:
+                refusal = Refusal(
+                    Code.LINKED_FAILED,
+                    "linked_batch",
+                    f"linked instruction {failed.client_id!r} was refused",
+                )
+                outcomes.append(
+                    self._refuse(
+                        blinded,
+                        cmd_bytes,
+                        refusal,
+                        request.actor,
+                        ts,
+                        rows,
+                        linked_to=failed.client_id,
+                    )
+                )
+        return outcomes
+
+    # -- personal data --------------------------------------------------------------------------
+
+    def _blinded(self, cmd: c.Command) -> c.Command:
+        """Replace personal data in the instruction by a keyed blind before it is recorded."""
+        if isinstance(cmd, c.OpenAccount) and cmd.holder_name is not None:
+            if self.blind_key is None or self.sealer is None:
+                raise StateError("personal data needs the PII vault")
+            blinded = blind(self.blind_key, self.platform_id, cmd.account_id, cmd.holder_name)
+            return msgspec.structs.replace(cmd, holder_name=blinded)
+        return cmd
+
+    def _seal(self, subject: str, plaintext: str) -> dict[str, str]:
+        assert self.sealer is not None
+        return self.sealer(subject, plaintext)
+
+
+def verify_stored_chain(store: LedgerStore, platform_id: str) -> tuple[int, int | None, str]:
+    """Walk a platform's stored chain. Returns (records checked, first bad position, reason)."""
+    head = records.CHAIN_GENESIS
+    expected = 0
+    count = 0
+    for seq, kind, packed in store.iter_rows(log_stream(platform_id)):
+        if seq != expected:
+            return count, expected, f"position {expected} missing (next stored is {seq})"
+        try:
+            stored_hash, data = records.unpack_state(packed)
+        except ValueError as exc:
+            return count, seq, str(exc)
+        head = _SHA256(head + data).digest()
+        if head != stored_hash:
+            return count, seq, "chain link does not match the record and its predecessor"
+        try:
+            rec = records.decode(data)
+        except (ValueError, msgspec.DecodeError) as exc:
+            return count, seq, f"record does not decode: {exc}"
+        if rec.get("seq") != seq or rec.get("kind") != kind or rec.get("platform") != platform_id:
+            return count, seq, "record position, kind or platform differs from where it is stored"
+        expected += 1
+        count += 1
+    return count, None, "ok"
