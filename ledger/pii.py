@@ -53,10 +53,12 @@ class PiiVault:
         self._ph = "%s" if is_postgres else "?"
         self._blob = "BYTEA" if is_postgres else "BLOB"
         self._master = AESGCM(master_key)
+        schema = getattr(datastore, "schema", "") if is_postgres else ""
+        self._table = f'"{schema}".{_TABLE}' if schema else _TABLE
         self._cache: dict[tuple[str, str], AESGCM] = {}
         with datastore.transaction(commit=True) as cur:
             cur.execute(
-                f"CREATE TABLE IF NOT EXISTS {_TABLE} (platform TEXT NOT NULL, "
+                f"CREATE TABLE IF NOT EXISTS {self._table} (platform TEXT NOT NULL, "
                 f"subject TEXT NOT NULL, wrapped {self._blob}, "
                 "PRIMARY KEY (platform, subject))"
             )
@@ -71,7 +73,7 @@ class PiiVault:
         ph = self._ph
         with self._datastore.transaction(commit=True) as cur:
             cur.execute(
-                f"SELECT wrapped FROM {_TABLE} WHERE platform={ph} AND subject={ph}",
+                f"SELECT wrapped FROM {self._table} WHERE platform={ph} AND subject={ph}",
                 (platform_id, subject),
             )
             row = cur.fetchone()
@@ -87,7 +89,7 @@ class PiiVault:
                     nonce, data_key, self._aad(platform_id, subject)
                 )
                 cur.execute(
-                    f"INSERT INTO {_TABLE} (platform, subject, wrapped) VALUES ({ph},{ph},{ph})",
+                    f"INSERT INTO {self._table} (platform, subject, wrapped) VALUES ({ph},{ph},{ph})",
                     (platform_id, subject, wrapped),
                 )
         wrapped = bytes(wrapped)
@@ -122,7 +124,7 @@ class PiiVault:
         ph = self._ph
         with self._datastore.transaction(commit=True) as cur:
             cur.execute(
-                f"UPDATE {_TABLE} SET wrapped=NULL WHERE platform={ph} AND subject={ph}",
+                f"UPDATE {self._table} SET wrapped=NULL WHERE platform={ph} AND subject={ph}",
                 (platform_id, subject),
             )
 
