@@ -15,15 +15,16 @@ _RESERVED_OPS = frozenset(
 def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | None:
     if proposal.op in _RESERVED_OPS:
         return None
-    legs = list(proposal.entries)
-    if proposal.hold is not None:
-        legs.append(proposal.hold)
-    if len(legs) == 1:  # the hot path: one debit, no dict
-        debit_id, _, amount = legs[0]
+    entries = proposal.entries
+    if proposal.hold is None and len(entries) == 1:  # the hot path: one debit, no dict
+        debit_id, _, amount = entries[0]
         account = state.accounts[debit_id]
         if account.must_not_go_negative and account.available_minor < amount:
             return Refusal(Code.INSUFFICIENT_FUNDS, NAME, f"insufficient funds in {debit_id!r}")
         return None
+    legs = list(entries)
+    if proposal.hold is not None:
+        legs.append(proposal.hold)
     needed: dict[str, int] = {}
     for debit_id, _, amount in legs:
         needed[debit_id] = needed.get(debit_id, 0) + amount

@@ -22,7 +22,7 @@ class Replay(enum.Enum):
     CONFLICT = "conflict"  # seen with other content: refuse with ID_REUSED
 
 
-def classify(done: Mapping[str, Any], client_id: str, fingerprint: bytes) -> Replay:
+def classify(done: Mapping[str, Any], client_id: str, fingerprint: int) -> Replay:
     previous = done.get(client_id)
     if previous is None:
         return Replay.NEW

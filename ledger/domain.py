@@ -158,7 +158,7 @@ class Done:
 
     def __init__(
         self,
-        fingerprint: bytes,
+        fingerprint: int,
         seq: int,
         kind: str,
         entries: list[list[Any]] | None,

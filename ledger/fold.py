@@ -16,20 +16,39 @@ _STATUS_BY_KIND = {
 _HOLD_STATUS = {s.value: s for s in HoldStatus}
 
 
-def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: bytes | None) -> None:
+def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | None) -> None:
     """Fold `rec` into `state`. `fingerprint` is the instruction's idempotency fingerprint."""
     seq = rec["seq"]
-    if seq != state.next_seq:
-        raise StateError(f"record {seq}: expected position {state.next_seq}")
-    if rec["platform"] != state.platform_id:
-        raise StateError(f"record {seq}: belongs to platform {rec['platform']!r}")
+    ts = rec["ts"]
+    if seq != state.next_seq or rec["platform"] != state.platform_id or ts < state.last_ts_ms:
+        raise StateError(_misplaced(state, rec))
     kind = rec["kind"]
     if kind != records.REFUSED_KIND:
-        _apply_accepted(state, rec, kind, seq)
+        entries = rec.get("entries")
+        if entries is not None and state.created:  # the hot path: plain postings
+            post = state.post
+            for debit, credit, amount in entries:
+                post(debit, credit, amount, seq)
+            reverses = rec.get("reverses")
+            if reverses is not None:
+                state.mark_reversed(reverses, rec["cid"], seq)
+            posted = entries
+        else:
+            posted = _posted(state, rec)
+            _apply_accepted(state, rec, kind, seq)
         if fingerprint is not None:
-            state.add_done(rec["cid"], Done(fingerprint, seq, kind, _posted(state, rec)))
+            state.add_done(rec["cid"], Done(fingerprint, seq, kind, posted))
     state.next_seq = seq + 1
-    state.last_ts_ms = rec["ts"]
+    state.last_ts_ms = ts
+
+
+def _misplaced(state: PlatformState, rec: dict[str, Any]) -> str:
+    seq = rec["seq"]
+    if seq != state.next_seq:
+        return f"record {seq}: expected position {state.next_seq}"
+    if rec["platform"] != state.platform_id:
+        return f"record {seq}: belongs to platform {rec['platform']!r}"
+    return f"record {seq}: time goes backwards"
 
 
 def _posted(state: PlatformState, rec: dict[str, Any]) -> list[list[Any]] | None:

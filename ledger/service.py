@@ -22,7 +22,7 @@ from ledger.domain import PlatformState
 from ledger.pii import PiiVault, blind_key, load_master_key
 from ledger.store import LedgerStore
 from ledger.validate import is_platform_id
-from ledger.writer import Outcome, PlatformWriter, Request
+from ledger.writer import CommitFailed, Outcome, PlatformWriter, Request
 
 _STOP: Final = object()
 
@@ -40,12 +40,23 @@ class ServiceClosed(RuntimeError):
 
 
 class _Platform:
-    __slots__ = ("committer", "lock", "writer")
+    """A platform's writer, its lock, and the condition 'every decided record is stored'."""
+
+    __slots__ = ("committer", "cond", "lock", "writer")
 
     def __init__(self, writer: PlatformWriter) -> None:
         self.writer = writer
         self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.committer: GroupCommitter | None = None
+
+    def is_drained(self) -> bool:
+        writer = self.writer
+        return writer.fenced or writer.committed_next_seq == writer.state.next_seq
+
+    def wait_drained(self) -> None:
+        """Caller holds `cond`: wait until no prepared group is waiting for its commit."""
+        self.cond.wait_for(self.is_drained)
 
 
 class LedgerService:
@@ -132,7 +143,8 @@ class LedgerService:
         if len(commands) > c.MAX_BATCH_COMMANDS:
             raise ValueError(f"at most {c.MAX_BATCH_COMMANDS} instructions per batch")
         platform = self._platform(platform_id)
-        with platform.lock:
+        with platform.cond:
+            platform.wait_drained()
             [answer] = platform.writer.execute([Request(commands, actor, linked)])
         return answer
 
@@ -157,34 +169,53 @@ class LedgerService:
     def reading(self, platform_id: str) -> Iterator[PlatformState]:
         """The platform's committed state, held still while the caller reads it."""
         platform = self._platform(platform_id)
-        with platform.lock:
+        with platform.cond:
+            platform.wait_drained()
             yield platform.writer.state
 
     def head(self, platform_id: str) -> tuple[int, bytes]:
         platform = self._platform(platform_id)
-        with platform.lock:
+        with platform.cond:
+            platform.wait_drained()
             return platform.writer.state.next_seq, platform.writer.head
 
 
 class GroupCommitter:
-    """Drains a bounded queue and commits everything waiting in one transaction."""
+    """Group commit in two stages so that deciding and storing overlap.
+
+    The decide thread drains the bounded request queue and folds everything waiting into one
+    prepared group (under the platform lock); the commit thread stores groups in order, one
+    transaction each, and only then resolves the callers' futures. While group k is being
+    written (SQLite and psycopg release the GIL), group k+1 is being decided.
+    """
+
+    PIPELINE_DEPTH: Final = 2
 
     def __init__(self, platform: _Platform, config: Config) -> None:
         self._platform = platform
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_max)
+        self._prepared: queue.Queue[object] = queue.Queue(maxsize=self.PIPELINE_DEPTH)
         self._group_max = config.group_max
-        self._thread = threading.Thread(
-            target=self._run, name=f"committer-{platform.writer.platform_id}", daemon=True
+        name = platform.writer.platform_id
+        self._decider = threading.Thread(
+            target=self._decide_loop, name=f"decide-{name}", daemon=True
+        )
+        self._committer = threading.Thread(
+            target=self._commit_loop, name=f"commit-{name}", daemon=True
         )
 
     def start(self) -> None:
-        self._thread.start()
+        self._decider.start()
+        self._committer.start()
 
     def stop(self) -> None:
         self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        self._decider.join(timeout=30)
+        self._committer.join(timeout=30)
 
     def enqueue(self, request: Request) -> Future[list[Outcome]]:
+        if len(request.commands) > c.MAX_BATCH_COMMANDS:
+            raise ValueError(f"at most {c.MAX_BATCH_COMMANDS} instructions per request")
         future: Future[list[Outcome]] = Future()
         try:
             self._queue.put_nowait((request, future))
@@ -192,39 +223,66 @@ class GroupCommitter:
             raise Overloaded("the platform's queue is full") from None
         return future
 
-    def _run(self) -> None:
+    def _gather(self) -> tuple[list[tuple[Request, Future[list[Outcome]]]], bool]:
+        """Block for one request, then take whatever else is waiting, up to the group limit."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        size = len(first[0].commands)  # type: ignore[index]
+        while size < self._group_max:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return batch, True  # type: ignore[return-value]
+            batch.append(nxt)
+            size += len(nxt[0].commands)  # type: ignore[index]
+        return batch, False  # type: ignore[return-value]
+
+    def _decide_loop(self) -> None:
+        platform = self._platform
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            size = len(item[0].commands)  # type: ignore[index]
-            stop = False
-            while size < self._group_max:
+            batch, stop = self._gather()
+            live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+            if live:
                 try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-                size += len(nxt[0].commands)  # type: ignore[index]
-            self._commit(batch)  # type: ignore[arg-type]
+                    with platform.cond:
+                        prepared = platform.writer.prepare([r for r, _ in live])
+                except Exception as exc:
+                    for _, f in live:
+                        f.set_exception(exc)
+                else:
+                    self._prepared.put((prepared, [f for _, f in live]))
             if stop:
+                self._prepared.put(_STOP)
                 return
 
-    def _commit(self, batch: list[tuple[Request, Future[list[Outcome]]]]) -> None:
-        futures = [f for _, f in batch if f.set_running_or_notify_cancel()]
-        live = [(r, f) for r, f in batch if f.running()]
-        if not live:
-            return
-        try:
-            with self._platform.lock:
-                answers = self._platform.writer.execute([r for r, _ in live])
-        except Exception as exc:  # every caller of the group learns the commit failed
-            for f in futures:
-                f.set_exception(exc)
-            return
-        for (_, future), answer in zip(live, answers, strict=True):
-            future.set_result(answer)
+    def _commit_loop(self) -> None:
+        platform = self._platform
+        writer = platform.writer
+        while True:
+            item = self._prepared.get()
+            if item is _STOP:
+                return
+            prepared, futures = item  # type: ignore[misc]
+            try:
+                if prepared.rows:
+                    writer.commit(prepared)
+                elif prepared.epoch != writer.epoch:
+                    raise CommitFailed("an earlier commit failed")
+            except CommitFailed as exc:
+                for f in futures:
+                    f.set_exception(exc)
+                with platform.cond:
+                    if prepared.epoch == writer.epoch:  # the first failure of this epoch
+                        writer.recover(exc.__cause__ or exc)
+                    platform.cond.notify_all()
+                continue
+            with platform.cond:
+                if prepared.next_seq > writer.committed_next_seq:
+                    writer.committed_next_seq = prepared.next_seq
+                platform.cond.notify_all()
+            for f, answer in zip(futures, prepared.answers, strict=True):
+                f.set_result(answer)

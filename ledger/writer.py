@@ -61,6 +61,20 @@ class Request(msgspec.Struct, frozen=True):
     linked: bool = False
 
 
+class Prepared:
+    """A decided group: its records (not yet stored) and the answers to give once they are."""
+
+    __slots__ = ("answers", "epoch", "next_seq", "rows")
+
+    def __init__(
+        self, rows: list[Row], answers: list[list[Outcome]], next_seq: int, epoch: int
+    ) -> None:
+        self.rows = rows
+        self.answers = answers
+        self.next_seq = next_seq
+        self.epoch = epoch
+
+
 class ChainBroken(RuntimeError):
     """A stored record does not link to its predecessor: the log was altered."""
 
@@ -94,6 +108,8 @@ class PlatformWriter:
         self.state = PlatformState(platform_id)
         self.head = records.CHAIN_GENESIS
         self.fenced = False
+        self.epoch = 0
+        self.committed_next_seq = 0
 
     # -- startup --------------------------------------------------------------------------------
 
@@ -105,6 +121,7 @@ class PlatformWriter:
             self._replay_row(seq, kind, packed)
             if progress is not None and seq % 100_000 == 0:
                 progress(seq)
+        self.committed_next_seq = self.state.next_seq
 
     def _replay_row(self, seq: int, kind: str, packed: bytes) -> None:
         stored_hash, data = records.unpack_state(packed)
@@ -123,46 +140,70 @@ class PlatformWriter:
     # -- the hot path ---------------------------------------------------------------------------
 
     def execute(self, requests: Sequence[Request]) -> list[list[Outcome]]:
-        """Decide every request, commit all their records in one transaction, then answer."""
+        """Decide every request, commit all their records in one transaction, then answer.
+
+        The caller must hold the platform's lock and no prepared group may be in flight.
+        """
+        prepared = self.prepare(requests)
+        if prepared.rows:
+            try:
+                self.commit(prepared)
+            except CommitFailed as exc:
+                self.recover(exc.__cause__ or exc)
+                raise
+        self.committed_next_seq = prepared.next_seq
+        return prepared.answers
+
+    def prepare(self, requests: Sequence[Request]) -> Prepared:
+        """Decide a group: fold it into the live state and chain its records, without storing.
+
+        The state now runs ahead of the store until `commit` succeeds; if it fails, `recover`
+        rebuilds the state from the store and bumps the epoch so that every group prepared on
+        top of the failed one is refused too.
+        """
         if self.fenced:
             raise WriterFenced(f"writer for {self.platform_id} is fenced")
         state = self.state
         ts = max(self.clock_ms(), state.last_ts_ms)
         rows: list[Row] = []
         answers: list[list[Outcome]] = []
-        head_before = self.head
         for request in requests:
             if request.linked:
                 answers.append(self._linked(request, ts, rows))
             else:
-                answers.append(
-                    [self._one(cmd, request.actor, ts, rows) for cmd in request.commands]
-                )
-        if rows:
-            self._commit(rows, head_before)
-        return answers
+                actor = request.actor
+                answers.append([self._one(cmd, actor, ts, rows) for cmd in request.commands])
+        return Prepared(rows, answers, state.next_seq, self.epoch)
 
-    def _commit(self, rows: list[Row], head_before: bytes) -> None:
+    def commit(self, prepared: Prepared) -> None:
+        """Store a prepared group in ONE database transaction. Safe outside the platform lock."""
+        assert prepared.rows
+        if prepared.epoch != self.epoch:
+            raise CommitFailed(f"an earlier commit for platform {self.platform_id} failed")
+        rows = prepared.rows
         extra = []
         if rows[0][1] == "platform_created":
             extra.append(self.store.directory_entry(self.platform_id))
         try:
             self.store.append(self.stream, rows, extra)
         except Exception as exc:
-            self._recover(exc)
             raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
 
-    def _recover(self, exc: Exception) -> None:
+    def recover(self, exc: BaseException) -> None:
+        """After a failed commit: rebuild from the store; fence if another writer took over."""
         from ledger.store import IntegrityError
 
+        self.epoch += 1
         if isinstance(exc, IntegrityError):
             self.fenced = True  # someone else holds this log: stop, never fork it
         try:
             self.load()
         except Exception:
             self.fenced = True
+        self.committed_next_seq = self.state.next_seq
 
     def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[Row]) -> Outcome:
+        """Decide one instruction: at most one record, appended to `rows` and folded into state."""
         try:
             validate(cmd)
         except InvalidInput as exc:
@@ -173,43 +214,49 @@ class PlatformWriter:
                 message=exc.message,
                 field=exc.field,
             )
-        plain_name = cmd.holder_name if isinstance(cmd, c.OpenAccount) else None
-        cmd = self._blinded(cmd)
+        plain_name = None
+        if type(cmd) is c.OpenAccount and cmd.holder_name is not None:
+            plain_name = cmd.holder_name
+            cmd = self._blinded(cmd)
         cmd_bytes = _ENCODE(cmd)
         fp = _FINGERPRINT(cmd_bytes)
         state = self.state
         cid = cmd.client_id
         replay = classify(state.done, cid, fp)
-        if replay is Replay.SAME:
-            done = state.done[cid]
-            return Outcome(cid, "replayed", seq=done.seq, kind=done.kind)
-        if replay is Replay.CONFLICT:
+        if replay is not Replay.NEW:
+            if replay is Replay.SAME:
+                done = state.done[cid]
+                return Outcome(cid, "replayed", done.seq, done.kind)
             return self._refuse(cmd, cmd_bytes, conflict_refusal(cid), actor, ts, rows)
         planned = plan(state, cmd, ts)
-        if isinstance(planned, Refusal):
+        if type(planned) is Refusal:
             return self._refuse(cmd, cmd_bytes, planned, actor, ts, rows)
-        proposal, effects = planned
+        proposal, effects = planned  # type: ignore[misc]
         refusal = run_controls(state, proposal, self.policy)
         if refusal is not None:
             return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows)
-        if plain_name is not None and isinstance(cmd, c.OpenAccount):
-            effects["account"]["holder"] = self._seal(cmd.account_id, plain_name)
+        if plain_name is not None:
+            effects["account"]["holder"] = self._seal(cmd.account_id, plain_name)  # type: ignore[attr-defined]
         kind = _KIND_BY_OP[proposal.op]
+        seq = state.next_seq
         rec: dict[str, Any] = {
             "v": 1,
             "platform": self.platform_id,
-            "seq": state.next_seq,
+            "seq": seq,
             "ts": ts,
             "kind": kind,
             "cid": cid,
             "actor": actor,
             "pv": self.policy.version,
             "cmd": msgspec.Raw(cmd_bytes),
-            **effects,
         }
-        self._append(rec, kind, rows)
+        rec.update(effects)
+        data = _ENCODE(rec)
+        head = _SHA256(self.head + data).digest()
+        rows.append((seq, kind, head + data))
+        self.head = head
         apply_record(state, rec, fp)
-        return Outcome(cid, "accepted", seq=rec["seq"], kind=kind)
+        return Outcome(cid, "accepted", seq, kind)
 
     def _refuse(
         self,

@@ -1,0 +1,259 @@
+"""Who is calling, and may they call this method on this platform.
+
+Each caller has exactly one role and, for platforms, exactly one platform:
+
+- production: mutual TLS. The client certificate (issued by the custody CA) carries exactly one
+  SAN URI `custody://<role>/<name>`; for a platform, `<name>` is its platform id.
+- `--insecure-dev` (loopback only): the identity comes from the metadata headers
+  `x-custody-role`, `x-custody-platform` (platforms) or `x-custody-name` (other roles).
+
+Roles: `platform` (read and write its own platform only), `operator` (the custodian's operator:
+everything, including creating platforms), `checker` (maker-checker approvals once they land;
+read-only until then), `auditor` and `regulator` (read-only). Methods not listed in
+`METHOD_ACCESS` are refused (fail closed), except health checking and reflection.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from cryptography import x509
+
+from ledger.api import errors
+from ledger.api.errors import ApiReason
+from ledger.api.handlers import wrap_unary
+from ledger.validate import is_platform_id
+
+SAN_SCHEME: Final = "custody"
+_NAME_RE: Final = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
+_IDENTITY_ATTR: Final = "custody_identity"
+
+
+class Role(enum.StrEnum):
+    PLATFORM = "platform"
+    OPERATOR = "operator"
+    CHECKER = "checker"
+    AUDITOR = "auditor"
+    REGULATOR = "regulator"
+
+
+class Access(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+
+ROLES_FOR: Final[Mapping[Access, frozenset[Role]]] = {
+    Access.READ: frozenset(Role),
+    Access.WRITE: frozenset({Role.PLATFORM, Role.OPERATOR}),
+    Access.ADMIN: frozenset({Role.OPERATOR}),
+}
+
+_READS: Final = {
+    "AccountService": ("GetAccount", "ListAccounts"),
+    "QueryService": ("GetBalance", "ListBalances"),
+    "LogService": ("SubscribeLog",),
+}
+_WRITES: Final = {
+    "AccountService": ("OpenAccount", "FreezeAccount", "UnfreezeAccount", "CloseAccount"),
+    "MovementService": (
+        "Deposit",
+        "Transfer",
+        "ChargeFee",
+        "TopUpShortfall",
+        "Reverse",
+        "SubmitBatch",
+    ),
+    "HoldService": (
+        "PlaceHold",
+        "CaptureHold",
+        "ReleaseHold",
+        "ExpireHolds",
+        "RequestWithdrawal",
+        "SettleWithdrawal",
+        "FailWithdrawal",
+    ),
+}
+_ADMIN: Final = {"PlatformService": ("CreatePlatform",)}
+
+
+def _table() -> dict[str, Access]:
+    table: dict[str, Access] = {}
+    for access, groups in ((Access.READ, _READS), (Access.WRITE, _WRITES), (Access.ADMIN, _ADMIN)):
+        for service, methods in groups.items():
+            for method in methods:
+                table[f"/custody.v1.{service}/{method}"] = access
+    return table
+
+
+# Every custody.v1 method and the access it needs. New services must add their methods here.
+METHOD_ACCESS: Final[dict[str, Access]] = _table()
+# Open to any caller that passed the transport (with mTLS: any certificate from our CA).
+EXEMPT_PREFIXES: Final = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: Role
+    name: str  # the platform id for platforms
+
+    @property
+    def platform_id(self) -> str | None:
+        return self.name if self.role is Role.PLATFORM else None
+
+    @property
+    def actor(self) -> str:
+        """How the caller appears in the records it causes."""
+        return f"{self.role.value}:{self.name}"
+
+
+class IdentityError(ValueError):
+    pass
+
+
+def make_identity(role: str, name: str) -> Identity:
+    try:
+        parsed = Role(role)
+    except ValueError:
+        raise IdentityError(f"unknown role {role!r}") from None
+    if parsed is Role.PLATFORM:
+        if not is_platform_id(name):
+            raise IdentityError("a platform identity needs a valid platform id")
+    elif _NAME_RE.match(name) is None:
+        raise IdentityError("identity name must match [a-z0-9][a-z0-9._-]{0,62}")
+    return Identity(parsed, name)
+
+
+def san_uri(role: str, name: str) -> str:
+    return f"{SAN_SCHEME}://{role}/{name}"
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_from_pem(pem: bytes) -> Identity:
+    """The identity of a client certificate: exactly one `custody://role/name` SAN URI."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("client certificate has no subject alternative name") from None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    ours = [u for u in uris if u.startswith(f"{SAN_SCHEME}://")]
+    if len(ours) != 1:
+        raise IdentityError("client certificate must carry exactly one custody:// URI")
+    rest = ours[0][len(SAN_SCHEME) + 3 :]
+    role, sep, name = rest.partition("/")
+    if not sep or "/" in name:
+        raise IdentityError("custody URI must be custody://<role>/<name>")
+    return make_identity(role, name)
+
+
+def identity_from_tls(context: grpc.ServicerContext) -> Identity:
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert") or []
+    if len(pems) != 1:
+        raise IdentityError("no client certificate")
+    return identity_from_pem(bytes(pems[0]))
+
+
+def identity_from_metadata(context: grpc.ServicerContext) -> Identity:
+    """Insecure development mode only: trust the caller's headers."""
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in headers:
+            raise IdentityError(f"header {key!r} given twice")
+        headers[key] = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    role = headers.get("x-custody-role", "")
+    if not role:
+        raise IdentityError("x-custody-role header is required in insecure development mode")
+    if role == Role.PLATFORM:
+        name = headers.get("x-custody-platform", "")
+    else:
+        if "x-custody-platform" in headers:
+            raise IdentityError("only platform identities carry x-custody-platform")
+        name = headers.get("x-custody-name", "dev")
+    return make_identity(role, name)
+
+
+IdentitySource = Callable[[grpc.ServicerContext], Identity]
+
+
+def identity_of(context: grpc.ServicerContext) -> Identity:
+    """The authenticated identity of the current call (set by AuthInterceptor)."""
+    identity = getattr(context, _IDENTITY_ATTR, None)
+    assert isinstance(identity, Identity), "call did not pass the AuthInterceptor"
+    return identity
+
+
+def scoped_platform(identity: Identity, requested: str) -> str:
+    """The platform a call acts on. A platform identity may only name itself."""
+    own = identity.platform_id
+    if own is not None:
+        if requested and requested != own:
+            raise errors.permission_denied(
+                ApiReason.PLATFORM_MISMATCH, "a platform may only act on its own platform"
+            )
+        return own
+    if not requested:
+        raise errors.invalid("platform_id", "required for this role")
+    if not is_platform_id(requested):
+        raise errors.invalid("platform_id", "must match [a-z0-9][a-z0-9-]{0,62}")
+    return requested
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticate every call, then check its role against the method's access level."""
+
+    def __init__(
+        self, source: IdentitySource, access: Mapping[str, Access] = METHOD_ACCESS
+    ) -> None:
+        self._source = source
+        self._access = access
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        access = self._access.get(method)
+        source = self._source
+
+        def around(request: Any, context: grpc.ServicerContext, call_next: Any) -> Any:
+            try:
+                identity = source(context)
+            except IdentityError as exc:
+                errors.abort(context, errors.unauthenticated(str(exc)))
+            if access is None:
+                errors.abort(
+                    context,
+                    errors.permission_denied(ApiReason.PERMISSION_DENIED, "method not allowed"),
+                )
+            if identity.role not in ROLES_FOR[access]:
+                reason = (
+                    ApiReason.READ_ONLY_ROLE
+                    if identity.role not in ROLES_FOR[Access.WRITE]
+                    else ApiReason.PERMISSION_DENIED
+                )
+                errors.abort(
+                    context,
+                    errors.permission_denied(
+                        reason, f"role {identity.role.value!r} may not call {method}"
+                    ),
+                )
+            setattr(context, _IDENTITY_ATTR, identity)
+            return call_next(request, context)
+
+        return wrap_unary(handler, around)

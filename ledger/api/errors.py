@@ -1,0 +1,257 @@
+"""The one place where domain outcomes and failures become gRPC statuses (AIP-193).
+
+Every error status carries a `google.rpc.Status` with an `ErrorInfo(reason=<stable code>,
+domain="custody.v1")`; malformed input adds `BadRequest` field violations, business refusals
+add `PreconditionFailure`, and back-pressure adds `RetryInfo`. Reason codes are the ledger's
+own (`controls.codes.Code`) plus the few API-level ones in `ApiReason`. Bad input never
+becomes UNKNOWN or INTERNAL.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from typing import Final, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from controls.codes import INPUT_CODES, Code
+from ledger.service import Overloaded, PlatformNotFound, ServiceClosed
+from ledger.writer import CommitFailed, Outcome, WriterFenced
+
+DOMAIN: Final = "custody.v1"
+log = logging.getLogger("ledger.api")
+
+
+class ApiReason(enum.StrEnum):
+    """Reasons raised by the API layer itself (never by the controls)."""
+
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    PLATFORM_MISMATCH = "PLATFORM_MISMATCH"
+    READ_ONLY_ROLE = "READ_ONLY_ROLE"
+    DEADLINE_REQUIRED = "DEADLINE_REQUIRED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    OVERLOADED = "OVERLOADED"
+    COMMIT_FAILED = "COMMIT_FAILED"
+    WRITER_FENCED = "WRITER_FENCED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+    INTERNAL = "INTERNAL"
+
+
+NOT_FOUND_CODES: Final = frozenset(
+    {Code.ACCOUNT_NOT_FOUND, Code.HOLD_NOT_FOUND, Code.MOVEMENT_NOT_FOUND, Code.PLATFORM_NOT_FOUND}
+)
+EXISTS_CODES: Final = frozenset(
+    {Code.ID_REUSED, Code.ACCOUNT_EXISTS, Code.PLATFORM_EXISTS, Code.HOLD_EXISTS}
+)
+# For input refusals that do not name their field, the field they are about.
+_FIELD_OF_INPUT_CODE: Final[Mapping[str, str]] = {
+    Code.INVALID_AMOUNT: "amount_minor",
+    Code.SAME_ACCOUNT: "to_account_id",
+    Code.HOLD_EXPIRY_INVALID: "expires_at_ms",
+    Code.HOLD_REASON_REQUIRED: "reason",
+    Code.BATCH_TOO_LARGE: "instructions",
+}
+_RETRY_DELAY_S: Final = 0.05
+
+
+def status_code_for(reason: str) -> grpc.StatusCode:
+    """The gRPC status for a ledger reason code (a refusal or an invalid instruction)."""
+    if reason in INPUT_CODES:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if reason in NOT_FOUND_CODES:
+        return grpc.StatusCode.NOT_FOUND
+    if reason in EXISTS_CODES:
+        return grpc.StatusCode.ALREADY_EXISTS
+    if reason == Code.LINKED_FAILED:
+        return grpc.StatusCode.ABORTED
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ApiError(Exception):
+    """An error answer: status code, stable reason, message, and optional detail hints."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        fields: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        control: str = "",
+        retry_delay_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name} {reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.fields = dict(fields or {})
+        self.metadata = dict(metadata or {})
+        self.control = control
+        self.retry_delay_s = retry_delay_s
+
+    def to_status(self) -> grpc.Status:
+        details: list[any_pb2.Any] = []
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        for key, value in self.metadata.items():
+            info.metadata[key] = value
+        details.append(_pack(info))
+        if self.fields:
+            bad = error_details_pb2.BadRequest()
+            for field, description in self.fields.items():
+                bad.field_violations.add(field=field, description=description, reason=self.reason)
+            details.append(_pack(bad))
+        if self.code is grpc.StatusCode.FAILED_PRECONDITION:
+            failure = error_details_pb2.PreconditionFailure()
+            failure.violations.add(type=self.reason, subject=self.control, description=self.message)
+            details.append(_pack(failure))
+        if self.retry_delay_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_delay_s * 1e9))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        status = status_pb2.Status(
+            code=_RPC_CODE[self.code], message=self.message[:1024], details=details
+        )
+        return rpc_status.to_status(status)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+_RPC_CODE: Final[Mapping[grpc.StatusCode, int]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.ABORTED: code_pb2.ABORTED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
+    grpc.StatusCode.OUT_OF_RANGE: code_pb2.OUT_OF_RANGE,
+    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+}
+
+
+# -- constructors ---------------------------------------------------------------------------
+
+
+def invalid(field: str, message: str, reason: str = Code.INVALID_ARGUMENT) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT, reason, f"{field}: {message}", fields={field: message}
+    )
+
+
+def invalid_many(violations: Mapping[str, str]) -> ApiError:
+    first = next(iter(violations.items()))
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Code.INVALID_ARGUMENT,
+        f"{first[0]}: {first[1]}"
+        + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""),
+        fields=violations,
+    )
+
+
+def permission_denied(reason: str, message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, reason, message)
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, ApiReason.UNAUTHENTICATED, message)
+
+
+def from_outcome(outcome: Outcome, field_prefix: str = "") -> ApiError:
+    """The error for a single instruction that was refused or invalid."""
+    assert not outcome.ok
+    reason = outcome.code or Code.INVALID_ARGUMENT
+    metadata = {"client_id": outcome.client_id}
+    if outcome.control:
+        metadata["control"] = outcome.control
+    if outcome.seq >= 0:
+        metadata["position"] = str(outcome.seq)
+    code = grpc.StatusCode.INVALID_ARGUMENT if outcome.status == "invalid" else None
+    code = code or status_code_for(reason)
+    fields: dict[str, str] = {}
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        field = outcome.field or _FIELD_OF_INPUT_CODE.get(reason, "")
+        if field:
+            fields[field_prefix + field] = outcome.message or reason
+    return ApiError(
+        code,
+        reason,
+        outcome.message or reason,
+        fields=fields,
+        metadata=metadata,
+        control=outcome.control,
+    )
+
+
+def from_exception(exc: BaseException) -> ApiError | None:
+    """The error for a known infrastructure/domain exception, or None for a genuine bug."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PlatformNotFound):
+        return ApiError(
+            grpc.StatusCode.NOT_FOUND,
+            Code.PLATFORM_NOT_FOUND,
+            f"platform {exc.args[0]!r} not found" if exc.args else "platform not found",
+        )
+    if isinstance(exc, Overloaded):
+        return ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ApiReason.OVERLOADED,
+            "the platform's queue is full; retry with the same client ids",
+            retry_delay_s=_RETRY_DELAY_S,
+        )
+    if isinstance(exc, CommitFailed):
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            ApiReason.COMMIT_FAILED,
+            "the database transaction did not commit; nothing happened, retry with the same ids",
+            retry_delay_s=_RETRY_DELAY_S,
+        )
+    if isinstance(exc, WriterFenced):
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            ApiReason.WRITER_FENCED,
+            "this server no longer writes the platform's log",
+        )
+    if isinstance(exc, ServiceClosed):
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE, ApiReason.SHUTTING_DOWN, "the server is shutting down"
+        )
+    if isinstance(exc, TimeoutError):
+        return ApiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            ApiReason.DEADLINE_EXCEEDED,
+            "not committed before the deadline; retry with the same client id to learn the outcome",
+        )
+    return None
+
+
+def abort(context: grpc.ServicerContext, error: ApiError) -> NoReturn:
+    context.abort_with_status(error.to_status())
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def abort_for(context: grpc.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+    """Abort with the mapped status; an unmapped exception is a bug: log it, answer INTERNAL."""
+    error = from_exception(exc)
+    if error is None:
+        log.exception("unexpected failure in %s", method, exc_info=exc)
+        error = ApiError(grpc.StatusCode.INTERNAL, ApiReason.INTERNAL, "internal error")
+    abort(context, error)

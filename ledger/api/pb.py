@@ -1,0 +1,69 @@
+"""Short names for the generated modules (built by `ledger.api.codegen` on package import)."""
+
+from __future__ import annotations
+
+from ledger.api.gen.custody.v1 import (
+    account_service_pb2 as account_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    account_service_pb2_grpc as account_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    common_pb2 as common_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    hold_service_pb2 as hold_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    hold_service_pb2_grpc as hold_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    log_service_pb2 as log_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    log_service_pb2_grpc as log_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    movement_service_pb2 as movement_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    movement_service_pb2_grpc as movement_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    platform_service_pb2 as platform_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    platform_service_pb2_grpc as platform_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    query_service_pb2 as query_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    query_service_pb2_grpc as query_grpc,
+)
+
+SERVICE_MODULES = (platform_pb, account_pb, movement_pb, hold_pb, query_pb, log_pb)
+
+# Fully qualified names of every custody.v1 service, for health and reflection.
+SERVICE_NAMES: tuple[str, ...] = tuple(
+    service.full_name
+    for module in SERVICE_MODULES
+    for service in module.DESCRIPTOR.services_by_name.values()
+)
+
+__all__ = [
+    "SERVICE_NAMES",
+    "account_grpc",
+    "account_pb",
+    "common_pb",
+    "hold_grpc",
+    "hold_pb",
+    "log_grpc",
+    "log_pb",
+    "movement_grpc",
+    "movement_pb",
+    "platform_grpc",
+    "platform_pb",
+    "query_grpc",
+    "query_pb",
+]

@@ -1,0 +1,214 @@
+"""Wire <-> domain: protobuf instruction messages to `ledger.commands`, and answers back.
+
+Proto instruction fields carry the same names as the domain's command fields, so the mapping
+is generic; only enums, optional text and defaults need a converter. A message that cannot
+become a command (unknown enum value, missing instruction) raises `WireError`; everything else
+(lengths, character sets, currencies, ranges) is the domain's validation, reported with the
+field path as the caller sent it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from google.protobuf.message import Message
+
+from ledger import commands as c
+from ledger.api.pb import common_pb
+from ledger.domain import Account
+from ledger.writer import Outcome
+
+
+class WireError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+KIND_TO_DOMAIN: Final[Mapping[int, str]] = {
+    common_pb.ACCOUNT_KIND_UNSPECIFIED: "",
+    common_pb.ACCOUNT_KIND_CUSTOMER: "customer",
+    common_pb.ACCOUNT_KIND_OMNIBUS: "omnibus",
+    common_pb.ACCOUNT_KIND_OWN_FUNDS: "own_funds",
+    common_pb.ACCOUNT_KIND_FEE_INCOME: "fee_income",
+    common_pb.ACCOUNT_KIND_SUSPENSE: "suspense",
+    common_pb.ACCOUNT_KIND_PLATFORM_BANK: "platform_bank",
+}
+ROLE_TO_DOMAIN: Final[Mapping[int, str | None]] = {
+    common_pb.CUSTOMER_ROLE_UNSPECIFIED: None,
+    common_pb.CUSTOMER_ROLE_LENDER: "lender",
+    common_pb.CUSTOMER_ROLE_BORROWER: "borrower",
+    common_pb.CUSTOMER_ROLE_GUARANTOR: "guarantor",
+    common_pb.CUSTOMER_ROLE_OTHER: "other",
+}
+PURPOSE_TO_DOMAIN: Final[Mapping[int, str]] = {
+    common_pb.TRANSFER_PURPOSE_UNSPECIFIED: "transfer",
+    common_pb.TRANSFER_PURPOSE_TRANSFER: "transfer",
+    common_pb.TRANSFER_PURPOSE_BID: "bid",
+    common_pb.TRANSFER_PURPOSE_DISBURSEMENT: "disbursement",
+    common_pb.TRANSFER_PURPOSE_REPAYMENT: "repayment",
+    common_pb.TRANSFER_PURPOSE_COMPENSATION: "compensation",
+    common_pb.TRANSFER_PURPOSE_CLEARING: "clearing",
+}
+KIND_TO_WIRE: Final = {v: k for k, v in KIND_TO_DOMAIN.items() if v}
+ROLE_TO_WIRE: Final = {v: k for k, v in ROLE_TO_DOMAIN.items() if v}
+STATUS_TO_WIRE: Final[Mapping[str, int]] = {
+    "open": common_pb.ACCOUNT_STATUS_OPEN,
+    "frozen": common_pb.ACCOUNT_STATUS_FROZEN,
+    "closed": common_pb.ACCOUNT_STATUS_CLOSED,
+}
+RESULT_TO_WIRE: Final[Mapping[str, int]] = {
+    "accepted": common_pb.RESULT_STATUS_ACCEPTED,
+    "replayed": common_pb.RESULT_STATUS_REPLAYED,
+    "refused": common_pb.RESULT_STATUS_REFUSED,
+    "invalid": common_pb.RESULT_STATUS_INVALID,
+}
+
+# proto message type -> domain command type (the oneof field names in Instruction match ops).
+COMMAND_OF_MESSAGE: Final[Mapping[type[Message], type[c.Command]]] = {
+    common_pb.OpenAccount: c.OpenAccount,
+    common_pb.FreezeAccount: c.FreezeAccount,
+    common_pb.UnfreezeAccount: c.UnfreezeAccount,
+    common_pb.CloseAccount: c.CloseAccount,
+    common_pb.Deposit: c.Deposit,
+    common_pb.Transfer: c.Transfer,
+    common_pb.ChargeFee: c.ChargeFee,
+    common_pb.TopUpShortfall: c.TopUpShortfall,
+    common_pb.PlaceHold: c.PlaceHold,
+    common_pb.CaptureHold: c.CaptureHold,
+    common_pb.ReleaseHold: c.ReleaseHold,
+    common_pb.ExpireHolds: c.ExpireHolds,
+    common_pb.RequestWithdrawal: c.RequestWithdrawal,
+    common_pb.SettleWithdrawal: c.SettleWithdrawal,
+    common_pb.FailWithdrawal: c.FailWithdrawal,
+    common_pb.Reverse: c.Reverse,
+}
+
+
+def _enum(table: Mapping[int, Any], name: str) -> Callable[[Message], Any]:
+    def convert(msg: Message) -> Any:
+        value = getattr(msg, name)
+        if value not in table:
+            raise WireError(name, f"unknown enum value {value}")
+        return table[value]
+
+    return convert
+
+
+def _optional_text(name: str) -> Callable[[Message], str | None]:
+    def convert(msg: Message) -> str | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return convert
+
+
+def _max_holds(msg: Message) -> int:
+    value: int = msg.max_holds  # type: ignore[attr-defined]
+    return 1000 if value == 0 else value
+
+
+_CONVERTERS: Final[Mapping[tuple[type[c.Command], str], Callable[[Message], Any]]] = {
+    (c.OpenAccount, "kind"): _enum(KIND_TO_DOMAIN, "kind"),
+    (c.OpenAccount, "role"): _enum(ROLE_TO_DOMAIN, "role"),
+    (c.OpenAccount, "holder_name"): _optional_text("holder_name"),
+    (c.Transfer, "purpose"): _enum(PURPOSE_TO_DOMAIN, "purpose"),
+    (c.ExpireHolds, "max_holds"): _max_holds,
+}
+
+
+def command_of(msg: Message) -> c.Command:
+    """The domain command for one instruction message (shape is validated later, by the ledger)."""
+    cls = COMMAND_OF_MESSAGE[type(msg)]
+    kwargs: dict[str, Any] = {}
+    for name in cls.__struct_fields__:
+        convert = _CONVERTERS.get((cls, name))
+        kwargs[name] = convert(msg) if convert is not None else getattr(msg, name)
+    return cls(**kwargs)
+
+
+def single_command(request: Message, expected: type[Message]) -> c.Command:
+    """The instruction inside a single-instruction request (field `instruction`)."""
+    if not request.HasField("instruction"):
+        raise WireError("instruction", "required")
+    msg = request.instruction  # type: ignore[attr-defined]
+    assert type(msg) is expected
+    try:
+        return command_of(msg)
+    except WireError as exc:
+        raise WireError(f"instruction.{exc.field}", exc.message) from None
+
+
+def batch_commands(instructions: Any) -> list[c.Command]:
+    """Every item of a batch; collects all wire errors so the caller sees them at once."""
+    commands: list[c.Command] = []
+    violations: dict[str, str] = {}
+    for i, item in enumerate(instructions):
+        which = item.WhichOneof("instruction")
+        if which is None:
+            violations[f"instructions[{i}]"] = "no instruction set"
+            continue
+        try:
+            commands.append(command_of(getattr(item, which)))
+        except WireError as exc:
+            violations[f"instructions[{i}].{which}.{exc.field}"] = exc.message
+    if violations:
+        raise BatchWireError(violations)
+    return commands
+
+
+class BatchWireError(ValueError):
+    def __init__(self, violations: dict[str, str]) -> None:
+        super().__init__(f"{len(violations)} malformed instructions")
+        self.violations = violations
+
+
+def receipt(outcome: Outcome) -> common_pb.Receipt:
+    assert outcome.ok
+    return common_pb.Receipt(
+        client_id=outcome.client_id,
+        status=RESULT_TO_WIRE[outcome.status],
+        position=outcome.seq,
+        kind=outcome.kind,
+    )
+
+
+def item_result(outcome: Outcome) -> common_pb.ItemResult:
+    return common_pb.ItemResult(
+        client_id=outcome.client_id,
+        status=RESULT_TO_WIRE[outcome.status],
+        position=outcome.seq,
+        kind=outcome.kind,
+        reason=outcome.code,
+        control=outcome.control,
+        message=outcome.message,
+        field=outcome.field,
+    )
+
+
+def account(platform_id: str, acc: Account) -> common_pb.Account:
+    return common_pb.Account(
+        platform_id=platform_id,
+        account_id=acc.id,
+        kind=KIND_TO_WIRE[acc.kind.value],
+        currency=acc.currency,
+        role=ROLE_TO_WIRE.get(acc.role or "", common_pb.CUSTOMER_ROLE_UNSPECIFIED),
+        status=STATUS_TO_WIRE[acc.status.value],
+        posted_minor=acc.posted_minor,
+        held_minor=acc.held_minor,
+        available_minor=acc.available_minor,
+        opened_position=acc.opened_seq,
+        last_position=acc.last_seq,
+    )
+
+
+def balance(acc: Account, as_of_position: int) -> common_pb.Balance:
+    return common_pb.Balance(
+        account_id=acc.id,
+        currency=acc.currency,
+        posted_minor=acc.posted_minor,
+        held_minor=acc.held_minor,
+        available_minor=acc.available_minor,
+        as_of_position=as_of_position,
+    )

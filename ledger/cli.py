@@ -1,0 +1,516 @@
+"""`custody`: run and operate a custody ledger on the embedded store from the command line.
+
+Every subcommand has --help. Money is always an integer count of minor units (fen, cents):
+`--amount 12345` is CNY 123.45. Writes print the outcome; `--json` prints machine-readable JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from ledger import commands as c
+from ledger import records
+from ledger.config import Config, ConfigError
+from ledger.store import log_stream
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+
+EPILOG = """\
+examples:
+  custody platform create demo --name "Demo Lending"
+  custody account open --platform demo omni --kind omnibus --currency CNY
+  custody account open --platform demo alice --kind customer --role lender --currency CNY
+  custody deposit --platform demo --mirror omni --to alice --amount 100000 --currency CNY
+  custody transfer --platform demo --from alice --to bob --amount 2500 --currency CNY
+  custody balance --platform demo
+  custody chain verify --platform demo
+
+configuration comes from the environment (docs/CONFIG.md): CUSTODY_STORE=sqlite|postgres,
+CUSTODY_DATA_DIR, POSTGRES_* ... ; --data-dir overrides CUSTODY_DATA_DIR.
+"""
+
+
+def _amount(text: str) -> int:
+    """Parse minor units strictly: digits only, so '12.50' or '1e3' can never slip through."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("amount is an integer count of minor units, e.g. 12345")
+    return int(text)
+
+
+def _add_common_write(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--platform", required=True, help="platform id")
+    p.add_argument(
+        "--client-id",
+        help="idempotency key unique within the platform (default: a new UUID); "
+        "re-running with the same id and content returns the original result",
+    )
+
+
+def _money_args(p: argparse.ArgumentParser, from_flag: str | None, to_flag: str | None) -> None:
+    if from_flag:
+        p.add_argument(from_flag, dest="from_account", required=True, help="debit account id")
+    if to_flag:
+        p.add_argument(to_flag, dest="to_account", required=True, help="credit account id")
+    p.add_argument("--amount", type=_amount, required=True, help="minor units (integer)")
+    p.add_argument("--currency", required=True, help="ISO 4217 code, e.g. CNY")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="custody",
+        description="Custody Ledger: segregated customer money on a hash-chained event log.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", help="folder of the embedded SQLite store (CUSTODY_DATA_DIR)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--actor", help="who is acting, recorded in the log (default cli:<user>)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create the store and the local master key")
+
+    serve = sub.add_parser("serve", help="run the gRPC server (embedded SQLite by default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--tls-dir", help="folder with ca.pem, server.pem, server.key (mTLS)")
+    serve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="no TLS, identity from metadata; refused unless bound to loopback",
+    )
+
+    platform = sub.add_parser("platform", help="create and list platforms (tenants)")
+    psub = platform.add_subparsers(dest="action", required=True)
+    pc = psub.add_parser("create", help="create a platform with its own log and chain")
+    pc.add_argument("platform_id")
+    pc.add_argument("--name", required=True)
+    psub.add_parser("list", help="list platforms")
+
+    account = sub.add_parser("account", help="open, freeze, unfreeze, close accounts")
+    asub = account.add_subparsers(dest="action", required=True)
+    ao = asub.add_parser("open", help="open an account")
+    _add_common_write(ao)
+    ao.add_argument("account_id")
+    ao.add_argument(
+        "--kind",
+        required=True,
+        choices=["customer", "omnibus", "own_funds", "fee_income", "suspense", "platform_bank"],
+    )
+    ao.add_argument("--currency", required=True)
+    ao.add_argument("--role", choices=["lender", "borrower", "guarantor", "other"])
+    ao.add_argument("--holder-name", help="account holder (stored encrypted)")
+    for name in ("freeze", "unfreeze"):
+        a = asub.add_parser(name, help=f"{name} an account")
+        _add_common_write(a)
+        a.add_argument("account_id")
+        a.add_argument("--reason", required=True)
+    ac = asub.add_parser("close", help="close an account (only at zero with no holds)")
+    _add_common_write(ac)
+    ac.add_argument("account_id")
+
+    d = sub.add_parser("deposit", help="bank money in: bank mirror -> account")
+    _add_common_write(d)
+    d.add_argument("--mirror", required=True, help="omnibus or platform_bank mirror account")
+    d.add_argument("--to", dest="to_account", required=True)
+    _money_args(d, None, None)
+    d.add_argument("--bank-ref", default="")
+
+    t = sub.add_parser("transfer", help="move customer money on the payer's instruction")
+    _add_common_write(t)
+    _money_args(t, "--from", "--to")
+    t.add_argument(
+        "--purpose",
+        default="transfer",
+        choices=sorted(c.TRANSFER_PURPOSES),
+    )
+
+    f = sub.add_parser("fee", help="charge a fee: customer -> platform fee income")
+    _add_common_write(f)
+    _money_args(f, "--from", "--to")
+    f.add_argument("--fee-code", required=True)
+
+    tu = sub.add_parser("topup", help="shortfall top-up: platform own funds -> customer money")
+    _add_common_write(tu)
+    _money_args(tu, "--from", "--to")
+    tu.add_argument("--reason", required=True)
+
+    hold = sub.add_parser("hold", help="place, capture, release, expire holds")
+    hsub = hold.add_subparsers(dest="action", required=True)
+    hp = hsub.add_parser("place", help="reserve funds (the hold id is the client id)")
+    _add_common_write(hp)
+    _money_args(hp, "--from", "--to")
+    hp.add_argument("--reason", required=True)
+    hp.add_argument("--expires-at-ms", type=int, required=True, help="Unix time in ms")
+    hc = hsub.add_parser("capture", help="post up to the held amount; the rest is released")
+    _add_common_write(hc)
+    hc.add_argument("hold_id")
+    hc.add_argument("--amount", type=_amount, required=True)
+    hr = hsub.add_parser("release", help="void a hold")
+    _add_common_write(hr)
+    hr.add_argument("hold_id")
+    hr.add_argument("--reason", required=True)
+    he = hsub.add_parser("expire", help="sweep: release every hold past its expiry")
+    _add_common_write(he)
+    he.add_argument("--max-holds", type=int, default=1000)
+
+    w = sub.add_parser("withdraw", help="two-phase payout: request, then settle or fail")
+    wsub = w.add_subparsers(dest="action", required=True)
+    wr = wsub.add_parser("request", help="hold funds for a payout")
+    _add_common_write(wr)
+    wr.add_argument("--from", dest="from_account", required=True)
+    wr.add_argument("--mirror", required=True)
+    _money_args(wr, None, None)
+    wr.add_argument("--payee-ref", required=True)
+    wr.add_argument("--expires-at-ms", type=int, required=True)
+    ws = wsub.add_parser("settle", help="the bank paid out: post the held funds")
+    _add_common_write(ws)
+    ws.add_argument("withdrawal_id")
+    ws.add_argument("--bank-ref", default="")
+    wf = wsub.add_parser("fail", help="the bank failed the payout: release the funds")
+    _add_common_write(wf)
+    wf.add_argument("withdrawal_id")
+    wf.add_argument("--reason", required=True)
+
+    r = sub.add_parser("reverse", help="undo a posted movement with a new opposite movement")
+    _add_common_write(r)
+    r.add_argument("movement_id", help="client id of the movement to reverse")
+    r.add_argument("--reason", required=True)
+
+    b = sub.add_parser("balance", help="show balances (posted, held, available)")
+    b.add_argument("--platform", required=True)
+    b.add_argument("account_id", nargs="?")
+
+    st = sub.add_parser("statement", help="movements touching an account, oldest first")
+    st.add_argument("--platform", required=True)
+    st.add_argument("account_id")
+    st.add_argument("--after", type=int, default=-1, help="start after this log position")
+    st.add_argument("--limit", type=int, default=100, help="at most this many lines (<= 1000)")
+
+    ch = sub.add_parser("chain", help="hash-chain tools")
+    chsub = ch.add_subparsers(dest="action", required=True)
+    cv = chsub.add_parser("verify", help="walk the stored chain; report the first broken link")
+    cv.add_argument("--platform", required=True)
+    return parser
+
+
+def _command_from_args(args: argparse.Namespace) -> c.Command:
+    cid = args.client_id or str(uuid.uuid4())
+    cmd, action = args.command, getattr(args, "action", None)
+    if cmd == "account":
+        if action == "open":
+            return c.OpenAccount(
+                client_id=cid,
+                account_id=args.account_id,
+                kind=args.kind,
+                currency=args.currency,
+                role=args.role,
+                holder_name=args.holder_name,
+            )
+        if action == "freeze":
+            return c.FreezeAccount(client_id=cid, account_id=args.account_id, reason=args.reason)
+        if action == "unfreeze":
+            return c.UnfreezeAccount(client_id=cid, account_id=args.account_id, reason=args.reason)
+        return c.CloseAccount(client_id=cid, account_id=args.account_id)
+    money = {
+        "amount_minor": getattr(args, "amount", None),
+        "currency": getattr(args, "currency", None),
+    }
+    if cmd == "deposit":
+        return c.Deposit(
+            client_id=cid,
+            mirror_account_id=args.mirror,
+            account_id=args.to_account,
+            bank_ref=args.bank_ref,
+            **money,
+        )
+    if cmd == "transfer":
+        return c.Transfer(
+            client_id=cid,
+            from_account_id=args.from_account,
+            to_account_id=args.to_account,
+            purpose=args.purpose,
+            **money,
+        )
+    if cmd == "fee":
+        return c.ChargeFee(
+            client_id=cid,
+            from_account_id=args.from_account,
+            to_account_id=args.to_account,
+            fee_code=args.fee_code,
+            **money,
+        )
+    if cmd == "topup":
+        return c.TopUpShortfall(
+            client_id=cid,
+            from_account_id=args.from_account,
+            to_account_id=args.to_account,
+            reason=args.reason,
+            **money,
+        )
+    if cmd == "reverse":
+        return c.Reverse(client_id=cid, movement_id=args.movement_id, reason=args.reason)
+    if cmd == "hold":
+        if action == "place":
+            return c.PlaceHold(
+                client_id=cid,
+                from_account_id=args.from_account,
+                to_account_id=args.to_account,
+                reason=args.reason,
+                expires_at_ms=args.expires_at_ms,
+                **money,
+            )
+        if action == "capture":
+            return c.CaptureHold(client_id=cid, hold_id=args.hold_id, amount_minor=args.amount)
+        if action == "release":
+            return c.ReleaseHold(client_id=cid, hold_id=args.hold_id, reason=args.reason)
+        return c.ExpireHolds(client_id=cid, max_holds=args.max_holds)
+    assert cmd == "withdraw"
+    if action == "request":
+        return c.RequestWithdrawal(
+            client_id=cid,
+            account_id=args.from_account,
+            mirror_account_id=args.mirror,
+            payee_ref=args.payee_ref,
+            expires_at_ms=args.expires_at_ms,
+            **money,
+        )
+    if action == "settle":
+        return c.SettleWithdrawal(
+            client_id=cid, withdrawal_id=args.withdrawal_id, bank_ref=args.bank_ref
+        )
+    return c.FailWithdrawal(client_id=cid, withdrawal_id=args.withdrawal_id, reason=args.reason)
+
+
+def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False, sort_keys=True))
+    else:
+        print(text)
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from ledger.service import LedgerService
+
+    service = LedgerService(_config(args))
+    service.start(progress=_progress if sys.stderr.isatty() else None)
+    return service
+
+
+def _progress(platform_id: str, position: int) -> None:
+    print(f"\rloading {platform_id}: {position:,} records", end="", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    env = dict(os.environ)
+    if args.data_dir:
+        env["CUSTODY_DATA_DIR"] = args.data_dir
+    return Config.from_env(env)
+
+
+def _outcome_text(o: Any) -> str:
+    if o.status in ("accepted", "replayed"):
+        return f"{o.status}: {o.kind} at log position {o.seq} (client id {o.client_id})"
+    where = f" [{o.field}]" if o.field else ""
+    return f"{o.status}: {o.code}{where} — {o.message} (client id {o.client_id})"
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    command = _command_from_args(args)
+    service = _service(args)
+    try:
+        [outcome] = service.execute(args.platform, [command], args.actor)
+    finally:
+        service.close()
+    _print(args, msgspec.to_builtins(outcome), _outcome_text(outcome))
+    return EXIT_OK if outcome.ok else EXIT_REFUSED
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    service = _service(args)
+    config = service.config
+    service.close()
+    where = config.sqlite_path if config.store == "sqlite" else "PostgreSQL"
+    _print(args, {"store": config.store, "location": str(where)}, f"ledger ready in {where}")
+    return EXIT_OK
+
+
+def cmd_platform(args: argparse.Namespace) -> int:
+    service = _service(args)
+    try:
+        if args.action == "list":
+            ids = service.platform_ids()
+            _print(args, ids, "\n".join(ids) if ids else "(no platforms)")
+            return EXIT_OK
+        outcome = service.create_platform(args.platform_id, args.name, args.actor)
+    finally:
+        service.close()
+    _print(args, msgspec.to_builtins(outcome), _outcome_text(outcome))
+    return EXIT_OK if outcome.ok else EXIT_REFUSED
+
+
+def _account_row(a: Any) -> dict[str, Any]:
+    return {
+        "account_id": a.id,
+        "kind": a.kind.value,
+        "role": a.role,
+        "currency": a.currency,
+        "status": a.status.value,
+        "posted_minor": a.posted_minor,
+        "held_minor": a.held_minor,
+        "available_minor": a.available_minor if a.must_not_go_negative else None,
+    }
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    service = _service(args)
+    try:
+        with service.reading(args.platform) as state:
+            if args.account_id is not None:
+                account = state.accounts.get(args.account_id)
+                if account is None:
+                    print(f"account {args.account_id!r} not found", file=sys.stderr)
+                    return EXIT_REFUSED
+                rows = [_account_row(account)]
+            else:
+                rows = [_account_row(a) for a in state.accounts.values()]
+    finally:
+        service.close()
+    header = f"{'account':<20} {'kind':<13} {'ccy':<4} {'status':<7} {'posted':>16} {'held':>14}"
+    lines = [header] + [
+        f"{r['account_id']:<20} {r['kind']:<13} {r['currency']:<4} {r['status']:<7} "
+        f"{r['posted_minor']:>16,} {r['held_minor']:>14,}"
+        for r in rows
+    ]
+    _print(args, rows, "\n".join(lines))
+    return EXIT_OK
+
+
+def _touches(rec: dict[str, Any], account_id: str) -> list[tuple[str, int]]:
+    """(direction, amount) for each posting or reservation of `account_id` in a record."""
+    found: list[tuple[str, int]] = []
+    for debit, credit, amount in rec.get("entries", ()):
+        if debit == account_id:
+            found.append(("debit", amount))
+        if credit == account_id:
+            found.append(("credit", amount))
+    hold = rec.get("hold")
+    if hold is not None and account_id in (hold["debit"], hold["credit"]):
+        found.append(("hold" if hold["debit"] == account_id else "incoming-hold", hold["amount"]))
+    return found
+
+
+def cmd_statement(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 1000:
+        print("--limit must be in 1..1000", file=sys.stderr)
+        return EXIT_USAGE
+    from ledger.store import LedgerStore
+
+    store = LedgerStore(_config(args))
+    lines: list[dict[str, Any]] = []
+    try:
+        for seq, kind, packed in store.iter_rows(log_stream(args.platform), after=args.after):
+            if kind == records.REFUSED_KIND:
+                continue
+            rec = records.decode(records.unpack_state(packed)[1])
+            for direction, amount in _touches(rec, args.account_id):
+                lines.append(
+                    {
+                        "position": seq,
+                        "ts_ms": rec["ts"],
+                        "kind": kind,
+                        "client_id": rec["cid"],
+                        "direction": direction,
+                        "amount_minor": amount,
+                    }
+                )
+            if len(lines) >= args.limit:
+                break
+    finally:
+        store.close()
+    lines = lines[: args.limit]
+    text = "\n".join(
+        f"{x['position']:>8} {x['kind']:<22} {x['direction']:<13} {x['amount_minor']:>16,} "
+        f"{x['client_id']}"
+        for x in lines
+    )
+    _print(args, lines, text or "(no movements)")
+    return EXIT_OK
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    from ledger.store import LedgerStore
+    from ledger.writer import verify_stored_chain
+
+    store = LedgerStore(_config(args))
+    try:
+        count, bad, reason = verify_stored_chain(store, args.platform)
+    finally:
+        store.close()
+    payload = {
+        "platform": args.platform,
+        "records_checked": count,
+        "first_bad_position": bad,
+        "reason": reason,
+        "ok": bad is None,
+    }
+    if bad is None:
+        text = f"chain ok: {count:,} records of platform {args.platform} link correctly"
+    else:
+        text = f"CHAIN BROKEN at position {bad}: {reason} ({count:,} records before it verified)"
+    _print(args, payload, text)
+    return EXIT_OK if bad is None else EXIT_REFUSED
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from ledger.api.server import serve
+    except ImportError as exc:
+        print(f"the gRPC server is not available: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    serve(_config(args), args.host, args.port, tls_dir=args.tls_dir, insecure_dev=args.insecure_dev)
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "init": cmd_init,
+    "serve": cmd_serve,
+    "platform": cmd_platform,
+    "balance": cmd_balance,
+    "statement": cmd_statement,
+    "chain": cmd_chain,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.actor is None:
+        try:
+            args.actor = f"cli:{getpass.getuser()}"
+        except Exception:
+            args.actor = "cli:unknown"
+    handler = HANDLERS.get(args.command, cmd_write)
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as exc:
+        print(f"not found: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
