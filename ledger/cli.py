@@ -223,7 +223,7 @@ def _command_from_args(args: argparse.Namespace) -> c.Command:
         if action == "unfreeze":
             return c.UnfreezeAccount(client_id=cid, account_id=args.account_id, reason=args.reason)
         return c.CloseAccount(client_id=cid, account_id=args.account_id)
-    money = {
+    money: dict[str, Any] = {
         "amount_minor": getattr(args, "amount", None),
         "currency": getattr(args, "currency", None),
     }

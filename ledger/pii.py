@@ -88,10 +88,8 @@ class PiiVault:
                 wrapped = nonce + self._master.encrypt(
                     nonce, data_key, self._aad(platform_id, subject)
                 )
-                cur.execute(
-                    f"INSERT INTO {self._table} (platform, subject, wrapped) VALUES ({ph},{ph},{ph})",
-                    (platform_id, subject, wrapped),
-                )
+                insert = f"INSERT INTO {self._table} (platform, subject, wrapped)"
+                cur.execute(f"{insert} VALUES ({ph},{ph},{ph})", (platform_id, subject, wrapped))
         wrapped = bytes(wrapped)
         data_key = self._master.decrypt(
             wrapped[:NONCE_LEN], wrapped[NONCE_LEN:], self._aad(platform_id, subject)

@@ -22,7 +22,7 @@ from ledger.domain import PlatformState
 from ledger.pii import PiiVault, blind_key, load_master_key
 from ledger.store import LedgerStore
 from ledger.validate import is_platform_id
-from ledger.writer import CommitFailed, Outcome, PlatformWriter, Request
+from ledger.writer import CommitFailed, Outcome, PlatformWriter, Prepared, Request
 
 _STOP: Final = object()
 
@@ -52,11 +52,12 @@ class _Platform:
 
     def is_drained(self) -> bool:
         writer = self.writer
-        return writer.fenced or writer.committed_next_seq == writer.state.next_seq
+        return writer.fenced or writer.committed_next_seq == writer.prepared_next_seq
 
     def wait_drained(self) -> None:
-        """Caller holds `cond`: wait until no prepared group is waiting for its commit."""
+        """Caller holds `cond`: wait until no decided group is waiting for its commit."""
         self.cond.wait_for(self.is_drained)
+        self.writer.ensure_clean()
 
 
 class LedgerService:
@@ -64,7 +65,7 @@ class LedgerService:
         self.config = config
         self.store = LedgerStore(config)
         master = load_master_key(config)
-        self.vault = PiiVault(self.store.recorder.datastore, self.store.is_postgres, master)
+        self.vault = PiiVault(self.store.datastore, self.store.is_postgres, master)
         self._blind_key = blind_key(master)
         self._clock_ms = clock_ms
         self._platforms: dict[str, _Platform] = {}
@@ -77,7 +78,7 @@ class LedgerService:
         """Load every platform's live state from its log (verifying the chain as it goes)."""
         for platform_id in self.store.platform_ids():
             writer = self._new_writer(platform_id)
-            writer.load(None if progress is None else (lambda n, p=platform_id: progress(p, n)))
+            writer.load(None if progress is None else _bind_progress(progress, platform_id))
             self._platforms[platform_id] = _Platform(writer)
 
     def close(self) -> None:
@@ -180,6 +181,13 @@ class LedgerService:
             return platform.writer.state.next_seq, platform.writer.head
 
 
+def _bind_progress(progress: Callable[[str, int], None], platform_id: str) -> Callable[[int], None]:
+    def report(position: int) -> None:
+        progress(platform_id, position)
+
+    return report
+
+
 class GroupCommitter:
     """Group commit in two stages so that deciding and storing overlap.
 
@@ -249,6 +257,8 @@ class GroupCommitter:
             if live:
                 try:
                     with platform.cond:
+                        if platform.writer.dirty:
+                            platform.wait_drained()
                         prepared = platform.writer.prepare([r for r, _ in live])
                 except Exception as exc:
                     for _, f in live:
@@ -266,6 +276,8 @@ class GroupCommitter:
             item = self._prepared.get()
             if item is _STOP:
                 return
+            prepared: Prepared
+            futures: list[Future[list[Outcome]]]
             prepared, futures = item  # type: ignore[misc]
             try:
                 if prepared.rows:

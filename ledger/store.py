@@ -67,6 +67,11 @@ class LedgerStore:
         self.recorder: ApplicationRecorder = self.factory.application_recorder()
         self.is_postgres = config.store == STORE_POSTGRES
 
+    @property
+    def datastore(self) -> Any:
+        """The recorder's connection pool, for the few tables that live beside the events."""
+        return self.recorder.datastore  # type: ignore[attr-defined]
+
     def close(self) -> None:
         self.factory.close()
 

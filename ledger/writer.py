@@ -109,7 +109,9 @@ class PlatformWriter:
         self.head = records.CHAIN_GENESIS
         self.fenced = False
         self.epoch = 0
-        self.committed_next_seq = 0
+        self.committed_next_seq = 0  # next position after the last stored record
+        self.prepared_next_seq = 0  # next position after the last successfully decided group
+        self.dirty = False  # a prepare failed half-way: state must be rebuilt before use
 
     # -- startup --------------------------------------------------------------------------------
 
@@ -121,7 +123,7 @@ class PlatformWriter:
             self._replay_row(seq, kind, packed)
             if progress is not None and seq % 100_000 == 0:
                 progress(seq)
-        self.committed_next_seq = self.state.next_seq
+        self.committed_next_seq = self.prepared_next_seq = self.state.next_seq
 
     def _replay_row(self, seq: int, kind: str, packed: bytes) -> None:
         stored_hash, data = records.unpack_state(packed)
@@ -163,17 +165,35 @@ class PlatformWriter:
         """
         if self.fenced:
             raise WriterFenced(f"writer for {self.platform_id} is fenced")
+        if self.dirty:
+            self.ensure_clean()
         state = self.state
         ts = max(self.clock_ms(), state.last_ts_ms)
         rows: list[Row] = []
         answers: list[list[Outcome]] = []
-        for request in requests:
-            if request.linked:
-                answers.append(self._linked(request, ts, rows))
-            else:
-                actor = request.actor
-                answers.append([self._one(cmd, actor, ts, rows) for cmd in request.commands])
+        try:
+            for request in requests:
+                if request.linked:
+                    answers.append(self._linked(request, ts, rows))
+                else:
+                    actor = request.actor
+                    answers.append([self._one(cmd, actor, ts, rows) for cmd in request.commands])
+        except BaseException:
+            # A bug or an interrupt half-way through a group leaves the live state ahead of
+            # anything decided: throw it away and rebuild from the store before the next group.
+            self.dirty = True
+            raise
+        self.prepared_next_seq = state.next_seq
         return Prepared(rows, answers, state.next_seq, self.epoch)
+
+    def ensure_clean(self) -> None:
+        """Rebuild the state after a failed prepare. Caller: lock held, pipeline drained."""
+        if not self.dirty:
+            return
+        assert self.committed_next_seq == self.prepared_next_seq, "pipeline not drained"
+        self.epoch += 1
+        self.load()
+        self.dirty = False
 
     def commit(self, prepared: Prepared) -> None:
         """Store a prepared group in ONE database transaction. Safe outside the platform lock."""
@@ -198,9 +218,9 @@ class PlatformWriter:
             self.fenced = True  # someone else holds this log: stop, never fork it
         try:
             self.load()
+            self.dirty = False
         except Exception:
             self.fenced = True
-        self.committed_next_seq = self.state.next_seq
 
     def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[Row]) -> Outcome:
         """Decide one instruction: at most one record, appended to `rows` and folded into state."""
