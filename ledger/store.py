@@ -18,8 +18,10 @@ from eventsourcing.persistence import (
     IntegrityError,
     StoredEvent,
 )
+from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import Environment
+from psycopg.sql import SQL, Identifier
 
 from ledger.config import STORE_POSTGRES, Config
 
@@ -46,6 +48,45 @@ class BatchSQLiteRecorder(SQLiteApplicationRecorder):
         )
 
 
+class BatchPostgresRecorder(PostgresApplicationRecorder):
+    """Inserts a group with one binary COPY inside one transaction.
+
+    The library's composite-type unnest path escapes every field in Python (~50 µs per row
+    measured here, ~30 µs with typed arrays); binary COPY costs ~10 µs per row, most of it in
+    the server process, which runs on the other core while the writer decides the next group.
+    The library's table lock and NOTIFY are kept, so commit order is still log order for every
+    reader. Unlike the library's pipelined path, any exception here rolls the transaction back.
+    No automatic retry: after a failed commit the writer rebuilds its state from the store, which
+    tells it whether the group landed, and callers retry safely with the same client ids.
+    """
+
+    def __init__(self, datastore: Any, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self._copy_statement = SQL(
+            "COPY {schema}.{table} (originator_id, originator_version, topic, state) "
+            "FROM STDIN (FORMAT BINARY)"
+        ).format(
+            schema=Identifier(self.datastore.schema),
+            table=Identifier(self.events_table_name),
+        )
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> None:
+        if not stored_events:
+            return
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor() as curs,
+        ):
+            self._lock_table(curs)
+            self._notify_channel(curs)
+            with curs.copy(self._copy_statement) as copy:
+                copy.set_types(["text", "int8", "text", "bytea"])
+                write_row = copy.write_row
+                for s in stored_events:
+                    write_row((s.originator_id, s.originator_version, s.topic, s.state))
+
+
 class StoreError(RuntimeError):
     """The database refused or lost a write; nothing of that transaction is acknowledged."""
 
@@ -56,6 +97,7 @@ class LedgerStore:
         env: dict[str, str] = {"ORIGINATOR_ID_TYPE": "text", "CREATE_TABLE": "y"}
         if config.store == STORE_POSTGRES:
             env["PERSISTENCE_MODULE"] = "eventsourcing.postgres"
+            env["APPLICATION_RECORDER_TOPIC"] = "ledger.store:BatchPostgresRecorder"
             env.update(config.postgres)
         else:
             config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
