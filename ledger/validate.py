@@ -110,6 +110,32 @@ def _table(cls: type[c.Command]) -> tuple[tuple[str, Callable[[Any], bool], str]
 _TABLES: Final = {cls: _table(cls) for cls in c.COMMAND_TYPES}
 
 
+def _all_fields_ok(
+    cmd: c.Command, table: tuple[tuple[str, Callable[[Any], bool], str], ...]
+) -> bool:
+    """The hot path: every field passes, no exception machinery, one call per field."""
+    try:
+        for field, ok, _ in table:
+            if not ok(getattr(cmd, field)):
+                return False
+    except TypeError:  # e.g. an unhashable value where an enum string belongs
+        return False
+    return True
+
+
+def _first_bad_field(
+    cmd: c.Command, table: tuple[tuple[str, Callable[[Any], bool], str], ...]
+) -> InvalidInput:
+    for field, ok, message in table:
+        try:
+            good = ok(getattr(cmd, field))
+        except TypeError:
+            good = False
+        if not good:
+            return InvalidInput(field, message)
+    raise AssertionError("no bad field")
+
+
 def validate(cmd: c.Command) -> None:
     """Raise InvalidInput for the first malformed field; return None for a well-formed command."""
     table = _TABLES.get(type(cmd))
@@ -118,13 +144,8 @@ def validate(cmd: c.Command) -> None:
     cid = cmd.client_id
     if type(cid) is not str or _CLIENT_ID_MATCH(cid) is None:
         raise InvalidInput("client_id", "must match [A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
-    for field, ok, message in table:
-        try:
-            good = ok(getattr(cmd, field))
-        except TypeError:  # e.g. an unhashable value where an enum string belongs
-            good = False
-        if not good:
-            raise InvalidInput(field, message)
+    if not _all_fields_ok(cmd, table):
+        raise _first_bad_field(cmd, table)
     if type(cmd) in _SPECIFIC:
         _check_specific(cmd)
 
