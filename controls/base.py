@@ -35,6 +35,10 @@ class AccountView(Protocol):
 class LedgerView(Protocol):
     @property
     def accounts(self) -> Mapping[str, Any]: ...
+    @property
+    def totals_by_currency(self) -> Mapping[str, list[int]]:
+        """currency -> [sum of posted debits, sum of posted credits]."""
+        ...
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):

@@ -39,17 +39,47 @@ def _check_leg(
         return _refuse(Code.AMOUNT_OVERFLOW, "the credit account's total would overflow")
     if debit.debits_posted_minor + amount > AMOUNT_MAX_MINOR:
         return _refuse(Code.AMOUNT_OVERFLOW, "the debit account's total would overflow")
+    totals = state.totals_by_currency.get(debit.currency)
+    if totals is not None and totals[0] + amount > AMOUNT_MAX_MINOR:
+        return _refuse(Code.AMOUNT_OVERFLOW, f"the {debit.currency} ledger total would overflow")
     return None
 
 
 def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | None:
-    for debit_id, credit_id, amount in proposal.entries:
+    entries = proposal.entries
+    for debit_id, credit_id, amount in entries:
         refusal = _check_leg(state, proposal.op, proposal.currency, debit_id, credit_id, amount)
         if refusal is not None:
             return refusal
+    if len(entries) > 1:
+        return _check_sums(state, entries)
     if proposal.hold is not None:
         debit_id, credit_id, amount = proposal.hold
         return _check_leg(state, proposal.op, proposal.currency, debit_id, credit_id, amount)
+    return None
+
+
+def _check_sums(state: LedgerView, entries: tuple[tuple[str, str, int], ...]) -> Refusal | None:
+    """Several postings in one record: their sums must fit too, not just each one alone."""
+    extra_debits: dict[str, int] = {}
+    extra_credits: dict[str, int] = {}
+    by_currency: dict[str, int] = {}
+    accounts = state.accounts
+    for debit_id, credit_id, amount in entries:
+        extra_debits[debit_id] = extra_debits.get(debit_id, 0) + amount
+        extra_credits[credit_id] = extra_credits.get(credit_id, 0) + amount
+        currency = accounts[debit_id].currency
+        by_currency[currency] = by_currency.get(currency, 0) + amount
+    for account_id, extra in extra_debits.items():
+        if accounts[account_id].debits_posted_minor + extra > AMOUNT_MAX_MINOR:
+            return _refuse(Code.AMOUNT_OVERFLOW, "an account's total would overflow")
+    for account_id, extra in extra_credits.items():
+        if accounts[account_id].credits_posted_minor + extra > AMOUNT_MAX_MINOR:
+            return _refuse(Code.AMOUNT_OVERFLOW, "an account's total would overflow")
+    for currency, extra in by_currency.items():
+        totals = state.totals_by_currency.get(currency, [0, 0])
+        if totals[0] + extra > AMOUNT_MAX_MINOR:
+            return _refuse(Code.AMOUNT_OVERFLOW, f"the {currency} ledger total would overflow")
     return None
 
 

@@ -106,10 +106,14 @@ def _resolve(op: str, cmd: Any, hold: Any, captured: int, status: HoldStatus) ->
     return proposal, {"resolve": [[hold.id, captured, status.value]]}
 
 
-def plan_capture(state: PlatformState, cmd: c.CaptureHold) -> Plan:
+def plan_capture(state: PlatformState, cmd: c.CaptureHold, now_ms: int) -> Plan:
     hold = _pending_hold(state, cmd.hold_id, "hold")
     if isinstance(hold, Refusal):
         return hold
+    if hold.expires_at_ms <= now_ms:
+        # Expired reservations are void even before the sweep records it; a payout the bank
+        # already made (withdrawal settlement) is a fact and is not subject to this rule.
+        return _refuse(Code.HOLD_EXPIRED, f"hold {hold.id!r} expired")
     if type(cmd.amount_minor) is not int or cmd.amount_minor < 1:
         return _refuse(Code.INVALID_AMOUNT, "capture amount must be at least 1")
     if cmd.amount_minor > hold.amount_minor:
@@ -145,11 +149,12 @@ def plan_fail(state: PlatformState, cmd: c.FailWithdrawal) -> Plan:
 
 
 def plan_expire(state: PlatformState, cmd: c.ExpireHolds, now_ms: int) -> Plan:
-    expired = [
-        [h.id, 0, HoldStatus.EXPIRED.value]
-        for h in state.holds.values()
-        if h.status is HoldStatus.PENDING and h.expires_at_ms <= now_ms
-    ][: cmd.max_holds]
+    expired: list[list[Any]] = []
+    for h in state.pending_holds.values():
+        if h.expires_at_ms <= now_ms:
+            expired.append([h.id, 0, HoldStatus.EXPIRED.value])
+            if len(expired) == cmd.max_holds:
+                break
     return Proposal("expire_holds", cmd), {"resolve": expired}
 
 
@@ -206,7 +211,6 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
     c.Transfer: plan_transfer,
     c.ChargeFee: plan_fee,
     c.TopUpShortfall: plan_top_up,
-    c.CaptureHold: plan_capture,
     c.ReleaseHold: plan_release,
     c.SettleWithdrawal: plan_settle,
     c.FailWithdrawal: plan_fail,
@@ -214,6 +218,7 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
 }
 _TIMED_PLANNERS: dict[type, Callable[[PlatformState, Any, int], Plan]] = {
     c.PlaceHold: plan_place_hold,
+    c.CaptureHold: plan_capture,
     c.RequestWithdrawal: plan_withdrawal,
     c.ExpireHolds: plan_expire,
 }

@@ -215,6 +215,7 @@ class PlatformState:
         "holds",
         "last_ts_ms",
         "next_seq",
+        "pending_holds",
         "platform_id",
         "totals_by_currency",
     )
@@ -223,6 +224,8 @@ class PlatformState:
         self.platform_id = platform_id
         self.accounts: dict[str, Account] = {}
         self.holds: dict[str, Hold] = {}
+        # Pending holds only, in placement order: the expiry sweep must not scan history.
+        self.pending_holds: dict[str, Hold] = {}
         self.done: dict[str, Done] = {}
         self.next_seq = 0
         self.last_ts_ms = 0
@@ -250,13 +253,17 @@ class PlatformState:
             for name, value in zip(_ACCOUNT_MUTABLE, values, strict=True):
                 setattr(account, name, value)
         for hold_id, status in sp.holds.items():
-            self.holds[hold_id].status = status
+            hold = self.holds[hold_id]
+            hold.status = status
+            if status is HoldStatus.PENDING:
+                self.pending_holds[hold_id] = hold
         for cid, reversed_by in sp.done.items():
             self.done[cid].reversed_by = reversed_by
         for account_id in sp.new_accounts:
             del self.accounts[account_id]
         for hold_id in sp.new_holds:
             del self.holds[hold_id]
+            self.pending_holds.pop(hold_id, None)
         for cid in sp.new_done:
             del self.done[cid]
         self.next_seq, self.last_ts_ms, self.created, self.totals_by_currency = sp.scalars
@@ -334,6 +341,7 @@ class PlatformState:
         if debit.must_not_go_negative and debit.available_minor < 0:
             raise StateError(f"record {hold.placed_seq}: hold {hold.id} overdraws {hold.debit}")
         self.holds[hold.id] = hold
+        self.pending_holds[hold.id] = hold
 
     def resolve(self, hold_id: str, captured_minor: int, status: HoldStatus, seq: int) -> None:
         hold = self.holds.get(hold_id)
@@ -352,6 +360,7 @@ class PlatformState:
         debit.debits_pending_minor -= hold.amount_minor
         credit.credits_pending_minor -= hold.amount_minor
         hold.status = status
+        del self.pending_holds[hold_id]
         if captured_minor:
             self.post(hold.debit, hold.credit, captured_minor, seq)
 

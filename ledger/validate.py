@@ -19,7 +19,8 @@ from ledger.money import CURRENCY_EXPONENTS
 _ID_MATCH: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}").fullmatch
 _CLIENT_ID_MATCH: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-/]{0,127}").fullmatch
 _PLATFORM_MATCH: Final = re.compile(r"[a-z0-9][a-z0-9\-]{0,62}").fullmatch
-_BAD_TEXT_SEARCH: Final = re.compile(r"[\x00-\x1f\x7f]").search
+# Control characters, and lone surrogates (not encodable as UTF-8, so not canonical bytes).
+_BAD_TEXT_SEARCH: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]").search
 _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
 _MS_MAX: Final = 253402300799999  # 9999-12-31T23:59:59.999Z

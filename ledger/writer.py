@@ -326,6 +326,20 @@ class PlatformWriter:
     # -- linked batches -------------------------------------------------------------------------
 
     def _linked(self, request: Request, ts: int, rows: list[Row]) -> list[Outcome]:
+        found = self._first_malformed(request.commands)
+        if found is not None:  # a batch with a malformed item is not a batch: write nothing
+            bad_index, malformed = found
+            return [
+                malformed
+                if index == bad_index
+                else Outcome(
+                    getattr(cmd, "client_id", ""),
+                    "invalid",
+                    code=Code.LINKED_FAILED,
+                    message="linked with a malformed instruction",
+                )
+                for index, cmd in enumerate(request.commands)
+            ]
         state = self.state
         sp = state.savepoint()
         mark = len(rows)
@@ -346,24 +360,29 @@ class PlatformWriter:
         self.head = head_mark
         return self._refuse_linked(request, failed, ts, rows)
 
+    @staticmethod
+    def _first_malformed(commands: Sequence[c.Command]) -> tuple[int, Outcome] | None:
+        """The index and `invalid` answer of the first malformed item, if any."""
+        for index, cmd in enumerate(commands):
+            try:
+                validate(cmd)
+            except InvalidInput as exc:
+                return index, Outcome(
+                    getattr(cmd, "client_id", ""),
+                    "invalid",
+                    code=Code.INVALID_ARGUMENT,
+                    message=exc.message,
+                    field=exc.field,
+                )
+        return None
+
     def _refuse_linked(
         self, request: Request, failed: Outcome, ts: int, rows: list[Row]
     ) -> list[Outcome]:
         """Record the cause for the failing item and LINKED_FAILED for every other item."""
         outcomes: list[Outcome] = []
         for cmd in request.commands:
-            if failed.status == "invalid":
-                outcomes.append(
-                    failed
-                    if cmd.client_id == failed.client_id
-                    else Outcome(
-                        cmd.client_id,
-                        "invalid",
-                        code=Code.LINKED_FAILED,
-                        message=f"linked with invalid instruction {failed.client_id!r}",
-                    )
-                )
-                continue
+            assert failed.status == "refused", "malformed items are caught before deciding"
             blinded = self._blinded(cmd)
             cmd_bytes = _ENCODE(blinded)
             if cmd.client_id == failed.client_id:
