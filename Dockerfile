@@ -7,6 +7,7 @@ COPY ledger ./ledger
 COPY controls ./controls
 COPY projections ./projections
 COPY protos ./protos
+COPY setup.py MANIFEST.in ./
 RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /wheels
 
 # Runtime stage: only the wheel and its dependencies, a non-root user, no -O (assertions stay on).
@@ -24,6 +25,6 @@ VOLUME ["/var/lib/custody"]
 EXPOSE 50051
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["custody-health", "--address", "127.0.0.1:50051"]
+    CMD ["custody-health", "--address", "127.0.0.1:50052"]
 ENTRYPOINT ["custody"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--tls-dir", "/etc/custody/tls"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--tls-dir", "/etc/custody/tls", "--health-port", "50052"]

@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no TLS, identity from metadata; refused unless bound to loopback",
     )
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve plain-text health checks on 127.0.0.1:PORT (for probes without certs)",
+    )
+
+    certs = sub.add_parser(
+        "certs",
+        help="create a development CA and mTLS certificates for every role",
+        add_help=False,
+    )
+    certs.add_argument("certs_args", nargs=argparse.REMAINDER, help="see `custody certs --help`")
 
     platform = sub.add_parser("platform", help="create and list platforms (tenants)")
     psub = platform.add_subparsers(dest="action", required=True)
@@ -474,18 +486,35 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from ledger.api.server import ServeError, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        from ledger.api.server import serve
-    except ImportError as exc:
-        print(f"the gRPC server is not available: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    serve(_config(args), args.host, args.port, tls_dir=args.tls_dir, insecure_dev=args.insecure_dev)
-    return EXIT_OK
+        return serve(
+            _config(args),
+            args.host,
+            args.port,
+            tls_dir=args.tls_dir,
+            insecure_dev=args.insecure_dev,
+            maintenance_port=args.health_port,
+        )
+    except ServeError as exc:
+        print(f"cannot serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from ledger.api.certs import main as certs_main
+
+    return certs_main(args.certs_args)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": cmd_init,
     "serve": cmd_serve,
+    "certs": cmd_certs,
     "platform": cmd_platform,
     "balance": cmd_balance,
     "statement": cmd_statement,
@@ -495,7 +524,11 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "certs":  # everything after `certs` belongs to the certs tool
+        args.certs_args = [*args.certs_args, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.actor is None:
         try:
             args.actor = f"cli:{getpass.getuser()}"

@@ -27,7 +27,7 @@ from cryptography import x509
 
 from ledger.api import errors
 from ledger.api.errors import ApiReason
-from ledger.api.handlers import wrap_unary
+from ledger.api.handlers import Handler, wrap_unary
 from ledger.validate import is_platform_id
 
 SAN_SCHEME: Final = "custody"
@@ -159,7 +159,8 @@ def identity_from_pem(pem: bytes) -> Identity:
 
 def identity_from_tls(context: grpc.ServicerContext) -> Identity:
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert") or []
+    raw: Any = auth.get("x509_pem_cert") or []
+    pems = [raw] if isinstance(raw, bytes) else list(raw)
     if len(pems) != 1:
         raise IdentityError("no client certificate")
     return identity_from_pem(bytes(pems[0]))
@@ -221,9 +222,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIXES):

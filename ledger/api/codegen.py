@@ -1,5 +1,9 @@
 """Generate the gRPC Python modules from `protos/` into `ledger/api/gen/` (gitignored).
 
+Typing: with mypy-protobuf installed (`protoc-gen-mypy`, `protoc-gen-mypy_grpc` next to the
+interpreter or on PATH) the `.pyi` stubs come from it and cover the gRPC modules too;
+otherwise protoc's own `--pyi_out` types the messages only.
+
 Generated code is built, never committed. `ensure_generated()` runs on import of
 `ledger.api.gen_modules` and regenerates only when the protos, the code generator or this file
 changed (a stamp file records their digest). A build step may call `python -m
@@ -18,6 +22,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,9 +45,31 @@ def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
     return sorted((root / PROTO_PACKAGE_DIR).glob("*.proto"))
 
 
+def _mypy_plugins() -> dict[str, str] | None:
+    """mypy-protobuf's protoc plugins, if installed: they type the servicers and stubs too."""
+    found: dict[str, str] = {}
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        local = Path(sys.executable).parent / name
+        path = str(local) if local.exists() else shutil.which(name)
+        if path is None:
+            return None
+        found[name] = path
+    return found
+
+
+def _tool_versions() -> str:
+    versions = [importlib.metadata.version("grpcio-tools")]
+    if _mypy_plugins() is not None:
+        try:
+            versions.append("mypy-protobuf " + importlib.metadata.version("mypy-protobuf"))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append("mypy-protobuf (unknown version)")
+    return ";".join(versions)
+
+
 def _digest(files: list[Path]) -> str:
     h = hashlib.sha256()
-    h.update(importlib.metadata.version("grpcio-tools").encode())
+    h.update(_tool_versions().encode())
     h.update(Path(__file__).read_bytes())
     for f in files:
         h.update(str(f.relative_to(PROTO_ROOT)).encode() + b"\0")
@@ -60,7 +87,7 @@ def is_current(files: list[Path] | None = None) -> bool:
 
 def generate(out_dir: Path = GEN_DIR) -> list[Path]:
     """Run protoc over every proto into a fresh folder, rewrite imports, swap it in."""
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     files = proto_files()
     if not files:
@@ -69,18 +96,27 @@ def generate(out_dir: Path = GEN_DIR) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         build = Path(tmp)
+        plugins = _mypy_plugins()
+        if plugins is None:
+            typing_args = [f"--pyi_out={build}"]
+        else:
+            typing_args = [f"--plugin={name}={path}" for name, path in plugins.items()]
+            typing_args += [f"--mypy_out={build}", f"--mypy_grpc_out={build}"]
         args = [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"-I{well_known}",
             f"--python_out={build}",
-            f"--pyi_out={build}",
             f"--grpc_python_out={build}",
+            *typing_args,
             *[str(f) for f in files],
         ]
-        code = protoc.main(args)
-        if code != 0:
-            raise CodegenError(f"protoc failed with exit code {code}")
+        # A child process keeps protoc's and the plugins' chatter off our stderr unless it fails.
+        done = subprocess.run(
+            [sys.executable, "-m", *args], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise CodegenError(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
         produced: list[Path] = []
         for path in sorted((build / PROTO_PACKAGE_DIR).iterdir()):
             text = path.read_text()

@@ -15,14 +15,27 @@ import grpc
 
 from ledger.api import errors
 from ledger.api.errors import ApiReason
-from ledger.api.handlers import wrap_unary
+from ledger.api.handlers import Handler, wrap_unary
 
 MAX_WAIT_S: Final = 30.0
 OPTIONAL_DEADLINE: Final = frozenset({"/custody.v1.LogService/SubscribeLog"})
 
 
-def budget_s(context: grpc.ServicerContext, cap_s: float = MAX_WAIT_S) -> float:
+# grpcio reports a call without a deadline as one about 2^63 ns away (not None); anything
+# further out than this is treated as "no deadline".
+_NO_DEADLINE_S: Final = 10 * 365 * 24 * 3600.0
+
+
+def remaining_s(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline, or None when the call has no deadline."""
     remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return None
+    return float(remaining)
+
+
+def budget_s(context: grpc.ServicerContext, cap_s: float = MAX_WAIT_S) -> float:
+    remaining = remaining_s(context)
     if remaining is None:
         return cap_s
     return max(0.0, min(remaining, cap_s))
@@ -34,9 +47,9 @@ class DeadlineInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if (
@@ -48,7 +61,7 @@ class DeadlineInterceptor(grpc.ServerInterceptor):
             return handler
 
         def around(request: Any, context: grpc.ServicerContext, call_next: Any) -> Any:
-            if context.time_remaining() is None:
+            if remaining_s(context) is None:
                 errors.abort(
                     context,
                     errors.ApiError(

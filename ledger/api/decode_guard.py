@@ -13,7 +13,7 @@ import grpc
 
 from ledger.api import errors
 from ledger.api.errors import ApiReason
-from ledger.api.handlers import replace_deserializer, wrap_unary
+from ledger.api.handlers import Handler, replace_deserializer, wrap_unary
 
 
 class _Undecodable:
@@ -26,9 +26,9 @@ class _Undecodable:
 class DecodeGuardInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler

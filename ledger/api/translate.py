@@ -9,6 +9,7 @@ field path as the caller sent it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -27,7 +28,7 @@ class WireError(ValueError):
         self.message = message
 
 
-KIND_TO_DOMAIN: Final[Mapping[int, str]] = {
+KIND_TO_DOMAIN: Final[Mapping[common_pb.AccountKind.ValueType, str]] = {
     common_pb.ACCOUNT_KIND_UNSPECIFIED: "",
     common_pb.ACCOUNT_KIND_CUSTOMER: "customer",
     common_pb.ACCOUNT_KIND_OMNIBUS: "omnibus",
@@ -36,14 +37,14 @@ KIND_TO_DOMAIN: Final[Mapping[int, str]] = {
     common_pb.ACCOUNT_KIND_SUSPENSE: "suspense",
     common_pb.ACCOUNT_KIND_PLATFORM_BANK: "platform_bank",
 }
-ROLE_TO_DOMAIN: Final[Mapping[int, str | None]] = {
+ROLE_TO_DOMAIN: Final[Mapping[common_pb.CustomerRole.ValueType, str | None]] = {
     common_pb.CUSTOMER_ROLE_UNSPECIFIED: None,
     common_pb.CUSTOMER_ROLE_LENDER: "lender",
     common_pb.CUSTOMER_ROLE_BORROWER: "borrower",
     common_pb.CUSTOMER_ROLE_GUARANTOR: "guarantor",
     common_pb.CUSTOMER_ROLE_OTHER: "other",
 }
-PURPOSE_TO_DOMAIN: Final[Mapping[int, str]] = {
+PURPOSE_TO_DOMAIN: Final[Mapping[common_pb.TransferPurpose.ValueType, str]] = {
     common_pb.TRANSFER_PURPOSE_UNSPECIFIED: "transfer",
     common_pb.TRANSFER_PURPOSE_TRANSFER: "transfer",
     common_pb.TRANSFER_PURPOSE_BID: "bid",
@@ -54,12 +55,12 @@ PURPOSE_TO_DOMAIN: Final[Mapping[int, str]] = {
 }
 KIND_TO_WIRE: Final = {v: k for k, v in KIND_TO_DOMAIN.items() if v}
 ROLE_TO_WIRE: Final = {v: k for k, v in ROLE_TO_DOMAIN.items() if v}
-STATUS_TO_WIRE: Final[Mapping[str, int]] = {
+STATUS_TO_WIRE: Final[Mapping[str, common_pb.AccountStatus.ValueType]] = {
     "open": common_pb.ACCOUNT_STATUS_OPEN,
     "frozen": common_pb.ACCOUNT_STATUS_FROZEN,
     "closed": common_pb.ACCOUNT_STATUS_CLOSED,
 }
-RESULT_TO_WIRE: Final[Mapping[str, int]] = {
+RESULT_TO_WIRE: Final[Mapping[str, common_pb.ResultStatus.ValueType]] = {
     "accepted": common_pb.RESULT_STATUS_ACCEPTED,
     "replayed": common_pb.RESULT_STATUS_REPLAYED,
     "refused": common_pb.RESULT_STATUS_REFUSED,
@@ -87,7 +88,7 @@ COMMAND_OF_MESSAGE: Final[Mapping[type[Message], type[c.Command]]] = {
 }
 
 
-def _enum(table: Mapping[int, Any], name: str) -> Callable[[Message], Any]:
+def _enum(table: Mapping[Any, Any], name: str) -> Callable[[Message], Any]:
     def convert(msg: Message) -> Any:
         value = getattr(msg, name)
         if value not in table:
@@ -118,14 +119,35 @@ _CONVERTERS: Final[Mapping[tuple[type[c.Command], str], Callable[[Message], Any]
 }
 
 
+class _Plan:
+    """How to build one command type: plain fields copied at once, the rest converted."""
+
+    __slots__ = ("cls", "converted", "plain", "plain_names")
+
+    def __init__(self, cls: type[c.Command]) -> None:
+        self.cls = cls
+        names = cls.__struct_fields__
+        self.converted = tuple((n, _CONVERTERS[(cls, n)]) for n in names if (cls, n) in _CONVERTERS)
+        self.plain_names = tuple(n for n in names if (cls, n) not in _CONVERTERS)
+        getter = operator.attrgetter(*self.plain_names)
+        if len(self.plain_names) == 1:
+            self.plain: Callable[[Message], tuple[Any, ...]] = lambda m: (getter(m),)
+        else:
+            self.plain = getter
+
+
+_PLANS: Final[Mapping[type[Message], _Plan]] = {
+    msg_type: _Plan(cls) for msg_type, cls in COMMAND_OF_MESSAGE.items()
+}
+
+
 def command_of(msg: Message) -> c.Command:
     """The domain command for one instruction message (shape is validated later, by the ledger)."""
-    cls = COMMAND_OF_MESSAGE[type(msg)]
-    kwargs: dict[str, Any] = {}
-    for name in cls.__struct_fields__:
-        convert = _CONVERTERS.get((cls, name))
-        kwargs[name] = convert(msg) if convert is not None else getattr(msg, name)
-    return cls(**kwargs)
+    plan = _PLANS[type(msg)]
+    kwargs = dict(zip(plan.plain_names, plan.plain(msg), strict=True))
+    for name, convert in plan.converted:
+        kwargs[name] = convert(msg)
+    return plan.cls(**kwargs)
 
 
 def single_command(request: Message, expected: type[Message]) -> c.Command:
@@ -191,10 +213,10 @@ def account(platform_id: str, acc: Account) -> common_pb.Account:
     return common_pb.Account(
         platform_id=platform_id,
         account_id=acc.id,
-        kind=KIND_TO_WIRE[acc.kind.value],
+        kind=KIND_TO_WIRE[str(acc.kind)],
         currency=acc.currency,
         role=ROLE_TO_WIRE.get(acc.role or "", common_pb.CUSTOMER_ROLE_UNSPECIFIED),
-        status=STATUS_TO_WIRE[acc.status.value],
+        status=STATUS_TO_WIRE[str(acc.status)],
         posted_minor=acc.posted_minor,
         held_minor=acc.held_minor,
         available_minor=acc.available_minor,

@@ -1,0 +1,708 @@
+"""Typed Python client for the custody.v1 API.
+
+    with CustodyClient.mtls("ledger:50051", tls_dir / "ca.pem",
+                            tls_dir / "platform-p1.pem", tls_dir / "platform-p1.key") as client:
+        client.open_account("o-a", "a", kind="customer", currency="CNY", role="lender")
+        receipt = client.transfer("t-1", "a", "b", 1_000, "CNY")
+
+Every call has a deadline (`timeout_s`, default 10 s). Calls that fail with UNAVAILABLE, or
+RESOURCE_EXHAUSTED because the platform's queue is full, are retried with the same request,
+which is safe because every instruction carries its `client_id` (a retried instruction that
+already committed is answered REPLAYED). Any other error raises `CustodyError`, which carries
+the status code and the stable reason code from `google.rpc.ErrorInfo`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from ledger.api.pb import (
+    account_grpc,
+    account_pb,
+    common_pb,
+    hold_grpc,
+    hold_pb,
+    log_grpc,
+    log_pb,
+    movement_grpc,
+    movement_pb,
+    platform_grpc,
+    platform_pb,
+    query_grpc,
+    query_pb,
+)
+
+DEFAULT_TIMEOUT_S: Final = 10.0
+RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+M = TypeVar("M", bound=Message)
+
+
+class CustodyError(Exception):
+    """An error status from the ledger, with its stable reason code."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        domain: str = "",
+        metadata: dict[str, str] | None = None,
+        fields: dict[str, str] | None = None,
+        retry_delay_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name} {reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.domain = domain
+        self.metadata = metadata or {}
+        self.fields = fields or {}
+        self.retry_delay_s = retry_delay_s
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> CustodyError:
+        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+        message: str = error.details() or ""  # type: ignore[attr-defined]
+        reason, domain = code.name, ""
+        metadata: dict[str, str] = {}
+        fields: dict[str, str] = {}
+        retry: float | None = None
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                fields = {v.field: v.description for v in bad.field_violations}
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info_retry = error_details_pb2.RetryInfo()
+                detail.Unpack(info_retry)
+                retry = info_retry.retry_delay.ToNanoseconds() / 1e9
+        return cls(
+            code,
+            reason,
+            message,
+            domain=domain,
+            metadata=metadata,
+            fields=fields,
+            retry_delay_s=retry,
+        )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    client_id: str
+    replayed: bool
+    position: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    client_id: str
+    status: str  # accepted | replayed | refused | invalid
+    position: int
+    kind: str
+    reason: str = ""
+    control: str = ""
+    message: str = ""
+    field: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "replayed")
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    position: int
+    kind: str
+    record: bytes  # canonical bytes (custody-record/v1)
+    chain_hash: bytes
+
+
+@dataclass
+class Page:
+    items: list[Any] = field(default_factory=list)
+    next_page_token: str = ""
+
+
+_STATUS_NAMES: Final = {
+    common_pb.RESULT_STATUS_ACCEPTED: "accepted",
+    common_pb.RESULT_STATUS_REPLAYED: "replayed",
+    common_pb.RESULT_STATUS_REFUSED: "refused",
+    common_pb.RESULT_STATUS_INVALID: "invalid",
+}
+_INSTRUCTION_TYPES: Final[dict[str, type[Message]]] = {
+    "open_account": common_pb.OpenAccount,
+    "freeze_account": common_pb.FreezeAccount,
+    "unfreeze_account": common_pb.UnfreezeAccount,
+    "close_account": common_pb.CloseAccount,
+    "deposit": common_pb.Deposit,
+    "transfer": common_pb.Transfer,
+    "charge_fee": common_pb.ChargeFee,
+    "top_up_shortfall": common_pb.TopUpShortfall,
+    "place_hold": common_pb.PlaceHold,
+    "capture_hold": common_pb.CaptureHold,
+    "release_hold": common_pb.ReleaseHold,
+    "expire_holds": common_pb.ExpireHolds,
+    "request_withdrawal": common_pb.RequestWithdrawal,
+    "settle_withdrawal": common_pb.SettleWithdrawal,
+    "fail_withdrawal": common_pb.FailWithdrawal,
+    "reverse": common_pb.Reverse,
+}
+_ENUM_PREFIX: Final = {
+    "kind": (common_pb.AccountKind, "ACCOUNT_KIND_"),
+    "role": (common_pb.CustomerRole, "CUSTOMER_ROLE_"),
+    "purpose": (common_pb.TransferPurpose, "TRANSFER_PURPOSE_"),
+}
+
+
+def _enum_value(name: str, value: Any) -> Any:
+    if name in _ENUM_PREFIX and isinstance(value, str):
+        enum, prefix = _ENUM_PREFIX[name]
+        return enum.Value(prefix + value.upper())
+    return value
+
+
+def instruction_message(op: str, **fields: Any) -> Message:
+    """An instruction message from the domain's op name, with enums given as plain words."""
+    cls = _INSTRUCTION_TYPES[op]
+    values = {k: _enum_value(k, v) for k, v in fields.items() if v is not None}
+    return cls(**values)
+
+
+def instruction(op: str, **fields: Any) -> common_pb.Instruction:
+    """One batch item, e.g. `instruction("transfer", client_id=..., amount_minor=5, ...)`."""
+    item = common_pb.Instruction()
+    getattr(item, op).CopyFrom(instruction_message(op, **fields))
+    return item
+
+
+class CustodyClient:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        platform_id: str = "",
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+    ) -> None:
+        self.channel = channel
+        self.platform_id = platform_id
+        self.metadata = tuple(metadata)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.platforms = platform_grpc.PlatformServiceStub(channel)
+        self.accounts = account_grpc.AccountServiceStub(channel)
+        self.movements = movement_grpc.MovementServiceStub(channel)
+        self.holds = hold_grpc.HoldServiceStub(channel)
+        self.queries = query_grpc.QueryServiceStub(channel)
+        self.log = log_grpc.LogServiceStub(channel)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @staticmethod
+    def channel_options() -> list[tuple[str, Any]]:
+        return [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
+    @classmethod
+    def mtls(
+        cls,
+        target: str,
+        ca_cert: Path,
+        client_cert: Path,
+        client_key: Path,
+        *,
+        server_name: str | None = None,
+        **kwargs: Any,
+    ) -> CustodyClient:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(ca_cert).read_bytes(),
+            private_key=Path(client_key).read_bytes(),
+            certificate_chain=Path(client_cert).read_bytes(),
+        )
+        options = cls.channel_options()
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return cls(grpc.secure_channel(target, credentials, options=options), **kwargs)
+
+    @classmethod
+    def insecure_dev(cls, target: str, role: str, name: str, **kwargs: Any) -> CustodyClient:
+        """Development mode only: the identity is sent as headers (the server must be loopback)."""
+        header = "x-custody-platform" if role == "platform" else "x-custody-name"
+        metadata = [("x-custody-role", role), (header, name)]
+        channel = grpc.insecure_channel(target, options=cls.channel_options())
+        return cls(channel, metadata=metadata, **kwargs)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CustodyClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _call(self, rpc: Callable[..., M], request: Message, timeout_s: float | None = None) -> M:
+        """One unary call with a deadline; UNAVAILABLE / OVERLOADED are retried unchanged."""
+        attempt = 0
+        while True:
+            try:
+                return rpc(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                error = CustodyError.from_rpc_error(exc)
+                retryable = error.code in RETRYABLE or (
+                    error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and error.reason == "OVERLOADED"
+                )
+                if not retryable or attempt >= self.retries:
+                    raise error from None
+                delay = error.retry_delay_s or self.backoff_s * (2**attempt)
+                time.sleep(delay * (0.5 + random.random()))
+                attempt += 1
+
+    def _pid(self, platform_id: str | None) -> str:
+        return self.platform_id if platform_id is None else platform_id
+
+    def _write(
+        self,
+        rpc: Callable[..., Any],
+        request_cls: type[Message],
+        op: str,
+        platform_id: str | None,
+        **fields: Any,
+    ) -> Receipt:
+        request = request_cls(
+            platform_id=self._pid(platform_id), instruction=instruction_message(op, **fields)
+        )
+        answer = self._call(rpc, request)
+        r = answer.receipt
+        return Receipt(
+            r.client_id, r.status == common_pb.RESULT_STATUS_REPLAYED, r.position, r.kind
+        )
+
+    # -- platforms ------------------------------------------------------------------------------
+
+    def create_platform(self, platform_id: str, name: str) -> Receipt:
+        answer = self._call(
+            self.platforms.CreatePlatform,
+            platform_pb.CreatePlatformRequest(platform_id=platform_id, name=name),
+        )
+        r = answer.receipt
+        return Receipt(r.client_id, False, r.position, r.kind)
+
+    # -- accounts -------------------------------------------------------------------------------
+
+    def open_account(
+        self,
+        client_id: str,
+        account_id: str,
+        *,
+        kind: str,
+        currency: str,
+        role: str | None = None,
+        holder_name: str | None = None,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.accounts.OpenAccount,
+            account_pb.OpenAccountRequest,
+            "open_account",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            kind=kind,
+            currency=currency,
+            role=role,
+            holder_name=holder_name,
+        )
+
+    def freeze_account(
+        self, client_id: str, account_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.accounts.FreezeAccount,
+            account_pb.FreezeAccountRequest,
+            "freeze_account",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            reason=reason,
+        )
+
+    def unfreeze_account(
+        self, client_id: str, account_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.accounts.UnfreezeAccount,
+            account_pb.UnfreezeAccountRequest,
+            "unfreeze_account",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            reason=reason,
+        )
+
+    def close_account(
+        self, client_id: str, account_id: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.accounts.CloseAccount,
+            account_pb.CloseAccountRequest,
+            "close_account",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+        )
+
+    def get_account(self, account_id: str, *, platform_id: str | None = None) -> Any:
+        request = account_pb.GetAccountRequest(
+            platform_id=self._pid(platform_id), account_id=account_id
+        )
+        return self._call(self.accounts.GetAccount, request).account
+
+    def list_accounts(
+        self, page_size: int = 0, page_token: str = "", *, platform_id: str | None = None
+    ) -> Page:
+        request = account_pb.ListAccountsRequest(
+            platform_id=self._pid(platform_id), page_size=page_size, page_token=page_token
+        )
+        answer = self._call(self.accounts.ListAccounts, request)
+        return Page(list(answer.accounts), answer.next_page_token)
+
+    def iter_accounts(self, page_size: int = 0, *, platform_id: str | None = None) -> Iterator[Any]:
+        token = ""
+        while True:
+            page = self.list_accounts(page_size, token, platform_id=platform_id)
+            yield from page.items
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    # -- movements ------------------------------------------------------------------------------
+
+    def deposit(
+        self,
+        client_id: str,
+        mirror_account_id: str,
+        account_id: str,
+        amount_minor: int,
+        currency: str,
+        bank_ref: str = "",
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.movements.Deposit,
+            movement_pb.DepositRequest,
+            "deposit",
+            platform_id,
+            client_id=client_id,
+            mirror_account_id=mirror_account_id,
+            account_id=account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            bank_ref=bank_ref,
+        )
+
+    def transfer(
+        self,
+        client_id: str,
+        from_account_id: str,
+        to_account_id: str,
+        amount_minor: int,
+        currency: str,
+        purpose: str = "transfer",
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.movements.Transfer,
+            movement_pb.TransferRequest,
+            "transfer",
+            platform_id,
+            client_id=client_id,
+            from_account_id=from_account_id,
+            to_account_id=to_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            purpose=purpose,
+        )
+
+    def charge_fee(
+        self,
+        client_id: str,
+        from_account_id: str,
+        to_account_id: str,
+        amount_minor: int,
+        currency: str,
+        fee_code: str,
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.movements.ChargeFee,
+            movement_pb.ChargeFeeRequest,
+            "charge_fee",
+            platform_id,
+            client_id=client_id,
+            from_account_id=from_account_id,
+            to_account_id=to_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            fee_code=fee_code,
+        )
+
+    def top_up_shortfall(
+        self,
+        client_id: str,
+        from_account_id: str,
+        to_account_id: str,
+        amount_minor: int,
+        currency: str,
+        reason: str,
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.movements.TopUpShortfall,
+            movement_pb.TopUpShortfallRequest,
+            "top_up_shortfall",
+            platform_id,
+            client_id=client_id,
+            from_account_id=from_account_id,
+            to_account_id=to_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            reason=reason,
+        )
+
+    def reverse(
+        self, client_id: str, movement_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.movements.Reverse,
+            movement_pb.ReverseRequest,
+            "reverse",
+            platform_id,
+            client_id=client_id,
+            movement_id=movement_id,
+            reason=reason,
+        )
+
+    def submit_batch(
+        self,
+        instructions: Sequence[common_pb.Instruction],
+        *,
+        linked: bool = False,
+        platform_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> list[ItemResult]:
+        request = movement_pb.SubmitBatchRequest(
+            platform_id=self._pid(platform_id), linked=linked, instructions=instructions
+        )
+        answer = self._call(self.movements.SubmitBatch, request, timeout_s)
+        return [
+            ItemResult(
+                r.client_id,
+                _STATUS_NAMES.get(r.status, "unspecified"),
+                r.position,
+                r.kind,
+                r.reason,
+                r.control,
+                r.message,
+                r.field,
+            )
+            for r in answer.results
+        ]
+
+    # -- holds and withdrawals ------------------------------------------------------------------
+
+    def place_hold(
+        self,
+        client_id: str,
+        from_account_id: str,
+        to_account_id: str,
+        amount_minor: int,
+        currency: str,
+        reason: str,
+        expires_at_ms: int,
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.holds.PlaceHold,
+            hold_pb.PlaceHoldRequest,
+            "place_hold",
+            platform_id,
+            client_id=client_id,
+            from_account_id=from_account_id,
+            to_account_id=to_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            reason=reason,
+            expires_at_ms=expires_at_ms,
+        )
+
+    def capture_hold(
+        self, client_id: str, hold_id: str, amount_minor: int, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.holds.CaptureHold,
+            hold_pb.CaptureHoldRequest,
+            "capture_hold",
+            platform_id,
+            client_id=client_id,
+            hold_id=hold_id,
+            amount_minor=amount_minor,
+        )
+
+    def release_hold(
+        self, client_id: str, hold_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.holds.ReleaseHold,
+            hold_pb.ReleaseHoldRequest,
+            "release_hold",
+            platform_id,
+            client_id=client_id,
+            hold_id=hold_id,
+            reason=reason,
+        )
+
+    def expire_holds(
+        self, client_id: str, max_holds: int = 1000, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.holds.ExpireHolds,
+            hold_pb.ExpireHoldsRequest,
+            "expire_holds",
+            platform_id,
+            client_id=client_id,
+            max_holds=max_holds,
+        )
+
+    def request_withdrawal(
+        self,
+        client_id: str,
+        account_id: str,
+        mirror_account_id: str,
+        amount_minor: int,
+        currency: str,
+        payee_ref: str,
+        expires_at_ms: int,
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.holds.RequestWithdrawal,
+            hold_pb.RequestWithdrawalRequest,
+            "request_withdrawal",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            mirror_account_id=mirror_account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            payee_ref=payee_ref,
+            expires_at_ms=expires_at_ms,
+        )
+
+    def settle_withdrawal(
+        self,
+        client_id: str,
+        withdrawal_id: str,
+        bank_ref: str = "",
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.holds.SettleWithdrawal,
+            hold_pb.SettleWithdrawalRequest,
+            "settle_withdrawal",
+            platform_id,
+            client_id=client_id,
+            withdrawal_id=withdrawal_id,
+            bank_ref=bank_ref,
+        )
+
+    def fail_withdrawal(
+        self, client_id: str, withdrawal_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.holds.FailWithdrawal,
+            hold_pb.FailWithdrawalRequest,
+            "fail_withdrawal",
+            platform_id,
+            client_id=client_id,
+            withdrawal_id=withdrawal_id,
+            reason=reason,
+        )
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def get_balance(self, account_id: str, *, platform_id: str | None = None) -> Any:
+        request = query_pb.GetBalanceRequest(
+            platform_id=self._pid(platform_id), account_id=account_id
+        )
+        return self._call(self.queries.GetBalance, request).balance
+
+    def list_balances(
+        self, page_size: int = 0, page_token: str = "", *, platform_id: str | None = None
+    ) -> Page:
+        request = query_pb.ListBalancesRequest(
+            platform_id=self._pid(platform_id), page_size=page_size, page_token=page_token
+        )
+        answer = self._call(self.queries.ListBalances, request)
+        return Page(list(answer.balances), answer.next_page_token)
+
+    # -- the log --------------------------------------------------------------------------------
+
+    def subscribe_log(
+        self,
+        start_position: int = 0,
+        *,
+        follow: bool = False,
+        timeout_s: float | None = None,
+        platform_id: str | None = None,
+    ) -> Iterator[LogRecord]:
+        """Records from `start_position` on; with `follow`, waits for new ones (until cancelled,
+        `timeout_s`, or the server shuts down). Without `follow` the default deadline applies."""
+        request = log_pb.SubscribeLogRequest(
+            platform_id=self._pid(platform_id), start_position=start_position, follow=follow
+        )
+        timeout = timeout_s if (timeout_s is not None or follow) else self.timeout_s
+        stream = self.log.SubscribeLog(request, timeout=timeout, metadata=self.metadata)
+        try:
+            for item in stream:
+                yield LogRecord(item.position, item.kind, item.record, item.chain_hash)
+        except grpc.RpcError as exc:
+            raise CustodyError.from_rpc_error(exc) from None
+        finally:
+            stream.cancel()

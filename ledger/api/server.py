@@ -1,0 +1,309 @@
+"""Build and run the custody.v1 gRPC server.
+
+`build_server` wires everything in one place: a bounded thread pool, capped message sizes and
+concurrency, the interceptors in order (authentication and roles, then deadlines, then request
+decoding), the servicers, standard health checking and server reflection. `serve` runs it as
+`custody serve` does: production mode needs a TLS folder (mutual TLS); `insecure_dev` is for
+local development only and is refused on anything but a loopback address. On SIGTERM/SIGINT
+the server reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the
+grace period, ends log subscriptions, and then closes the ledger.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ledger.api import auth
+from ledger.api.certs import CA_CERT, SERVER_CERT, SERVER_KEY, create_dev_pki
+from ledger.api.deadlines import DeadlineInterceptor
+from ledger.api.decode_guard import DecodeGuardInterceptor
+from ledger.api.pb import SERVICE_NAMES
+from ledger.api.servicers import Core, add_servicers
+from ledger.config import Config
+from ledger.service import LedgerService
+
+log = logging.getLogger("ledger.api.server")
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 50051
+MIB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_workers: int = 64
+    max_concurrent_rpcs: int = 1024
+    max_receive_bytes: int = 4 * MIB
+    max_send_bytes: int = 16 * MIB
+    max_streams: int = 16
+    require_deadline: bool = True
+    reflection: bool = True
+    grace_s: float = 10.0
+    log_poll_interval_s: float = 0.05
+
+
+class ServeError(RuntimeError):
+    """The server cannot start as asked (bad TLS folder, refused address, port in use)."""
+
+
+class InsecureBindRefused(ServeError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(host: str, port: int) -> str:
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
+    """Mutual TLS: our certificate, and clients must present one issued by our CA."""
+    try:
+        ca = (tls_dir / CA_CERT).read_bytes()
+        cert = (tls_dir / SERVER_CERT).read_bytes()
+        key = (tls_dir / SERVER_KEY).read_bytes()
+    except OSError as exc:
+        raise ServeError(f"TLS folder {tls_dir} is incomplete: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+class RunningServer:
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        core: Core,
+        health_servicer: health.HealthServicer,
+        options: ServerOptions,
+        maintenance: tuple[grpc.Server, int] | None = None,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.core = core
+        self.health = health_servicer
+        self.options = options
+        self.maintenance = maintenance
+
+    @property
+    def maintenance_port(self) -> int | None:
+        return None if self.maintenance is None else self.maintenance[1]
+
+    def start(self) -> None:
+        self.server.start()
+        if self.maintenance is not None:
+            self.maintenance[0].start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, stop accepting, drain in-flight calls within the grace, end streams."""
+        grace = self.options.grace_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        self.core.stopping.set()
+        done = self.server.stop(grace)
+        if self.maintenance is not None:
+            self.maintenance[0].stop(grace)
+        done.wait(grace + 5)
+
+
+def build_server(
+    service: LedgerService,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls_dir: str | Path | None = None,
+    insecure_dev: bool = False,
+    options: ServerOptions | None = None,
+    maintenance_port: int | None = None,
+) -> RunningServer:
+    """A bound (not yet started) server; the caller owns the LedgerService."""
+    options = options or ServerOptions()
+    tls_dir = None if tls_dir is None else Path(tls_dir)
+    if insecure_dev and tls_dir is not None:
+        raise ServeError("choose either a TLS folder (mutual TLS) or --insecure-dev")
+    if insecure_dev and not is_loopback(host):
+        raise InsecureBindRefused(
+            f"--insecure-dev binds only to loopback; refusing {host!r} (use mutual TLS)"
+        )
+    if not insecure_dev and tls_dir is None:
+        raise ServeError("production mode needs a TLS folder (or --insecure-dev on loopback)")
+    source: auth.IdentitySource = (
+        auth.identity_from_metadata if insecure_dev else auth.identity_from_tls
+    )
+    interceptors = [
+        auth.AuthInterceptor(source),
+        DeadlineInterceptor(required=options.require_deadline),
+        DecodeGuardInterceptor(),
+    ]
+    grpc_options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", options.max_receive_bytes),
+        ("grpc.max_send_message_length", options.max_send_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=grpc_options,
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+    )
+    core = Core(
+        service, max_streams=options.max_streams, poll_interval_s=options.log_poll_interval_s
+    )
+    add_servicers(server, core)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if options.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    address = _address(host, port)
+    try:
+        if insecure_dev:
+            bound = server.add_insecure_port(address)
+        else:
+            assert tls_dir is not None
+            bound = server.add_secure_port(address, server_credentials(tls_dir))
+    except RuntimeError as exc:
+        raise ServeError(f"cannot bind {address}: {exc}") from None
+    if bound == 0:
+        raise ServeError(f"cannot bind {address}")
+    maintenance = None
+    if maintenance_port is not None:
+        side = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="maint"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, side)
+        side_bound = side.add_insecure_port(_address("127.0.0.1", maintenance_port))
+        if side_bound == 0:
+            raise ServeError(f"cannot bind maintenance port {maintenance_port}")
+        maintenance = (side, side_bound)
+    return RunningServer(server, bound, core, health_servicer, options, maintenance)
+
+
+@contextmanager
+def running_server(
+    service: LedgerService,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    tls_dir: str | Path | None = None,
+    insecure_dev: bool = False,
+    options: ServerOptions | None = None,
+    maintenance_port: int | None = None,
+) -> Iterator[RunningServer]:
+    """A started server (port 0 picks a free port: see `.port`), always stopped on exit."""
+    srv = build_server(
+        service,
+        host=host,
+        port=port,
+        tls_dir=tls_dir,
+        insecure_dev=insecure_dev,
+        options=options,
+        maintenance_port=maintenance_port,
+    )
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop(grace_s=1.0)
+
+
+def dev_tls_dir(config: Config) -> Path:
+    """`<data dir>/tls`, with a development CA, server and staff certificates if it has none."""
+    tls_dir = config.data_dir / "tls"
+    if not (tls_dir / CA_CERT).exists():
+        create_dev_pki(tls_dir, platforms=())
+        log.warning(
+            "created a DEVELOPMENT certificate authority in %s; add platform certificates with "
+            "`custody certs --out %s --platform <id>`",
+            tls_dir,
+            tls_dir,
+        )
+    return tls_dir
+
+
+def serve(
+    config: Config,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls_dir: str | Path | None = None,
+    insecure_dev: bool = False,
+    *,
+    options: ServerOptions | None = None,
+    maintenance_port: int | None = None,
+    ready: Callable[[RunningServer], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or `stop_event`), then drain and close. Returns an exit code.
+
+    With neither a TLS folder nor `insecure_dev`, a loopback server uses mutual TLS with a
+    development PKI in `<data dir>/tls`, created on first use (so `custody serve` needs no
+    configuration); any other address needs an explicit TLS folder.
+    """
+    if insecure_dev and not is_loopback(host):  # refuse before touching any data
+        raise InsecureBindRefused(
+            f"--insecure-dev binds only to loopback; refusing {host!r} (use mutual TLS)"
+        )
+    if tls_dir is None and not insecure_dev:
+        if not is_loopback(host):
+            raise ServeError(f"serving on {host!r} needs a TLS folder (mutual TLS)")
+        tls_dir = dev_tls_dir(config)
+    service = LedgerService(config)
+    try:
+        service.start()
+        srv = build_server(
+            service,
+            host=host,
+            port=port,
+            tls_dir=tls_dir,
+            insecure_dev=insecure_dev,
+            options=options,
+            maintenance_port=maintenance_port,
+        )
+        stop = stop_event or threading.Event()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            srv.start()
+            log.info(
+                "serving custody.v1 on %s (%s)",
+                _address(host, srv.port),
+                "INSECURE development mode" if insecure_dev else "mutual TLS",
+            )
+            if ready is not None:
+                ready(srv)
+            stop.wait()
+            log.info("stopping: draining in-flight calls")
+            srv.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        service.close()
+    return 0
