@@ -214,7 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     chsub = ch.add_subparsers(dest="action", required=True)
     cv = chsub.add_parser("verify", help="walk the stored chain; report the first broken link")
     cv.add_argument("--platform", required=True)
+    _accept_json_anywhere(parser)
     return parser
+
+
+def _accept_json_anywhere(parser: argparse.ArgumentParser) -> None:
+    """`--json` works before or after the subcommand (`custody chain verify ... --json`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name != "certs":  # the certs tool parses its own arguments
+                    if not any("--json" in a.option_strings for a in sub._actions):
+                        sub.add_argument(
+                            "--json",
+                            action="store_true",
+                            default=argparse.SUPPRESS,
+                            help="print JSON instead of text",
+                        )
+                    _accept_json_anywhere(sub)
 
 
 def _command_from_args(args: argparse.Namespace) -> c.Command:
@@ -543,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookupError as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except BrokenPipeError:  # `custody ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

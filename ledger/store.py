@@ -29,9 +29,12 @@ DIRECTORY_STREAM: Final = "directory"
 APP_NAME: Final = "custody"
 READ_PAGE_MAX: Final = 10_000
 
-__all__ = ["IntegrityError", "LedgerStore", "Row", "log_stream"]
+__all__ = ["IntegrityError", "LedgerStore", "NewRow", "Row", "log_stream"]
 
-Row = tuple[int, str, bytes]  # (position, kind, packed state)
+Row = tuple[int, str, bytes]  # a stored record as read: (position, kind, packed state)
+# A record to insert, already in the table's column order (originator_id, originator_version,
+# topic, state), so a group goes to the database without building any further objects.
+NewRow = tuple[str, int, str, bytes]
 
 
 def log_stream(platform_id: str) -> str:
@@ -39,13 +42,18 @@ def log_stream(platform_id: str) -> str:
 
 
 class BatchSQLiteRecorder(SQLiteApplicationRecorder):
-    """Inserts a batch with one executemany: we number records ourselves and never need rowids."""
+    """Inserts a group with one executemany: we number records ourselves and need no rowids."""
 
     def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **_: Any) -> None:
         c.executemany(
             self.insert_events_statement,
             [(s.originator_id, s.originator_version, s.topic, s.state) for s in stored_events],
         )
+
+    def insert_rows(self, rows: Sequence[NewRow]) -> None:
+        """The hot path: rows straight into executemany, one transaction."""
+        with self.datastore.transaction(commit=True) as c:
+            c.executemany(self.insert_events_statement, rows)
 
 
 class BatchPostgresRecorder(PostgresApplicationRecorder):
@@ -71,7 +79,13 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
         )
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> None:
-        if not stored_events:
+        self.insert_rows(
+            [(str(s.originator_id), s.originator_version, s.topic, s.state) for s in stored_events]
+        )
+
+    def insert_rows(self, rows: Sequence[NewRow]) -> None:
+        """The hot path: rows straight into COPY, one transaction."""
+        if not rows:
             return
         with (
             self.datastore.get_connection() as conn,
@@ -83,8 +97,8 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
             with curs.copy(self._copy_statement) as copy:
                 copy.set_types(["text", "int8", "text", "bytea"])
                 write_row = copy.write_row
-                for s in stored_events:
-                    write_row((s.originator_id, s.originator_version, s.topic, s.state))
+                for row in rows:
+                    write_row(row)
 
 
 class StoreError(RuntimeError):
@@ -119,22 +133,10 @@ class LedgerStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def append(self, stream: str, rows: Sequence[Row], extra: Sequence[StoredEvent] = ()) -> None:
-        """Commit `rows` (and `extra` events, e.g. a directory entry) in ONE transaction."""
-        assert rows or extra
-        events = [StoredEvent(stream, seq, kind, state) for seq, kind, state in rows]
-        events.extend(extra)
-        self.recorder.insert_events(events)
-
-    def append_many(self, batches: Sequence[tuple[str, Sequence[Row]]]) -> None:
-        """Commit rows of several streams in one transaction (group commit across platforms)."""
-        events = [
-            StoredEvent(stream, seq, kind, state)
-            for stream, rows in batches
-            for seq, kind, state in rows
-        ]
-        assert events
-        self.recorder.insert_events(events)
+    def append(self, rows: Sequence[NewRow]) -> None:
+        """Commit `rows` (of any streams, e.g. a log and the directory) in ONE transaction."""
+        assert rows
+        self.recorder.insert_rows(rows)  # type: ignore[attr-defined]
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class LedgerStore:
     def platform_ids(self) -> list[str]:
         return [state.decode() for _, _, state in self.iter_rows(DIRECTORY_STREAM)]
 
-    def directory_entry(self, platform_id: str) -> StoredEvent:
+    def directory_entry(self, platform_id: str) -> NewRow:
         last = self.last_row(DIRECTORY_STREAM)
         position = 0 if last is None else last[0] + 1
-        return StoredEvent(DIRECTORY_STREAM, position, "platform", platform_id.encode())
+        return (DIRECTORY_STREAM, position, "platform", platform_id.encode())

@@ -26,7 +26,7 @@ from ledger.decide import plan
 from ledger.domain import PlatformState, StateError
 from ledger.fold import apply_record
 from ledger.pii import blind
-from ledger.store import LedgerStore, Row, log_stream
+from ledger.store import LedgerStore, NewRow, log_stream
 from ledger.validate import InvalidInput, validate
 
 _ENCODE: Final = records.ENCODER.encode
@@ -67,7 +67,7 @@ class Prepared:
     __slots__ = ("answers", "epoch", "next_seq", "rows")
 
     def __init__(
-        self, rows: list[Row], answers: list[list[Outcome]], next_seq: int, epoch: int
+        self, rows: list[NewRow], answers: list[list[Outcome]], next_seq: int, epoch: int
     ) -> None:
         self.rows = rows
         self.answers = answers
@@ -169,7 +169,7 @@ class PlatformWriter:
             self.ensure_clean()
         state = self.state
         ts = max(self.clock_ms(), state.last_ts_ms)
-        rows: list[Row] = []
+        rows: list[NewRow] = []
         answers: list[list[Outcome]] = []
         try:
             for request in requests:
@@ -201,11 +201,10 @@ class PlatformWriter:
         if prepared.epoch != self.epoch:
             raise CommitFailed(f"an earlier commit for platform {self.platform_id} failed")
         rows = prepared.rows
-        extra = []
-        if rows[0][1] == "platform_created":
-            extra.append(self.store.directory_entry(self.platform_id))
+        if rows[0][2] == "platform_created":
+            rows = [*rows, self.store.directory_entry(self.platform_id)]
         try:
-            self.store.append(self.stream, rows, extra)
+            self.store.append(rows)
         except Exception as exc:
             raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
 
@@ -222,7 +221,7 @@ class PlatformWriter:
         except Exception:
             self.fenced = True
 
-    def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[Row]) -> Outcome:
+    def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[NewRow]) -> Outcome:
         """Decide one instruction: at most one record, appended to `rows` and folded into state."""
         try:
             validate(cmd)
@@ -273,7 +272,7 @@ class PlatformWriter:
         rec.update(effects)
         data = _ENCODE(rec)
         head = _SHA256(self.head + data).digest()
-        rows.append((seq, kind, head + data))
+        rows.append((self.stream, seq, kind, head + data))
         self.head = head
         apply_record(state, rec, fp)
         return Outcome(cid, "accepted", seq, kind)
@@ -285,7 +284,7 @@ class PlatformWriter:
         refusal: Refusal,
         actor: str,
         ts: int,
-        rows: list[Row],
+        rows: list[NewRow],
         linked_to: str | None = None,
     ) -> Outcome:
         state = self.state
@@ -317,15 +316,15 @@ class PlatformWriter:
             message=refusal.message,
         )
 
-    def _append(self, rec: dict[str, Any], kind: str, rows: list[Row]) -> None:
+    def _append(self, rec: dict[str, Any], kind: str, rows: list[NewRow]) -> None:
         data = _ENCODE(rec)
         head = _SHA256(self.head + data).digest()
-        rows.append((rec["seq"], kind, head + data))
+        rows.append((self.stream, rec["seq"], kind, head + data))
         self.head = head
 
     # -- linked batches -------------------------------------------------------------------------
 
-    def _linked(self, request: Request, ts: int, rows: list[Row]) -> list[Outcome]:
+    def _linked(self, request: Request, ts: int, rows: list[NewRow]) -> list[Outcome]:
         found = self._first_malformed(request.commands)
         if found is not None:  # a batch with a malformed item is not a batch: write nothing
             bad_index, malformed = found
@@ -377,7 +376,7 @@ class PlatformWriter:
         return None
 
     def _refuse_linked(
-        self, request: Request, failed: Outcome, ts: int, rows: list[Row]
+        self, request: Request, failed: Outcome, ts: int, rows: list[NewRow]
     ) -> list[Outcome]:
         """Record the cause for the failing item and LINKED_FAILED for every other item."""
         outcomes: list[Outcome] = []
