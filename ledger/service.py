@@ -8,6 +8,7 @@ Reads take the platform's lock so they only ever see committed state.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -80,6 +81,7 @@ class LedgerService:
             writer = self._new_writer(platform_id)
             writer.load(None if progress is None else _bind_progress(progress, platform_id))
             self._platforms[platform_id] = _Platform(writer)
+        _tune_gc()
 
     def close(self) -> None:
         self._closed = True
@@ -179,6 +181,20 @@ class LedgerService:
         with platform.cond:
             platform.wait_drained()
             return platform.writer.state.next_seq, platform.writer.head
+
+
+def _tune_gc() -> None:
+    """Live state is millions of long-lived objects; the hot path allocates many short ones.
+
+    Freezing what was loaded keeps every later full collection from walking it again, and a
+    larger first generation threshold turns thousands of tiny collections per second into a few
+    (measured ~2 us per transfer in bench/stages.py). Reference counting still frees almost
+    everything at once; only cycles wait for a collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 50_000), max(gen1, 20), max(gen2, 100))
 
 
 def _bind_progress(progress: Callable[[str, int], None], platform_id: str) -> Callable[[int], None]:

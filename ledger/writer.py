@@ -241,7 +241,7 @@ class PlatformWriter:
         fp = _FINGERPRINT(cmd_bytes)
         state = self.state
         cid = cmd.client_id
-        replay = classify(state.done, cid, fp)
+        replay = Replay.NEW if cid not in state.done else classify(state.done, cid, fp)
         if replay is not Replay.NEW:
             if replay is Replay.SAME:
                 done = state.done[cid]
