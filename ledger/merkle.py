@@ -6,16 +6,16 @@ the store), in log order: LEAF(d) = SHA-256(0x00 || d), NODE(l, r) = SHA-256(0x0
 Memory layout, for fast appends and proofs at any size in O(log n) work:
 
 * `levels[j]` holds, back to back, the 32-byte hashes of every COMPLETE subtree of height
-  `CHUNK_LEVEL + j` (so `levels[0]` has one hash per full chunk of 256 leaves). At 10 million
-  leaves that is ~78,000 hashes, ~2.5 MB.
-* `tail` holds the leaf hashes of the current, incomplete chunk (fewer than 256).
+  `CHUNK_LEVEL + j` (so `levels[0]` has one hash per full chunk of 128 leaves). At 10 million
+  leaves that is ~156,000 hashes, 5 MB.
+* `tail` holds the leaf hashes of the current, incomplete chunk (fewer than 128).
 * Leaf hashes of older chunks are not kept: when a proof needs a subtree below chunk level, the
   chunk's records are fetched through the `fetch(a, b)` callback (record bytes of leaves
   [a, b)), re-hashed, checked against the stored chunk hash, and kept in a small LRU cache.
 
 An inclusion or consistency proof therefore costs O(log n) lookups plus at most two chunk
-recomputations (≤ 512 leaf hashes). Appending costs one leaf hash plus, once per 256 leaves,
-255 node hashes for the chunk and a few above it.
+recomputations (≤ 256 leaf hashes, ≤ 2 store reads of 128 records). Appending costs one leaf
+hash plus, once per 128 leaves, 127 node hashes for the chunk and a few above it.
 
 The verification functions here are the writer's own (decomposition into inner and border
 parts), deliberately a different algorithm from the auditor's `custody_verify.merkle`.
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 HASH_LEN: Final = 32
-CHUNK_LEVEL: Final = 8
+CHUNK_LEVEL: Final = 7
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()
 _SNAPSHOT_MAGIC: Final = b"custody-merkle/v1\n"
 
@@ -378,14 +378,25 @@ def verify_consistency(
 
 
 def store_fetcher(store: object, platform_id: str) -> Fetch:
-    """A `fetch(a, b)` callback reading record bytes of positions [a, b) from a LedgerStore."""
+    """A `fetch(a, b)` callback reading record bytes of positions [a, b) from a LedgerStore.
+
+    Reads exactly b - a rows (one indexed range query per 10,000), never a whole page more.
+    """
     from ledger.records import unpack_state
-    from ledger.store import LedgerStore, log_stream
+    from ledger.store import READ_PAGE_MAX, LedgerStore, log_stream
 
     assert isinstance(store, LedgerStore)
     stream = log_stream(platform_id)
 
     def fetch(a: int, b: int) -> list[bytes]:
-        return [unpack_state(packed)[1] for _, _, packed in store.iter_rows(stream, a - 1, b - 1)]
+        out: list[bytes] = []
+        after = a - 1
+        while after < b - 1:
+            rows = store.read(stream, after, min(READ_PAGE_MAX, b - 1 - after))
+            if not rows:
+                break
+            out.extend(unpack_state(packed)[1] for _, _, packed in rows)
+            after = rows[-1][0]
+        return out
 
     return fetch
