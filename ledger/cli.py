@@ -7,12 +7,14 @@ Every subcommand has --help. Money is always an integer count of minor units (fe
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
 import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -209,6 +211,37 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("account_id")
     st.add_argument("--after", type=int, default=-1, help="start after this log position")
     st.add_argument("--limit", type=int, default=100, help="at most this many lines (<= 1000)")
+
+    keys = sub.add_parser("keys", help="the checkpoint signing key and the auditors' vkey")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    kg = ksub.add_parser("generate", help="create a new Ed25519 signing key file (mode 0600)")
+    kg.add_argument("--out", help="key file (default: CUSTODY_SIGNING_KEY or the data folder)")
+    kv = ksub.add_parser("vkey", help="print the verifier key string auditors need")
+    kv.add_argument("--platform", required=True)
+
+    cp = sub.add_parser("checkpoint", help="sign a checkpoint of a platform's log now")
+    cp.add_argument("--platform", required=True)
+    cp.add_argument("--out", help="also write the signed note to this file")
+
+    ex = sub.add_parser(
+        "export", help="write a platform's log, chain links and checkpoints to one bundle file"
+    )
+    ex.add_argument("--platform", required=True)
+    ex.add_argument("--out", required=True, help="bundle file (written atomically)")
+    ex.add_argument("--every", type=int, help="also sign a checkpoint every N records")
+
+    pr = sub.add_parser("proof", help="inclusion and consistency proofs for auditors")
+    prsub = pr.add_subparsers(dest="action", required=True)
+    pi = prsub.add_parser("inclusion", help="a C2SP tlog-proof that record INDEX is in the log")
+    pi.add_argument("--platform", required=True)
+    pi.add_argument("--index", type=int, required=True, help="log position of the record")
+    pi.add_argument("--size", type=int, help="checkpoint size (default: the latest checkpoint)")
+    pi.add_argument("--out", required=True, help="the .tlog-proof file to write")
+    pi.add_argument("--leaf-out", help="also write the record's canonical bytes here")
+    pc = prsub.add_parser("consistency", help="proof that checkpoint FIRST is a prefix of SECOND")
+    pc.add_argument("--platform", required=True)
+    pc.add_argument("--first", type=int, required=True)
+    pc.add_argument("--second", type=int, required=True)
 
     ch = sub.add_parser("chain", help="hash-chain tools")
     chsub = ch.add_subparsers(dest="action", required=True)
@@ -502,6 +535,114 @@ def cmd_chain(args: argparse.Namespace) -> int:
     return EXIT_OK if bad is None else EXIT_REFUSED
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ledger.checkpoint import generate_key
+
+    if args.action == "generate":
+        path = Path(args.out) if args.out else _config(args).signing_key_path
+        assert path is not None
+        if path.exists():
+            print(f"{path} exists; refusing to overwrite a signing key", file=sys.stderr)
+            return EXIT_REFUSED
+        generate_key(path)
+        _print(args, {"key_file": str(path)}, f"created {path} (mode 0600)")
+        return EXIT_OK
+    service = _service(args)
+    try:
+        vkey = service.vkey(args.platform)
+    finally:
+        service.close()
+    _print(args, {"platform": args.platform, "vkey": vkey}, vkey)
+    return EXIT_OK
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    service = _service(args)
+    try:
+        cp = service.sign_checkpoint(args.platform)
+    finally:
+        service.close()
+    if args.out:
+        Path(args.out).write_bytes(cp.note)
+    payload = {
+        "size": cp.size,
+        "root": base64.b64encode(cp.root).decode(),
+        "note": cp.note.decode(),
+    }
+    _print(args, payload, cp.note.decode().rstrip("\n"))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ledger.export import export_bundle
+
+    service = _service(args)
+    try:
+        platform = service._platform(args.platform)
+        checkpoints = platform.checkpoints
+        show = sys.stderr.isatty() and not args.json
+
+        def progress(done: int, total: int | None) -> None:
+            if show:
+                print(f"\rexported {done:,} / {total or 0:,} records", end="", file=sys.stderr)
+
+        result = export_bundle(
+            service.store,
+            args.platform,
+            args.out,
+            checkpoints.signer,
+            checkpoints=[cp.note for cp in checkpoints.history()],
+            checkpoint_log=checkpoints,
+            every=args.every,
+            progress=progress,
+        )
+        vkey = checkpoints.signer.vkey
+    finally:
+        service.close()
+    if show:
+        print(file=sys.stderr)
+    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    payload["vkey"] = vkey
+    payload = {
+        k: (base64.b64encode(v).decode() if isinstance(v, bytes) else v) for k, v in payload.items()
+    }
+    _print(
+        args,
+        payload,
+        f"wrote {args.out}\nverify with: custody-verify bundle {args.out} --vkey '{vkey}'",
+    )
+    return EXIT_OK
+
+
+def cmd_proof(args: argparse.Namespace) -> int:
+    from ledger.checkpoint import tlog_proof
+
+    service = _service(args)
+    try:
+        if args.action == "consistency":
+            path = service.consistency_proof(args.platform, args.first, args.second)
+            lines = [base64.b64encode(h).decode() for h in path]
+            _print(
+                args, {"first": args.first, "second": args.second, "proof": lines}, "\n".join(lines)
+            )
+            return EXIT_OK
+        cp, audit_path, leaf = service.inclusion_proof(args.platform, args.index, args.size)
+    except ValueError as exc:
+        print(f"cannot prove: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        service.close()
+    Path(args.out).write_bytes(tlog_proof(args.index, audit_path, cp.note))
+    if args.leaf_out:
+        Path(args.leaf_out).write_bytes(leaf)
+    _print(
+        args,
+        {"index": args.index, "size": cp.size, "proof_file": args.out},
+        f"wrote {args.out}: record {args.index} in the checkpoint of size {cp.size}",
+    )
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -536,6 +677,10 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "balance": cmd_balance,
     "statement": cmd_statement,
     "chain": cmd_chain,
+    "keys": cmd_keys,
+    "checkpoint": cmd_checkpoint,
+    "export": cmd_export,
+    "proof": cmd_proof,
 }
 
 

@@ -7,6 +7,11 @@ CUSTODY_PG_DSN_*         POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_P
                          POSTGRES_DBNAME, POSTGRES_SCHEMA (eventsourcing's own keys, passed through)
 CUSTODY_MASTER_KEY       base64 32-byte key wrapping per-customer data keys (default: a key file
                          created with mode 0600 in the data folder)
+CUSTODY_LEDGER_ID        names this ledger in checkpoint origins (default "local")
+CUSTODY_SIGNING_KEY      Ed25519 checkpoint key file (default $CUSTODY_DATA_DIR/keys/checkpoint.key,
+                         created on first start with mode 0600)
+CUSTODY_CHECKPOINT_EVERY sign a checkpoint after this many new records (default 10000, 0 = never)
+CUSTODY_CHECKPOINT_INTERVAL_S  ... or after this many seconds with new records (default 60)
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most requests waiting for a platform's writer (default 10000)
 """
@@ -39,6 +44,12 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
 
 
+def _ledger_id(value: str) -> str:
+    if not value or len(value) > 64 or not all(ch.isalnum() or ch in "-_." for ch in value):
+        raise ConfigError("CUSTODY_LEDGER_ID must be 1..64 of [A-Za-z0-9._-]")
+    return value
+
+
 def _int(env: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -61,6 +72,10 @@ class Config:
     master_key_b64: str | None = None
     group_max: int = 8192
     queue_max: int = 10_000
+    ledger_id: str = "local"
+    signing_key_path: Path | None = None
+    checkpoint_every: int = 10_000
+    checkpoint_interval_s: int = 60
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -85,4 +100,10 @@ class Config:
             master_key_b64=env.get("CUSTODY_MASTER_KEY"),
             group_max=_int(env, "CUSTODY_GROUP_MAX", 8192, 1, 65_536),
             queue_max=_int(env, "CUSTODY_QUEUE_MAX", 10_000, 1, 1_000_000),
+            ledger_id=_ledger_id(env.get("CUSTODY_LEDGER_ID", "local")),
+            signing_key_path=Path(
+                env.get("CUSTODY_SIGNING_KEY", str(data_dir / "keys" / "checkpoint.key"))
+            ),
+            checkpoint_every=_int(env, "CUSTODY_CHECKPOINT_EVERY", 10_000, 0, 10_000_000),
+            checkpoint_interval_s=_int(env, "CUSTODY_CHECKPOINT_INTERVAL_S", 60, 1, 86_400),
         )

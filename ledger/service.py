@@ -9,15 +9,26 @@ Reads take the platform's lock so they only ever see committed state.
 from __future__ import annotations
 
 import gc
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from controls.codes import Code
 from ledger import commands as c
+from ledger.checkpoint import (
+    CheckpointLog,
+    NoteSigner,
+    SignedCheckpoint,
+    generate_key,
+    load_key,
+    origin_for,
+    tree_consistency,
+)
 from ledger.config import Config
 from ledger.domain import PlatformState
 from ledger.pii import PiiVault, blind_key, load_master_key
@@ -26,6 +37,7 @@ from ledger.validate import is_platform_id
 from ledger.writer import CommitFailed, Outcome, PlatformWriter, Prepared, Request
 
 _STOP: Final = object()
+log = logging.getLogger("ledger.service")
 
 
 class PlatformNotFound(LookupError):
@@ -41,15 +53,18 @@ class ServiceClosed(RuntimeError):
 
 
 class _Platform:
-    """A platform's writer, its lock, and the condition 'every decided record is stored'."""
+    """A platform's writer, its lock, the condition 'every decided record is stored', and its
+    checkpoint log."""
 
-    __slots__ = ("committer", "cond", "lock", "writer")
+    __slots__ = ("checkpoints", "committer", "cond", "lock", "signed_at_s", "writer")
 
-    def __init__(self, writer: PlatformWriter) -> None:
+    def __init__(self, writer: PlatformWriter, checkpoints: CheckpointLog) -> None:
         self.writer = writer
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.committer: GroupCommitter | None = None
+        self.checkpoints = checkpoints
+        self.signed_at_s = time.monotonic()
 
     def is_drained(self) -> bool:
         writer = self.writer
@@ -72,6 +87,9 @@ class LedgerService:
         self._platforms: dict[str, _Platform] = {}
         self._create_lock = threading.Lock()
         self._closed = False
+        self.signing_key = _signing_key(config)
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -80,15 +98,34 @@ class LedgerService:
         for platform_id in self.store.platform_ids():
             writer = self._new_writer(platform_id)
             writer.load(None if progress is None else _bind_progress(progress, platform_id))
-            self._platforms[platform_id] = _Platform(writer)
+            self._platforms[platform_id] = self._new_platform(writer)
         _tune_gc()
+        if self.config.checkpoint_every > 0:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="checkpointer", daemon=True
+            )
+            self._checkpointer.start()
 
     def close(self) -> None:
         self._closed = True
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=30)
         for platform in self._platforms.values():
             if platform.committer is not None:
                 platform.committer.stop()
         self.store.close()
+
+    def _new_platform(self, writer: PlatformWriter) -> _Platform:
+        platform_id = writer.platform_id
+        signer = NoteSigner(self.signing_key, origin_for(self.config.ledger_id, platform_id))
+
+        def consistent(old_size: int, old_root: bytes, new_size: int, new_root: bytes) -> bool:
+            # the writer replaces its tree when it rebuilds; always ask the current one
+            return tree_consistency(writer.tree)(old_size, old_root, new_size, new_root)
+
+        directory = self.config.data_dir / "checkpoints" / platform_id
+        return _Platform(writer, CheckpointLog(directory, signer, consistent))
 
     def _new_writer(self, platform_id: str) -> PlatformWriter:
         vault = self.vault
@@ -123,7 +160,7 @@ class LedgerService:
             cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name)
             [[outcome]] = writer.execute([Request([cmd], actor)])
             if outcome.status == "accepted":
-                self._platforms[platform_id] = _Platform(writer)
+                self._platforms[platform_id] = self._new_platform(writer)
             return outcome
 
     def platform_ids(self) -> list[str]:
@@ -176,11 +213,91 @@ class LedgerService:
             platform.wait_drained()
             yield platform.writer.state
 
+    # -- checkpoints and proofs -----------------------------------------------------------------
+
+    def vkey(self, platform_id: str) -> str:
+        """The verifier key auditors use for this platform's checkpoints."""
+        return self._platform(platform_id).checkpoints.signer.vkey
+
+    def sign_checkpoint(self, platform_id: str) -> SignedCheckpoint:
+        """Sign the log at its committed size (on demand; the checkpointer does it on schedule)."""
+        platform = self._platform(platform_id)
+        with platform.cond:
+            platform.wait_drained()
+            writer = platform.writer
+            size = writer.committed_next_seq
+            if size == 0:
+                raise ValueError("an empty log has no checkpoint")
+            last = platform.checkpoints.last
+            if last is not None and last.size == size:
+                return last
+            note = platform.checkpoints.sign(size, writer.tree.root(size))
+            platform.signed_at_s = time.monotonic()
+            cp = platform.checkpoints.last
+            assert cp is not None and cp.note == note
+            return cp
+
+    def checkpoint(self, platform_id: str, size: int | None = None) -> SignedCheckpoint | None:
+        """The latest signed checkpoint, or the one signed at exactly `size`."""
+        checkpoints = self._platform(platform_id).checkpoints
+        return checkpoints.last if size is None else checkpoints.at_size(size)
+
+    def inclusion_proof(
+        self, platform_id: str, index: int, size: int | None = None
+    ) -> tuple[SignedCheckpoint, list[bytes], bytes]:
+        """(checkpoint, audit path, record bytes) proving record `index` is in the checkpoint."""
+        platform = self._platform(platform_id)
+        cp = self.checkpoint(platform_id, size)
+        if cp is None:
+            raise LookupError(f"no checkpoint signed at size {size}")
+        if not 0 <= index < cp.size:
+            raise ValueError(f"index {index} is outside the checkpoint of size {cp.size}")
+        with platform.cond:
+            path = platform.writer.tree.inclusion_proof(index, cp.size)
+        rows = self.store.read(platform.writer.stream, after=index - 1, limit=1)
+        assert rows and rows[0][0] == index
+        return cp, path, rows[0][2][32:]
+
+    def consistency_proof(self, platform_id: str, first: int, second: int) -> list[bytes]:
+        platform = self._platform(platform_id)
+        with platform.cond:
+            committed = platform.writer.committed_next_seq
+            if not 0 < first <= second <= committed:
+                raise ValueError(f"need 0 < first <= second <= {committed}")
+            return platform.writer.tree.consistency_proof(first, second)
+
+    def _checkpoint_loop(self) -> None:
+        every = self.config.checkpoint_every
+        interval_s = self.config.checkpoint_interval_s
+        while not self._stop.wait(1.0):
+            for platform_id, platform in list(self._platforms.items()):
+                committed = platform.writer.committed_next_seq
+                last = platform.checkpoints.last
+                signed = 0 if last is None else last.size
+                due = committed - signed >= every or (
+                    committed > signed and time.monotonic() - platform.signed_at_s >= interval_s
+                )
+                if due and not platform.writer.fenced:
+                    try:
+                        self.sign_checkpoint(platform_id)
+                    except Exception:  # never let the schedule die; the next tick retries
+                        log.exception("checkpoint for %s failed", platform_id)
+
     def head(self, platform_id: str) -> tuple[int, bytes]:
         platform = self._platform(platform_id)
         with platform.cond:
             platform.wait_drained()
             return platform.writer.state.next_seq, platform.writer.head
+
+
+def _signing_key(config: Config) -> Any:
+    """The checkpoint key: loaded, or created on first start (like the dev TLS authority)."""
+    path = config.signing_key_path
+    assert path is not None
+    if not path.exists():
+        generate_key(path)
+        log.warning("created a checkpoint signing key in %s; keep it offline in production", path)
+    return load_key(path)
 
 
 def _tune_gc() -> None:

@@ -25,6 +25,7 @@ from ledger import records
 from ledger.decide import plan
 from ledger.domain import PlatformState, StateError
 from ledger.fold import apply_record
+from ledger.merkle import MerkleLog, store_fetcher
 from ledger.pii import blind
 from ledger.store import LedgerStore, NewRow, log_stream
 from ledger.validate import InvalidInput, validate
@@ -107,6 +108,9 @@ class PlatformWriter:
         self.policy = policy
         self.state = PlatformState(platform_id)
         self.head = records.CHAIN_GENESIS
+        # RFC 6962 tree over the same records, in the same order: the leaves of checkpoints and
+        # proofs. It may run ahead of the store like the state; proofs use committed sizes only.
+        self.tree = MerkleLog(store_fetcher(store, platform_id))
         self.fenced = False
         self.epoch = 0
         self.committed_next_seq = 0  # next position after the last stored record
@@ -119,6 +123,7 @@ class PlatformWriter:
         """Rebuild the live state by replaying (and re-chaining) every stored record."""
         self.state = PlatformState(self.platform_id)
         self.head = records.CHAIN_GENESIS
+        self.tree = MerkleLog(store_fetcher(self.store, self.platform_id))
         for seq, kind, packed in self.store.iter_rows(self.stream):
             self._replay_row(seq, kind, packed)
             if progress is not None and seq % 100_000 == 0:
@@ -138,6 +143,7 @@ class PlatformWriter:
             fp = _FINGERPRINT(_ENCODE(rec["cmd"]))
         apply_record(self.state, rec, fp)
         self.head = head
+        self.tree.append(data)
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -183,6 +189,8 @@ class PlatformWriter:
             # anything decided: throw it away and rebuild from the store before the next group.
             self.dirty = True
             raise
+        if rows:
+            self.tree.extend([memoryview(row[3])[records.HASH_LEN :] for row in rows])
         self.prepared_next_seq = state.next_seq
         return Prepared(rows, answers, state.next_seq, self.epoch)
 
