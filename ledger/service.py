@@ -148,16 +148,13 @@ class LedgerService:
                 field="platform_id",
                 message="platform id must match [a-z0-9][a-z0-9-]{0,62}",
             )
+        cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name)
         with self._create_lock:
             if platform_id in self._platforms:
-                return Outcome(
-                    f"create:{platform_id}",
-                    "refused",
-                    code=Code.PLATFORM_EXISTS,
-                    message=f"platform {platform_id!r} exists",
-                )
+                # The existing log answers: an identical retry is replayed (same id, same
+                # content); another name is ID_REUSED; either way the attempt is recorded.
+                return self.execute(platform_id, [cmd], actor)[0]
             writer = self._new_writer(platform_id)
-            cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name)
             [[outcome]] = writer.execute([Request([cmd], actor)])
             if outcome.status == "accepted":
                 self._platforms[platform_id] = self._new_platform(writer)

@@ -131,7 +131,14 @@ class PlatformWriter:
         self.committed_next_seq = self.prepared_next_seq = self.state.next_seq
 
     def _replay_row(self, seq: int, kind: str, packed: bytes) -> None:
-        stored_hash, data = records.unpack_state(packed)
+        if seq != self.state.next_seq:
+            raise ChainBroken(
+                f"platform {self.platform_id}: record {self.state.next_seq} is missing"
+            )
+        try:
+            stored_hash, data = records.unpack_state(packed)
+        except ValueError as exc:
+            raise ChainBroken(f"platform {self.platform_id}: record {seq}: {exc}") from None
         head = _SHA256(self.head + data).digest()
         if head != stored_hash:
             raise ChainBroken(f"platform {self.platform_id}: chain broken at record {seq}")
