@@ -6,9 +6,10 @@ from controls.base import Control, LedgerView, Policy, Proposal, Refusal
 from controls.codes import Code
 
 NAME = "account_state"
-# Operations that only give money back (release a reservation) may run on a frozen account:
-# a freeze stops money leaving, it must not trap a withdrawal that the bank already failed.
-_RETURNING_OPS = frozenset({"release_hold", "fail_withdrawal", "expire_holds"})
+# Operations that end a reservation made before the freeze may run on a frozen account: a
+# freeze stops NEW money leaving; it must not trap funds the bank already returned (fail,
+# release, expiry), nor deny a payout the bank already made (settlement records a fact).
+_RETURNING_OPS = frozenset({"release_hold", "fail_withdrawal", "expire_holds", "settle_withdrawal"})
 
 
 def _refuse(code: Code, message: str) -> Refusal:

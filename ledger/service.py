@@ -33,7 +33,7 @@ from ledger.config import Config
 from ledger.domain import PlatformState
 from ledger.pii import PiiVault, blind_key, load_master_key
 from ledger.store import LedgerStore
-from ledger.validate import is_platform_id
+from ledger.validate import is_actor, is_platform_id
 from ledger.writer import CommitFailed, Outcome, PlatformWriter, Prepared, Request
 
 _STOP: Final = object()
@@ -177,8 +177,7 @@ class LedgerService:
         """Run the caller's own batch as one transaction (plus anything it shares it with)."""
         if self._closed:
             raise ServiceClosed()
-        if len(commands) > c.MAX_BATCH_COMMANDS:
-            raise ValueError(f"at most {c.MAX_BATCH_COMMANDS} instructions per batch")
+        _check_request(commands, actor)
         platform = self._platform(platform_id)
         with platform.cond:
             platform.wait_drained()
@@ -191,6 +190,7 @@ class LedgerService:
         """Queue a request for the platform's group committer; the future resolves after commit."""
         if self._closed:
             raise ServiceClosed()
+        _check_request(commands, actor)
         platform = self._platform(platform_id)
         if platform.committer is None:
             with self._create_lock:
@@ -285,6 +285,14 @@ class LedgerService:
         with platform.cond:
             platform.wait_drained()
             return platform.writer.state.next_seq, platform.writer.head
+
+
+def _check_request(commands: Sequence[c.Command], actor: str) -> None:
+    """Refuse, to this caller only, what would otherwise fail a whole shared group."""
+    if len(commands) > c.MAX_BATCH_COMMANDS:
+        raise ValueError(f"at most {c.MAX_BATCH_COMMANDS} instructions per batch")
+    if not is_actor(actor):
+        raise ValueError("actor must be 1..128 printable characters")
 
 
 def _signing_key(config: Config) -> Any:

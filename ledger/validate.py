@@ -51,6 +51,16 @@ class InvalidInput(ValueError):
         self.message = message
 
 
+MAX_ACTOR_LEN: Final = 128
+
+
+def is_actor(value: object) -> bool:
+    """Who acted, as the API authenticated it: short printable text, recorded in every record."""
+    return (
+        type(value) is str and 0 < len(value) <= MAX_ACTOR_LEN and _BAD_TEXT_SEARCH(value) is None
+    )
+
+
 def is_platform_id(value: object) -> bool:
     return type(value) is str and _PLATFORM_MATCH(value) is not None
 

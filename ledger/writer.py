@@ -28,7 +28,7 @@ from ledger.fold import apply_record
 from ledger.merkle import MerkleLog, store_fetcher
 from ledger.pii import blind
 from ledger.store import LedgerStore, NewRow, log_stream
-from ledger.validate import InvalidInput, validate
+from ledger.validate import InvalidInput, is_actor, validate
 
 _ENCODE: Final = records.ENCODER.encode
 _SHA256: Final = hashlib.sha256
@@ -180,6 +180,9 @@ class PlatformWriter:
             raise WriterFenced(f"writer for {self.platform_id} is fenced")
         if self.dirty:
             self.ensure_clean()
+        for request in requests:
+            if not is_actor(request.actor):
+                raise ValueError("actor must be 1..128 printable characters")
         state = self.state
         ts = max(self.clock_ms(), state.last_ts_ms)
         rows: list[NewRow] = []

@@ -22,17 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import grpc
 from cryptography import x509
 
 from ledger.api import errors
 from ledger.api.errors import ApiReason
-from ledger.api.handlers import Handler, wrap_unary
 from ledger.validate import is_platform_id
 
 SAN_SCHEME: Final = "custody"
 _NAME_RE: Final = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
-_IDENTITY_ATTR: Final = "custody_identity"
 
 
 class Role(enum.StrEnum):
@@ -157,7 +154,7 @@ def identity_from_pem(pem: bytes) -> Identity:
     return make_identity(role, name)
 
 
-def identity_from_tls(context: grpc.ServicerContext) -> Identity:
+def identity_from_tls(context: Any) -> Identity:
     auth = context.auth_context()
     raw: Any = auth.get("x509_pem_cert") or []
     pems = [raw] if isinstance(raw, bytes) else list(raw)
@@ -166,7 +163,7 @@ def identity_from_tls(context: grpc.ServicerContext) -> Identity:
     return identity_from_pem(bytes(pems[0]))
 
 
-def identity_from_metadata(context: grpc.ServicerContext) -> Identity:
+def identity_from_metadata(context: Any) -> Identity:
     """Insecure development mode only: trust the caller's headers."""
     headers: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
@@ -185,14 +182,8 @@ def identity_from_metadata(context: grpc.ServicerContext) -> Identity:
     return make_identity(role, name)
 
 
-IdentitySource = Callable[[grpc.ServicerContext], Identity]
-
-
-def identity_of(context: grpc.ServicerContext) -> Identity:
-    """The authenticated identity of the current call (set by AuthInterceptor)."""
-    identity = getattr(context, _IDENTITY_ATTR, None)
-    assert isinstance(identity, Identity), "call did not pass the AuthInterceptor"
-    return identity
+# (grpc.aio.ServicerContext) -> Identity, or IdentityError
+IdentitySource = Callable[[Any], Identity]
 
 
 def scoped_platform(identity: Identity, requested: str) -> str:
@@ -211,50 +202,29 @@ def scoped_platform(identity: Identity, requested: str) -> str:
     return requested
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticate every call, then check its role against the method's access level."""
+def authorize(
+    source: IdentitySource, access: Mapping[str, Access], method: str, context: Any
+) -> Identity:
+    """Authenticate the call, then check its role against the method's access level.
 
-    def __init__(
-        self, source: IdentitySource, access: Mapping[str, Access] = METHOD_ACCESS
-    ) -> None:
-        self._source = source
-        self._access = access
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
-            return handler
-        access = self._access.get(method)
-        source = self._source
-
-        def around(request: Any, context: grpc.ServicerContext, call_next: Any) -> Any:
-            try:
-                identity = source(context)
-            except IdentityError as exc:
-                errors.abort(context, errors.unauthenticated(str(exc)))
-            if access is None:
-                errors.abort(
-                    context,
-                    errors.permission_denied(ApiReason.PERMISSION_DENIED, "method not allowed"),
-                )
-            if identity.role not in ROLES_FOR[access]:
-                reason = (
-                    ApiReason.READ_ONLY_ROLE
-                    if identity.role not in ROLES_FOR[Access.WRITE]
-                    else ApiReason.PERMISSION_DENIED
-                )
-                errors.abort(
-                    context,
-                    errors.permission_denied(
-                        reason, f"role {identity.role.value!r} may not call {method}"
-                    ),
-                )
-            setattr(context, _IDENTITY_ATTR, identity)
-            return call_next(request, context)
-
-        return wrap_unary(handler, around)
+    Raises ApiError: UNAUTHENTICATED without a valid identity, PERMISSION_DENIED for a method
+    not in `access` (fail closed) or a role that may not call it (READ_ONLY_ROLE for roles that
+    can only read).
+    """
+    try:
+        identity = source(context)
+    except IdentityError as exc:
+        raise errors.unauthenticated(str(exc)) from None
+    needed = access.get(method)
+    if needed is None:
+        raise errors.permission_denied(ApiReason.PERMISSION_DENIED, "method not allowed")
+    if identity.role not in ROLES_FOR[needed]:
+        reason = (
+            ApiReason.READ_ONLY_ROLE
+            if identity.role not in ROLES_FOR[Access.WRITE]
+            else ApiReason.PERMISSION_DENIED
+        )
+        raise errors.permission_denied(
+            reason, f"role {identity.role.value!r} may not call {method}"
+        )
+    return identity

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -143,6 +143,7 @@ _RPC_CODE: Final[Mapping[grpc.StatusCode, int]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
     grpc.StatusCode.OUT_OF_RANGE: code_pb2.OUT_OF_RANGE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+    grpc.StatusCode.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
 }
 
 
@@ -243,15 +244,16 @@ def from_exception(exc: BaseException) -> ApiError | None:
     return None
 
 
-def abort(context: grpc.ServicerContext, error: ApiError) -> NoReturn:
-    context.abort_with_status(error.to_status())
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ApiError) -> NoReturn:
+    """End the call with the error's status and rich details (raises grpc.aio.AbortError)."""
+    await context.abort_with_status(error.to_status())
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-def abort_for(context: grpc.ServicerContext, exc: BaseException, method: str) -> NoReturn:
-    """Abort with the mapped status; an unmapped exception is a bug: log it, answer INTERNAL."""
+def error_for(exc: BaseException, method: str) -> ApiError:
+    """The mapped error; an unmapped exception is a bug: log it, answer INTERNAL."""
     error = from_exception(exc)
     if error is None:
         log.exception("unexpected failure in %s", method, exc_info=exc)
         error = ApiError(grpc.StatusCode.INTERNAL, ApiReason.INTERNAL, "internal error")
-    abort(context, error)
+    return error

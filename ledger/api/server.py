@@ -1,26 +1,32 @@
-"""Build and run the custody.v1 gRPC server.
+"""Build and run the custody.v1 gRPC server (grpc.aio).
 
-`build_server` wires everything in one place: a bounded thread pool, capped message sizes and
-concurrency, the interceptors in order (authentication and roles, then deadlines, then request
-decoding), the servicers, standard health checking and server reflection. `serve` runs it as
-`custody serve` does: production mode needs a TLS folder (mutual TLS); `insecure_dev` is for
-local development only and is refused on anything but a loopback address. On SIGTERM/SIGINT
-the server reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the
-grace period, ends log subscriptions, and then closes the ledger.
+`build_server` wires everything in one place: a grpc.aio server on an event loop of its own
+(one thread, shared by every server of the process), capped message sizes and concurrency, the
+servicers behind the call gate (authentication and roles, then deadlines, then request decoding:
+see `ledger.api.handlers`), standard health checking and server reflection, and a bounded
+worker pool for blocking work (reads that wait for the platform's lock, `execute`). Single
+writes await the group committer's futures on the loop, so 32 concurrent calls are 32 cheap
+coroutines, not 32 OS threads competing for the GIL.
+
+`serve` runs it as `custody serve` does: production mode needs a TLS folder (mutual TLS);
+`insecure_dev` is for local development only and is refused on anything but a loopback address.
+On SIGTERM/SIGINT the server reports NOT_SERVING, stops accepting calls, lets in-flight calls
+finish within the grace period, ends log subscriptions, and then closes the ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,8 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger.api import auth
 from ledger.api.certs import CA_CERT, SERVER_CERT, SERVER_KEY, create_dev_pki
-from ledger.api.deadlines import DeadlineInterceptor
-from ledger.api.decode_guard import DecodeGuardInterceptor
+from ledger.api.handlers import Gate
 from ledger.api.pb import SERVICE_NAMES
 from ledger.api.servicers import Core, add_servicers
 from ledger.config import Config
@@ -40,11 +45,12 @@ log = logging.getLogger("ledger.api.server")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
 MIB: Final = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ServerOptions:
-    max_workers: int = 64
+    max_workers: int = 16  # worker pool for blocking work (reads, execute), not one per call
     max_concurrent_rpcs: int = 1024
     max_receive_bytes: int = 4 * MIB
     max_send_bytes: int = 16 * MIB
@@ -53,6 +59,7 @@ class ServerOptions:
     reflection: bool = True
     grace_s: float = 10.0
     log_poll_interval_s: float = 0.05
+    batch_via: str = "execute"  # SubmitBatch via execute() in the pool, or "submit" (committer)
 
 
 class ServeError(RuntimeError):
@@ -90,43 +97,90 @@ def server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
     )
 
 
+class _Loop:
+    """The event loop every grpc.aio server of this process runs on, in a daemon thread.
+
+    One loop for the process (started on first use, never closed) keeps grpc.aio on a single
+    loop, which is what it supports best; callers on other threads submit coroutines to it.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=run, name="grpc-aio-loop", daemon=True).start()
+                ready.wait()
+                cls._loop = loop
+            return cls._loop
+
+
+def _on_loop(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+    return asyncio.run_coroutine_threadsafe(coro, _Loop.get()).result(timeout_s)
+
+
 class RunningServer:
     def __init__(
         self,
-        server: grpc.Server,
+        server: grpc.aio.Server,
         port: int,
         core: Core,
-        health_servicer: health.HealthServicer,
+        health_servicer: health.aio.HealthServicer,
         options: ServerOptions,
-        maintenance: tuple[grpc.Server, int] | None = None,
+        pool: futures.ThreadPoolExecutor,
+        maintenance: tuple[grpc.aio.Server, int] | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.core = core
         self.health = health_servicer
         self.options = options
+        self.pool = pool
         self.maintenance = maintenance
+        self._stopped = False
 
     @property
     def maintenance_port(self) -> int | None:
         return None if self.maintenance is None else self.maintenance[1]
 
     def start(self) -> None:
-        self.server.start()
+        _on_loop(self._start())
+
+    async def _start(self) -> None:
+        await self.server.start()
         if self.maintenance is not None:
-            self.maintenance[0].start()
+            await self.maintenance[0].start()
         for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, stop accepting, drain in-flight calls within the grace, end streams."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.options.grace_s if grace_s is None else grace_s
-        self.health.enter_graceful_shutdown()
         self.core.stopping.set()
-        done = self.server.stop(grace)
+        try:
+            _on_loop(self._stop(grace), grace + 10)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        stops = [self.server.stop(grace)]
         if self.maintenance is not None:
-            self.maintenance[0].stop(grace)
-        done.wait(grace + 5)
+            stops.append(self.maintenance[0].stop(grace))
+        await asyncio.gather(*stops)
 
 
 def build_server(
@@ -150,33 +204,50 @@ def build_server(
         )
     if not insecure_dev and tls_dir is None:
         raise ServeError("production mode needs a TLS folder (or --insecure-dev on loopback)")
+    credentials = None if insecure_dev else server_credentials(tls_dir)  # type: ignore[arg-type]
     source: auth.IdentitySource = (
         auth.identity_from_metadata if insecure_dev else auth.identity_from_tls
     )
-    interceptors = [
-        auth.AuthInterceptor(source),
-        DeadlineInterceptor(required=options.require_deadline),
-        DecodeGuardInterceptor(),
-    ]
+    gate = Gate(source, auth.METHOD_ACCESS, options.require_deadline)
+    pool = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc")
+    core = Core(
+        service,
+        pool=pool,
+        max_streams=options.max_streams,
+        poll_interval_s=options.log_poll_interval_s,
+        batch_via=options.batch_via,
+    )
+    try:
+        return _on_loop(
+            _build(host, port, credentials, gate, core, pool, options, maintenance_port)
+        )
+    except BaseException:
+        pool.shutdown(wait=False)
+        raise
+
+
+async def _build(
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+    gate: Gate,
+    core: Core,
+    pool: futures.ThreadPoolExecutor,
+    options: ServerOptions,
+    maintenance_port: int | None,
+) -> RunningServer:
     grpc_options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", options.max_receive_bytes),
         ("grpc.max_send_message_length", options.max_send_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
+    server = grpc.aio.server(
+        migration_thread_pool=pool,
         options=grpc_options,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    core = Core(
-        service, max_streams=options.max_streams, poll_interval_s=options.log_poll_interval_s
-    )
-    add_servicers(server, core)
-    health_servicer = health.HealthServicer(
-        experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
-    )
+    add_servicers(server, core, gate)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if options.reflection:
         reflection.enable_server_reflection(
@@ -184,24 +255,27 @@ def build_server(
         )
     address = _address(host, port)
     try:
-        if insecure_dev:
+        if credentials is None:
             bound = server.add_insecure_port(address)
         else:
-            assert tls_dir is not None
-            bound = server.add_secure_port(address, server_credentials(tls_dir))
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise ServeError(f"cannot bind {address}: {exc}") from None
     if bound == 0:
         raise ServeError(f"cannot bind {address}")
     maintenance = None
     if maintenance_port is not None:
-        side = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="maint"))
+        side = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, side)
-        side_bound = side.add_insecure_port(_address("127.0.0.1", maintenance_port))
+        try:
+            side_bound = side.add_insecure_port(_address("127.0.0.1", maintenance_port))
+        except RuntimeError:
+            side_bound = 0
         if side_bound == 0:
+            await server.stop(None)
             raise ServeError(f"cannot bind maintenance port {maintenance_port}")
         maintenance = (side, side_bound)
-    return RunningServer(server, bound, core, health_servicer, options, maintenance)
+    return RunningServer(server, bound, core, health_servicer, options, pool, maintenance)
 
 
 @contextmanager

@@ -1,19 +1,28 @@
 """The custody.v1 servicers: translate wire <-> domain and call the LedgerService, nothing more.
 
-Single-instruction writes go through `LedgerService.submit` so that concurrent calls share one
-database commit (group commit); batches go through `LedgerService.execute` as one transaction.
-Errors are raised as `ApiError` or domain exceptions and mapped in `ledger.api.errors` only.
+They run on the grpc.aio event loop. Every method is a coroutine taking (request, context,
+identity): the call gate (`ledger.api.handlers`) has already authenticated the caller and checked
+the deadline and the decoding. Single-instruction writes await `LedgerService.submit` so that
+concurrent calls share one database commit (group commit) without a thread per call; batches
+go through the same group committer by default (`ServerOptions.batch_via="submit"`, so that
+concurrent batch callers overlap one batch's decisions with another's write), or through
+`LedgerService.execute` in the worker pool. Reads, which wait for the platform's lock, run in the
+worker pool so they never block the event loop. Errors are raised as `ApiError` or domain
+exceptions and mapped in `ledger.api.errors` only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import bisect
+import collections
 import functools
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, Future
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -23,28 +32,24 @@ from controls.codes import Code
 from ledger import commands as c
 from ledger import records
 from ledger.api import errors, translate
-from ledger.api.auth import identity_of, scoped_platform
-from ledger.api.deadlines import budget_s
+from ledger.api.auth import Identity, scoped_platform
+from ledger.api.deadlines import MAX_WAIT_S, remaining_s
 from ledger.api.errors import ApiError, ApiReason
+from ledger.api.handlers import Context, Gate, add_service
 from ledger.api.pb import (
-    account_grpc,
     account_pb,
     common_pb,
-    hold_grpc,
     hold_pb,
-    log_grpc,
     log_pb,
-    movement_grpc,
     movement_pb,
-    platform_grpc,
     platform_pb,
-    query_grpc,
     query_pb,
 )
 from ledger.api.translate import BatchWireError, WireError
 from ledger.domain import Account, PlatformState
 from ledger.service import LedgerService
 from ledger.store import log_stream
+from ledger.writer import Outcome
 
 PAGE_SIZE_DEFAULT: Final = 100
 PAGE_SIZE_MAX: Final = 1000
@@ -55,65 +60,247 @@ _ID_RE: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\Z")
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Message)
+Method = Callable[[Any, Any, Context, Identity], Awaitable[R]]
 
 
-def _mapped(fn: Callable[..., R]) -> Callable[..., R]:
+def _mapped(fn: Method[R]) -> Method[R]:
     """Turn every failure of a unary servicer method into its mapped status."""
 
     @functools.wraps(fn)
-    def method(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+    async def method(self: Any, request: Any, context: Context, identity: Identity) -> R:
         try:
-            return fn(self, request, context)
+            return await fn(self, request, context, identity)
+        except grpc.aio.AbortError:
+            raise
         except WireError as exc:
-            errors.abort(context, errors.invalid(exc.field, exc.message))
+            error = errors.invalid(exc.field, exc.message)
         except BatchWireError as exc:
-            errors.abort(context, errors.invalid_many(exc.violations))
+            error = errors.invalid_many(exc.violations)
         except Exception as exc:
-            errors.abort_for(context, exc, fn.__name__)
+            error = errors.error_for(exc, fn.__name__)
+        await errors.abort(context, error)
 
     return method
 
 
+class _Waker:
+    """Resolves asyncio futures for group-commit futures, with one loop wake-up per group.
+
+    `asyncio.wrap_future` schedules one `call_soon_threadsafe` (a write to the loop's self-pipe)
+    per resolved future; the committer resolves a whole group at once, so here its thread only
+    queues each answer and wakes the loop if no wake-up is pending. The loop then hands out
+    every queued answer in one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
+        self._pending = False
+        self._lock = threading.Lock()
+
+    def watch(self, future: Future[R]) -> asyncio.Future[R]:
+        waiter: asyncio.Future[R] = self._loop.create_future()
+        future.add_done_callback(lambda f: self._done(waiter, f))
+        return waiter
+
+    def watch_many(self, future: Future[list[Any]], waiters: list[asyncio.Future[Any]]) -> None:
+        """waiters[i] gets future.result()[i] (or the future's exception)."""
+        future.add_done_callback(lambda f: self._done(waiters, f))
+
+    def _done(
+        self, waiter: asyncio.Future[Any] | list[asyncio.Future[Any]], future: Future[Any]
+    ) -> None:  # any thread
+        self._ready.append((waiter, future))
+        if not self._pending:
+            with self._lock:
+                if not self._pending:
+                    self._pending = True
+                    self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            self._pending = False
+        ready = self._ready
+        while ready:
+            waiter, future = ready.popleft()
+            if type(waiter) is list:
+                self._distribute(waiter, future)
+                continue
+            if waiter.done():  # the call was cancelled meanwhile
+                continue
+            if future.cancelled():
+                waiter.cancel()
+                continue
+            exc = future.exception()
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(future.result())
+
+    @staticmethod
+    def _distribute(waiters: list[asyncio.Future[Any]], future: Future[list[Any]]) -> None:
+        if future.cancelled():
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+            return
+        exc = future.exception()
+        if exc is not None:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            return
+        for w, answer in zip(waiters, future.result(), strict=True):
+            if not w.done():
+                w.set_result(answer)
+
+
+_WAKERS: dict[asyncio.AbstractEventLoop, _Waker] = {}
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _Waker:
+    waker = _WAKERS.get(loop)
+    if waker is None:
+        waker = _WAKERS.setdefault(loop, _Waker(loop))
+    return waker
+
+
+async def _committed(future: Future[list[Outcome]], context: Context) -> list[Outcome]:
+    """Await a group-commit future from the event loop.
+
+    When the call is cancelled (grpc.aio cancels the handler when the caller's deadline passes
+    or it goes away) or waits longer than `MAX_WAIT_S`, the request is cancelled: still queued,
+    it will not run; already being decided, it commits.
+    """
+    waiter = _waker(asyncio.get_running_loop()).watch(future)
+    remaining = remaining_s(context)
+    try:
+        if remaining is not None and remaining <= MAX_WAIT_S:
+            return await waiter  # grpc cancels us at the deadline: no timer needed
+        async with asyncio.timeout(MAX_WAIT_S):
+            return await waiter
+    except BaseException:
+        future.cancel()
+        raise
+
+
+class _Coalescer:
+    """Single-instruction calls that arrive in one loop iteration share one `submit`.
+
+    Each call used to be its own request to the group committer: one `Future`, one queue put
+    that wakes the decide thread, one done callback and one loop wake-up per call. The loop
+    hands RPCs to their handlers in bursts, so here every call of a burst (same platform, same
+    actor) goes into ONE non-linked request: the writer decides a non-linked request's commands
+    one by one, exactly as it decides consecutive requests of a group, so the outcomes are the
+    same. A call cancelled before the decision (deadline passed, caller gone) no longer stops its
+    instruction unless every call of its request is cancelled; a later retry with the same client
+    id learns the outcome (REPLAYED), as after any deadline.
+    """
+
+    MAX_COMMANDS: Final = 1024
+
+    def __init__(self, service: LedgerService, loop: asyncio.AbstractEventLoop) -> None:
+        self._service = service
+        self._loop = loop
+        self._waker = _waker(loop)
+        self._pending: dict[tuple[str, str], list[tuple[c.Command, asyncio.Future[Any]]]] = {}
+        self._scheduled = False
+
+    def add(self, platform_id: str, actor: str, command: c.Command) -> asyncio.Future[Outcome]:
+        waiter: asyncio.Future[Outcome] = self._loop.create_future()
+        key = (platform_id, actor)
+        items = self._pending.get(key)
+        if items is None:
+            items = self._pending[key] = []
+        items.append((command, waiter))
+        if len(items) >= self.MAX_COMMANDS:
+            self._submit(key, self._pending.pop(key))
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+        return waiter
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for key, items in pending.items():
+            self._submit(key, items)
+
+    def _submit(
+        self, key: tuple[str, str], items: list[tuple[c.Command, asyncio.Future[Any]]]
+    ) -> None:
+        waiters = [w for _, w in items]
+        try:
+            future = self._service.submit(key[0], [cmd for cmd, _ in items], key[1])
+        except Exception as exc:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            return
+        live = [len(waiters)]
+
+        def call_gone(w: asyncio.Future[Any]) -> None:
+            if w.cancelled():
+                live[0] -= 1
+                if live[0] == 0:
+                    future.cancel()  # nobody waits: if still queued, it will not run
+
+        for w in waiters:
+            w.add_done_callback(call_gone)
+        self._waker.watch_many(future, waiters)
+
+
+async def _one_outcome(waiter: asyncio.Future[Outcome], context: Context) -> Outcome:
+    remaining = remaining_s(context)
+    if remaining is not None and remaining <= MAX_WAIT_S:
+        return await waiter  # grpc cancels us at the deadline: no timer needed
+    async with asyncio.timeout(MAX_WAIT_S):
+        return await waiter
+
+
 class Core:
-    """What every servicer shares: the ledger, stream limits and the shutdown signal."""
+    """What every servicer shares: the ledger, the worker pool, stream limits, shutdown."""
 
     def __init__(
-        self, service: LedgerService, *, max_streams: int = 16, poll_interval_s: float = 0.05
+        self,
+        service: LedgerService,
+        *,
+        pool: Executor | None = None,
+        max_streams: int = 16,
+        poll_interval_s: float = 0.05,
+        batch_via: str = "execute",
     ) -> None:
+        if batch_via not in ("submit", "execute"):
+            raise ValueError("batch_via is 'submit' or 'execute'")
         self.service = service
+        self.pool = pool
         self.stopping = threading.Event()
         self.streams = threading.BoundedSemaphore(max_streams)
         self.poll_interval_s = poll_interval_s
+        self.batch_via = batch_via
         self._sorted_ids: dict[str, tuple[int, list[str]]] = {}
+        self._coalescer: _Coalescer | None = None
 
-    # -- writes ---------------------------------------------------------------------------------
+    def coalescer(self) -> _Coalescer:
+        """The burst-sharing front of the group committer (on the server's event loop)."""
+        if self._coalescer is None:
+            self._coalescer = _Coalescer(self.service, asyncio.get_running_loop())
+        return self._coalescer
 
-    def write_one(
-        self, request: Any, context: grpc.ServicerContext, instruction: type[Message]
-    ) -> common_pb.Receipt:
-        identity = identity_of(context)
-        platform_id = scoped_platform(identity, request.platform_id)
-        command = translate.single_command(request, instruction)
-        future = self.service.submit(platform_id, [command], identity.actor)
-        try:
-            [outcome] = future.result(timeout=budget_s(context))
-        except TimeoutError:
-            future.cancel()  # still queued: it will not run; already running: it commits
-            raise
-        if not outcome.ok:
-            raise errors.from_outcome(outcome, "instruction.")
-        return translate.receipt(outcome)
+    async def run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Run blocking work (locks, database reads) in the worker pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
     # -- reads ----------------------------------------------------------------------------------
 
     def page(
         self,
         request: Any,
-        context: grpc.ServicerContext,
+        identity: Identity,
         kind: str,
         render: Callable[[str, Account, int], M],
     ) -> tuple[list[M], str]:
-        identity = identity_of(context)
         platform_id = scoped_platform(identity, request.platform_id)
         size = request.page_size
         if size < 0:
@@ -138,12 +325,40 @@ class Core:
             self._sorted_ids[platform_id] = cached
         return cached[1]
 
-    def one_account(self, request: Any, context: grpc.ServicerContext) -> tuple[str, Any]:
-        identity = identity_of(context)
+    def one_account(self, request: Any, identity: Identity) -> tuple[str, str]:
         platform_id = scoped_platform(identity, request.platform_id)
         if _ID_RE.match(request.account_id) is None:
             raise errors.invalid("account_id", "must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
         return platform_id, request.account_id
+
+
+def _single_write(instruction: type[Message], response: type[Message]) -> Method[Any]:
+    """The servicer method of a single-instruction write RPC (one frame: the hot path).
+
+    What `_mapped` would do, flattened into one coroutine: the request's platform, its one
+    instruction through the group committer, the receipt or the mapped refusal.
+    """
+
+    async def method(self: Any, request: Any, context: Context, identity: Identity) -> Any:
+        try:
+            core: Core = self.core
+            platform_id = scoped_platform(identity, request.platform_id)
+            command = translate.single_command(request, instruction)
+            waiter = core.coalescer().add(platform_id, identity.actor, command)
+            outcome = await _one_outcome(waiter, context)
+            if not outcome.ok:
+                raise errors.from_outcome(outcome, "instruction.")
+            return response(receipt=translate.receipt(outcome))
+        except grpc.aio.AbortError:
+            raise
+        except WireError as exc:
+            error = errors.invalid(exc.field, exc.message)
+        except Exception as exc:
+            error = errors.error_for(exc, response.__name__.removesuffix("Response"))
+        await errors.abort(context, error)
+
+    method.__name__ = response.__name__.removesuffix("Response")
+    return method
 
 
 def _account_missing(account_id: str) -> ApiError:
@@ -190,17 +405,16 @@ def _decode_token(token: str, platform_id: str, kind: str) -> str | None:
 # -- services ---------------------------------------------------------------------------------
 
 
-class PlatformServicer(platform_grpc.PlatformServiceServicer):
+class PlatformServicer:
     def __init__(self, core: Core) -> None:
         self.core = core
 
     @_mapped
-    def CreatePlatform(
-        self, request: platform_pb.CreatePlatformRequest, context: grpc.ServicerContext
+    async def CreatePlatform(
+        self, request: platform_pb.CreatePlatformRequest, context: Context, identity: Identity
     ) -> platform_pb.CreatePlatformResponse:
-        identity = identity_of(context)
-        outcome = self.core.service.create_platform(
-            request.platform_id, request.name, identity.actor
+        outcome = await self.core.run(
+            self.core.service.create_platform, request.platform_id, request.name, identity.actor
         )
         if not outcome.ok:
             raise errors.from_outcome(outcome)
@@ -209,85 +423,65 @@ class PlatformServicer(platform_grpc.PlatformServiceServicer):
         )
 
 
-class AccountServicer(account_grpc.AccountServiceServicer):
+class AccountServicer:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    @_mapped
-    def OpenAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.OpenAccount)
-        return account_pb.OpenAccountResponse(receipt=receipt)
+    OpenAccount = _single_write(common_pb.OpenAccount, account_pb.OpenAccountResponse)
+
+    FreezeAccount = _single_write(common_pb.FreezeAccount, account_pb.FreezeAccountResponse)
+
+    UnfreezeAccount = _single_write(common_pb.UnfreezeAccount, account_pb.UnfreezeAccountResponse)
+
+    CloseAccount = _single_write(common_pb.CloseAccount, account_pb.CloseAccountResponse)
 
     @_mapped
-    def FreezeAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.FreezeAccount)
-        return account_pb.FreezeAccountResponse(receipt=receipt)
-
-    @_mapped
-    def UnfreezeAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.UnfreezeAccount)
-        return account_pb.UnfreezeAccountResponse(receipt=receipt)
-
-    @_mapped
-    def CloseAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.CloseAccount)
-        return account_pb.CloseAccountResponse(receipt=receipt)
-
-    @_mapped
-    def GetAccount(
-        self, request: account_pb.GetAccountRequest, context: grpc.ServicerContext
+    async def GetAccount(
+        self, request: account_pb.GetAccountRequest, context: Context, identity: Identity
     ) -> account_pb.GetAccountResponse:
-        platform_id, account_id = self.core.one_account(request, context)
-        with self.core.service.reading(platform_id) as state:
-            acc = state.accounts.get(account_id)
-            if acc is None:
-                raise _account_missing(account_id)
-            return account_pb.GetAccountResponse(account=translate.account(platform_id, acc))
+        platform_id, account_id = self.core.one_account(request, identity)
+
+        def read() -> account_pb.GetAccountResponse:
+            with self.core.service.reading(platform_id) as state:
+                acc = state.accounts.get(account_id)
+                if acc is None:
+                    raise _account_missing(account_id)
+                return account_pb.GetAccountResponse(account=translate.account(platform_id, acc))
+
+        return await self.core.run(read)
 
     @_mapped
-    def ListAccounts(
-        self, request: account_pb.ListAccountsRequest, context: grpc.ServicerContext
+    async def ListAccounts(
+        self, request: account_pb.ListAccountsRequest, context: Context, identity: Identity
     ) -> account_pb.ListAccountsResponse:
-        items, token = self.core.page(
-            request, context, "accounts", lambda p, acc, _: translate.account(p, acc)
+        items, token = await self.core.run(
+            self.core.page,
+            request,
+            identity,
+            "accounts",
+            lambda p, acc, _: translate.account(p, acc),
         )
         return account_pb.ListAccountsResponse(accounts=items, next_page_token=token)
 
 
-class MovementServicer(movement_grpc.MovementServiceServicer):
+class MovementServicer:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    @_mapped
-    def Deposit(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.Deposit)
-        return movement_pb.DepositResponse(receipt=receipt)
+    Deposit = _single_write(common_pb.Deposit, movement_pb.DepositResponse)
+
+    Transfer = _single_write(common_pb.Transfer, movement_pb.TransferResponse)
+
+    ChargeFee = _single_write(common_pb.ChargeFee, movement_pb.ChargeFeeResponse)
+
+    TopUpShortfall = _single_write(common_pb.TopUpShortfall, movement_pb.TopUpShortfallResponse)
+
+    Reverse = _single_write(common_pb.Reverse, movement_pb.ReverseResponse)
 
     @_mapped
-    def Transfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.Transfer)
-        return movement_pb.TransferResponse(receipt=receipt)
-
-    @_mapped
-    def ChargeFee(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.ChargeFee)
-        return movement_pb.ChargeFeeResponse(receipt=receipt)
-
-    @_mapped
-    def TopUpShortfall(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.TopUpShortfall)
-        return movement_pb.TopUpShortfallResponse(receipt=receipt)
-
-    @_mapped
-    def Reverse(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.Reverse)
-        return movement_pb.ReverseResponse(receipt=receipt)
-
-    @_mapped
-    def SubmitBatch(
-        self, request: movement_pb.SubmitBatchRequest, context: grpc.ServicerContext
+    async def SubmitBatch(
+        self, request: movement_pb.SubmitBatchRequest, context: Context, identity: Identity
     ) -> movement_pb.SubmitBatchResponse:
-        identity = identity_of(context)
         platform_id = scoped_platform(identity, request.platform_id)
         count = len(request.instructions)
         if count == 0:
@@ -299,103 +493,90 @@ class MovementServicer(movement_grpc.MovementServiceServicer):
                 reason=Code.BATCH_TOO_LARGE,
             )
         commands = translate.batch_commands(request.instructions)
-        outcomes = self.core.service.execute(
-            platform_id, commands, identity.actor, linked=request.linked
-        )
-        counts = {"accepted": 0, "replayed": 0, "refused": 0, "invalid": 0}
-        for outcome in outcomes:
-            counts[outcome.status] += 1
-        return movement_pb.SubmitBatchResponse(
-            results=[translate.item_result(o) for o in outcomes],
-            accepted_count=counts["accepted"],
-            replayed_count=counts["replayed"],
-            refused_count=counts["refused"],
-            invalid_count=counts["invalid"],
-        )
+        service = self.core.service
+        if self.core.batch_via == "submit":
+            future = service.submit(platform_id, commands, identity.actor, linked=request.linked)
+            outcomes = await _committed(future, context)
+        else:
+            outcomes = await self.core.run(
+                service.execute, platform_id, commands, identity.actor, linked=request.linked
+            )
+        return translate.batch_response(outcomes)
 
 
-class HoldServicer(hold_grpc.HoldServiceServicer):
+class HoldServicer:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    PlaceHold = _single_write(common_pb.PlaceHold, hold_pb.PlaceHoldResponse)
+
+    CaptureHold = _single_write(common_pb.CaptureHold, hold_pb.CaptureHoldResponse)
+
+    ReleaseHold = _single_write(common_pb.ReleaseHold, hold_pb.ReleaseHoldResponse)
+
+    ExpireHolds = _single_write(common_pb.ExpireHolds, hold_pb.ExpireHoldsResponse)
+
+    RequestWithdrawal = _single_write(
+        common_pb.RequestWithdrawal, hold_pb.RequestWithdrawalResponse
+    )
+
+    SettleWithdrawal = _single_write(common_pb.SettleWithdrawal, hold_pb.SettleWithdrawalResponse)
+
+    FailWithdrawal = _single_write(common_pb.FailWithdrawal, hold_pb.FailWithdrawalResponse)
+
+
+class QueryServicer:
     def __init__(self, core: Core) -> None:
         self.core = core
 
     @_mapped
-    def PlaceHold(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.PlaceHold)
-        return hold_pb.PlaceHoldResponse(receipt=receipt)
-
-    @_mapped
-    def CaptureHold(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.CaptureHold)
-        return hold_pb.CaptureHoldResponse(receipt=receipt)
-
-    @_mapped
-    def ReleaseHold(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.ReleaseHold)
-        return hold_pb.ReleaseHoldResponse(receipt=receipt)
-
-    @_mapped
-    def ExpireHolds(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.ExpireHolds)
-        return hold_pb.ExpireHoldsResponse(receipt=receipt)
-
-    @_mapped
-    def RequestWithdrawal(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.RequestWithdrawal)
-        return hold_pb.RequestWithdrawalResponse(receipt=receipt)
-
-    @_mapped
-    def SettleWithdrawal(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.SettleWithdrawal)
-        return hold_pb.SettleWithdrawalResponse(receipt=receipt)
-
-    @_mapped
-    def FailWithdrawal(self, request: Any, context: grpc.ServicerContext) -> Any:
-        receipt = self.core.write_one(request, context, common_pb.FailWithdrawal)
-        return hold_pb.FailWithdrawalResponse(receipt=receipt)
-
-
-class QueryServicer(query_grpc.QueryServiceServicer):
-    def __init__(self, core: Core) -> None:
-        self.core = core
-
-    @_mapped
-    def GetBalance(
-        self, request: query_pb.GetBalanceRequest, context: grpc.ServicerContext
+    async def GetBalance(
+        self, request: query_pb.GetBalanceRequest, context: Context, identity: Identity
     ) -> query_pb.GetBalanceResponse:
-        platform_id, account_id = self.core.one_account(request, context)
-        with self.core.service.reading(platform_id) as state:
-            acc = state.accounts.get(account_id)
-            if acc is None:
-                raise _account_missing(account_id)
-            return query_pb.GetBalanceResponse(balance=translate.balance(acc, state.next_seq - 1))
+        platform_id, account_id = self.core.one_account(request, identity)
+
+        def read() -> query_pb.GetBalanceResponse:
+            with self.core.service.reading(platform_id) as state:
+                acc = state.accounts.get(account_id)
+                if acc is None:
+                    raise _account_missing(account_id)
+                return query_pb.GetBalanceResponse(
+                    balance=translate.balance(acc, state.next_seq - 1)
+                )
+
+        return await self.core.run(read)
 
     @_mapped
-    def ListBalances(
-        self, request: query_pb.ListBalancesRequest, context: grpc.ServicerContext
+    async def ListBalances(
+        self, request: query_pb.ListBalancesRequest, context: Context, identity: Identity
     ) -> query_pb.ListBalancesResponse:
-        items, token = self.core.page(
-            request, context, "balances", lambda _, acc, as_of: translate.balance(acc, as_of)
+        items, token = await self.core.run(
+            self.core.page,
+            request,
+            identity,
+            "balances",
+            lambda _, acc, as_of: translate.balance(acc, as_of),
         )
         return query_pb.ListBalancesResponse(balances=items, next_page_token=token)
 
 
-class LogServicer(log_grpc.LogServiceServicer):
+class LogServicer:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    def SubscribeLog(
-        self, request: log_pb.SubscribeLogRequest, context: grpc.ServicerContext
-    ) -> Iterator[log_pb.SubscribeLogResponse]:
+    async def SubscribeLog(
+        self, request: log_pb.SubscribeLogRequest, context: Context, identity: Identity
+    ) -> AsyncIterator[log_pb.SubscribeLogResponse]:
+        core = self.core
         try:
-            identity = identity_of(context)
             platform_id = scoped_platform(identity, request.platform_id)
             if request.start_position < 0:
                 raise errors.invalid("start_position", "must not be negative")
-            next_seq, _ = self.core.service.head(platform_id)  # raises PlatformNotFound
+            next_seq, _ = await core.run(core.service.head, platform_id)  # PlatformNotFound
         except Exception as exc:
-            errors.abort_for(context, exc, "SubscribeLog")
-        if not self.core.streams.acquire(blocking=False):
-            errors.abort(
+            await errors.abort(context, errors.error_for(exc, "SubscribeLog"))
+        if not core.streams.acquire(blocking=False):
+            await errors.abort(
                 context,
                 ApiError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -405,42 +586,39 @@ class LogServicer(log_grpc.LogServiceServicer):
                 ),
             )
         try:
-            yield from self._stream(platform_id, request, context, next_seq)
-        finally:
-            self.core.streams.release()
-
-    def _stream(
-        self,
-        platform_id: str,
-        request: log_pb.SubscribeLogRequest,
-        context: grpc.ServicerContext,
-        next_seq: int,
-    ) -> Iterator[log_pb.SubscribeLogResponse]:
-        core = self.core
-        stream = log_stream(platform_id)
-        after = request.start_position - 1
-        stop_at = None if request.follow else next_seq - 1
-        while context.is_active() and not core.stopping.is_set():
-            if stop_at is not None and after >= stop_at:
-                return
-            rows = core.service.store.read(stream, after, LOG_READ_PAGE)
-            if not rows:
-                core.stopping.wait(core.poll_interval_s)
-                continue
-            for seq, kind, packed in rows:
-                if stop_at is not None and seq > stop_at:
+            stream = log_stream(platform_id)
+            after = request.start_position - 1
+            stop_at = None if request.follow else next_seq - 1
+            while not core.stopping.is_set():
+                if stop_at is not None and after >= stop_at:
                     return
-                chain_hash, data = records.unpack_state(packed)
-                yield log_pb.SubscribeLogResponse(
-                    position=seq, kind=kind, record=data, chain_hash=chain_hash
-                )
-                after = seq
+                rows = await core.run(core.service.store.read, stream, after, LOG_READ_PAGE)
+                if not rows:
+                    await asyncio.sleep(core.poll_interval_s)
+                    continue
+                for seq, kind, packed in rows:
+                    if stop_at is not None and seq > stop_at:
+                        return
+                    chain_hash, data = records.unpack_state(packed)
+                    yield log_pb.SubscribeLogResponse(
+                        position=seq, kind=kind, record=data, chain_hash=chain_hash
+                    )
+                    after = seq
+        finally:
+            core.streams.release()
 
 
-def add_servicers(server: grpc.Server, core: Core) -> None:
-    platform_grpc.add_PlatformServiceServicer_to_server(PlatformServicer(core), server)
-    account_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), server)
-    movement_grpc.add_MovementServiceServicer_to_server(MovementServicer(core), server)
-    hold_grpc.add_HoldServiceServicer_to_server(HoldServicer(core), server)
-    query_grpc.add_QueryServiceServicer_to_server(QueryServicer(core), server)
-    log_grpc.add_LogServiceServicer_to_server(LogServicer(core), server)
+# (proto module, service name, servicer class): every custody.v1 service this server answers.
+SERVICES: Final = (
+    (platform_pb, "PlatformService", PlatformServicer),
+    (account_pb, "AccountService", AccountServicer),
+    (movement_pb, "MovementService", MovementServicer),
+    (hold_pb, "HoldService", HoldServicer),
+    (query_pb, "QueryService", QueryServicer),
+    (log_pb, "LogService", LogServicer),
+)
+
+
+def add_servicers(server: grpc.aio.Server, core: Core, gate: Gate) -> None:
+    for module, name, servicer_cls in SERVICES:
+        add_service(server, module.DESCRIPTOR.services_by_name[name], servicer_cls(core), gate)
