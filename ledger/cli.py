@@ -574,43 +574,28 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ledger.export import export_bundle
-
     service = _service(args)
+    show = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int | None) -> None:
+        if show:
+            print(f"\rexported {done:,} / {total or 0:,} records", end="", file=sys.stderr)
+
     try:
-        platform = service._platform(args.platform)
-        checkpoints = platform.checkpoints
-        show = sys.stderr.isatty() and not args.json
-
-        def progress(done: int, total: int | None) -> None:
-            if show:
-                print(f"\rexported {done:,} / {total or 0:,} records", end="", file=sys.stderr)
-
-        result = export_bundle(
-            service.store,
-            args.platform,
-            args.out,
-            checkpoints.signer,
-            checkpoints=[cp.note for cp in checkpoints.history()],
-            checkpoint_log=checkpoints,
-            every=args.every,
-            progress=progress,
-        )
-        vkey = checkpoints.signer.vkey
+        result = service.export(args.platform, args.out, every=args.every, progress=progress)
+        vkey = service.vkey(args.platform)
     finally:
         service.close()
     if show:
         print(file=sys.stderr)
-    payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    payload: dict[str, Any] = {}
+    for key, value in vars(result).items():
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode()
+        payload[key] = str(value) if isinstance(value, Path) else value
     payload["vkey"] = vkey
-    payload = {
-        k: (base64.b64encode(v).decode() if isinstance(v, bytes) else v) for k, v in payload.items()
-    }
-    _print(
-        args,
-        payload,
-        f"wrote {args.out}\nverify with: custody-verify bundle {args.out} --vkey '{vkey}'",
-    )
+    text = f"wrote {args.out}\nverify with: custody-verify bundle {args.out} --vkey '{vkey}'"
+    _print(args, payload, text)
     return EXIT_OK
 
 

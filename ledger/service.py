@@ -263,6 +263,31 @@ class LedgerService:
                 raise ValueError(f"need 0 < first <= second <= {committed}")
             return platform.writer.tree.consistency_proof(first, second)
 
+    def export(
+        self,
+        platform_id: str,
+        out: Any,
+        *,
+        every: int | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+    ) -> Any:
+        """Write the export bundle up to a checkpoint signed now (through the checkpoint log,
+        under the platform lock), with every checkpoint signed before it."""
+        from ledger.export import export_bundle
+
+        cp = self.sign_checkpoint(platform_id)
+        checkpoints = self._platform(platform_id).checkpoints
+        return export_bundle(
+            self.store,
+            platform_id,
+            out,
+            checkpoints.signer,
+            checkpoints=[signed.note for signed in checkpoints.history()],
+            every=every,
+            upto=cp.size,
+            progress=progress,
+        )
+
     def _checkpoint_loop(self) -> None:
         every = self.config.checkpoint_every
         interval_s = self.config.checkpoint_interval_s
