@@ -94,7 +94,9 @@ class _Waker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._ready: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
+        self._ready: collections.deque[tuple[asyncio.Future[Any], Future[Any]]] = (
+            collections.deque()
+        )
         self._pending = False
         self._lock = threading.Lock()
 
@@ -103,13 +105,7 @@ class _Waker:
         future.add_done_callback(lambda f: self._done(waiter, f))
         return waiter
 
-    def watch_many(self, future: Future[list[Any]], waiters: list[asyncio.Future[Any]]) -> None:
-        """waiters[i] gets future.result()[i] (or the future's exception)."""
-        future.add_done_callback(lambda f: self._done(waiters, f))
-
-    def _done(
-        self, waiter: asyncio.Future[Any] | list[asyncio.Future[Any]], future: Future[Any]
-    ) -> None:  # any thread
+    def _done(self, waiter: asyncio.Future[Any], future: Future[Any]) -> None:  # any thread
         self._ready.append((waiter, future))
         if not self._pending:
             with self._lock:
@@ -123,9 +119,6 @@ class _Waker:
         ready = self._ready
         while ready:
             waiter, future = ready.popleft()
-            if type(waiter) is list:
-                self._distribute(waiter, future)
-                continue
             if waiter.done():  # the call was cancelled meanwhile
                 continue
             if future.cancelled():
@@ -136,23 +129,6 @@ class _Waker:
                 waiter.set_exception(exc)
             else:
                 waiter.set_result(future.result())
-
-    @staticmethod
-    def _distribute(waiters: list[asyncio.Future[Any]], future: Future[list[Any]]) -> None:
-        if future.cancelled():
-            for w in waiters:
-                if not w.done():
-                    w.cancel()
-            return
-        exc = future.exception()
-        if exc is not None:
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(exc)
-            return
-        for w, answer in zip(waiters, future.result(), strict=True):
-            if not w.done():
-                w.set_result(answer)
 
 
 _WAKERS: dict[asyncio.AbstractEventLoop, _Waker] = {}
@@ -184,80 +160,6 @@ async def _committed(future: Future[list[Outcome]], context: Context) -> list[Ou
         raise
 
 
-class _Coalescer:
-    """Single-instruction calls that arrive in one loop iteration share one `submit`.
-
-    Each call used to be its own request to the group committer: one `Future`, one queue put
-    that wakes the decide thread, one done callback and one loop wake-up per call. The loop
-    hands RPCs to their handlers in bursts, so here every call of a burst (same platform, same
-    actor) goes into ONE non-linked request: the writer decides a non-linked request's commands
-    one by one, exactly as it decides consecutive requests of a group, so the outcomes are the
-    same. A call cancelled before the decision (deadline passed, caller gone) no longer stops its
-    instruction unless every call of its request is cancelled; a later retry with the same client
-    id learns the outcome (REPLAYED), as after any deadline.
-    """
-
-    MAX_COMMANDS: Final = 1024
-
-    def __init__(self, service: LedgerService, loop: asyncio.AbstractEventLoop) -> None:
-        self._service = service
-        self._loop = loop
-        self._waker = _waker(loop)
-        self._pending: dict[tuple[str, str], list[tuple[c.Command, asyncio.Future[Any]]]] = {}
-        self._scheduled = False
-
-    def add(self, platform_id: str, actor: str, command: c.Command) -> asyncio.Future[Outcome]:
-        waiter: asyncio.Future[Outcome] = self._loop.create_future()
-        key = (platform_id, actor)
-        items = self._pending.get(key)
-        if items is None:
-            items = self._pending[key] = []
-        items.append((command, waiter))
-        if len(items) >= self.MAX_COMMANDS:
-            self._submit(key, self._pending.pop(key))
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-        return waiter
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        pending, self._pending = self._pending, {}
-        for key, items in pending.items():
-            self._submit(key, items)
-
-    def _submit(
-        self, key: tuple[str, str], items: list[tuple[c.Command, asyncio.Future[Any]]]
-    ) -> None:
-        waiters = [w for _, w in items]
-        try:
-            future = self._service.submit(key[0], [cmd for cmd, _ in items], key[1])
-        except Exception as exc:
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(exc)
-            return
-        live = [len(waiters)]
-
-        def call_gone(w: asyncio.Future[Any]) -> None:
-            if w.cancelled():
-                live[0] -= 1
-                if live[0] == 0:
-                    future.cancel()  # nobody waits: if still queued, it will not run
-
-        for w in waiters:
-            w.add_done_callback(call_gone)
-        self._waker.watch_many(future, waiters)
-
-
-async def _one_outcome(waiter: asyncio.Future[Outcome], context: Context) -> Outcome:
-    remaining = remaining_s(context)
-    if remaining is not None and remaining <= MAX_WAIT_S:
-        return await waiter  # grpc cancels us at the deadline: no timer needed
-    async with asyncio.timeout(MAX_WAIT_S):
-        return await waiter
-
-
 class Core:
     """What every servicer shares: the ledger, the worker pool, stream limits, shutdown."""
 
@@ -279,13 +181,6 @@ class Core:
         self.poll_interval_s = poll_interval_s
         self.batch_via = batch_via
         self._sorted_ids: dict[str, tuple[int, list[str]]] = {}
-        self._coalescer: _Coalescer | None = None
-
-    def coalescer(self) -> _Coalescer:
-        """The burst-sharing front of the group committer (on the server's event loop)."""
-        if self._coalescer is None:
-            self._coalescer = _Coalescer(self.service, asyncio.get_running_loop())
-        return self._coalescer
 
     async def run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run blocking work (locks, database reads) in the worker pool."""
@@ -344,8 +239,8 @@ def _single_write(instruction: type[Message], response: type[Message]) -> Method
             core: Core = self.core
             platform_id = scoped_platform(identity, request.platform_id)
             command = translate.single_command(request, instruction)
-            waiter = core.coalescer().add(platform_id, identity.actor, command)
-            outcome = await _one_outcome(waiter, context)
+            future = core.service.submit(platform_id, [command], identity.actor)
+            [outcome] = await _committed(future, context)
             if not outcome.ok:
                 raise errors.from_outcome(outcome, "instruction.")
             return response(receipt=translate.receipt(outcome))
@@ -492,16 +387,19 @@ class MovementServicer:
                 f"at most {c.MAX_BATCH_COMMANDS} instructions per batch",
                 reason=Code.BATCH_TOO_LARGE,
             )
-        commands = translate.batch_commands(request.instructions)
         service = self.core.service
         if self.core.batch_via == "submit":
+            commands = translate.batch_commands(request.instructions)
             future = service.submit(platform_id, commands, identity.actor, linked=request.linked)
-            outcomes = await _committed(future, context)
-        else:
-            outcomes = await self.core.run(
-                service.execute, platform_id, commands, identity.actor, linked=request.linked
-            )
-        return translate.batch_response(outcomes)
+            return translate.batch_response(await _committed(future, context))
+
+        def run() -> movement_pb.SubmitBatchResponse:
+            # all of it in the worker pool: the loop keeps serving other calls' I/O meanwhile
+            commands = translate.batch_commands(request.instructions)
+            outcomes = service.execute(platform_id, commands, identity.actor, linked=request.linked)
+            return translate.batch_response(outcomes)
+
+        return await self.core.run(run)
 
 
 class HoldServicer:
