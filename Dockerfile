@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY ledger ./ledger
 COPY controls ./controls
 COPY projections ./projections
+COPY custody_verify ./custody_verify
 COPY protos ./protos
 COPY setup.py MANIFEST.in ./
 RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /wheels
@@ -15,11 +16,12 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CUSTODY_DATA_DIR=/var/lib/custody
-RUN groupadd --system custody && useradd --system --gid custody --home /var/lib/custody custody \
+RUN groupadd --system --gid 10001 custody \
+    && useradd --system --uid 10001 --gid custody --home-dir /var/lib/custody --no-create-home custody \
     && mkdir -p /var/lib/custody && chown custody:custody /var/lib/custody
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER custody
+USER 10001:10001
 WORKDIR /var/lib/custody
 VOLUME ["/var/lib/custody"]
 EXPOSE 50051

@@ -117,7 +117,7 @@ class MerkleLog:
         return index
 
     def extend(
-        self, leaves: Iterable[bytes], progress: Callable[[int], None] | None = None
+        self, leaves: Iterable[bytes | memoryview], progress: Callable[[int], None] | None = None
     ) -> None:
         sha = _sha256
         full = self.chunk * HASH_LEN

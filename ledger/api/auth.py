@@ -56,6 +56,16 @@ _READS: Final = {
     "AccountService": ("GetAccount", "ListAccounts"),
     "QueryService": ("GetBalance", "ListBalances"),
     "LogService": ("SubscribeLog",),
+    # Signing a checkpoint of what is already committed changes no ledger state; auditors and
+    # regulators may ask for a fresh one (BRIEF §5: checkpoints on a schedule and on demand).
+    "AuditService": (
+        "GetVerifierKey",
+        "GetCheckpoint",
+        "SignCheckpoint",
+        "GetInclusionProof",
+        "GetConsistencyProof",
+        "ExportBundle",
+    ),
 }
 _WRITES: Final = {
     "AccountService": ("OpenAccount", "FreezeAccount", "UnfreezeAccount", "CloseAccount"),

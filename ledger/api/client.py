@@ -30,6 +30,8 @@ from grpc_status import rpc_status
 from ledger.api.pb import (
     account_grpc,
     account_pb,
+    audit_grpc,
+    audit_pb,
     common_pb,
     hold_grpc,
     hold_pb,
@@ -217,6 +219,7 @@ class CustodyClient:
         self.holds = hold_grpc.HoldServiceStub(channel)
         self.queries = query_grpc.QueryServiceStub(channel)
         self.log = log_grpc.LogServiceStub(channel)
+        self.audit = audit_grpc.AuditServiceStub(channel)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -683,6 +686,53 @@ class CustodyClient:
         return Page(list(answer.balances), answer.next_page_token)
 
     # -- the log --------------------------------------------------------------------------------
+
+    # -- audit: checkpoints, proofs, export ----------------------------------------------------
+
+    def get_verifier_key(self, *, platform_id: str | None = None) -> str:
+        request = audit_pb.GetVerifierKeyRequest(platform_id=self._pid(platform_id))
+        return self._call(self.audit.GetVerifierKey, request).vkey
+
+    def get_checkpoint(self, size: int = 0, *, platform_id: str | None = None) -> Any:
+        """The latest signed checkpoint (size 0) or the one signed at exactly `size`."""
+        request = audit_pb.GetCheckpointRequest(platform_id=self._pid(platform_id), size=size)
+        return self._call(self.audit.GetCheckpoint, request)
+
+    def sign_checkpoint(self, *, platform_id: str | None = None) -> Any:
+        request = audit_pb.SignCheckpointRequest(platform_id=self._pid(platform_id))
+        return self._call(self.audit.SignCheckpoint, request)
+
+    def get_inclusion_proof(
+        self, index: int, size: int = 0, *, platform_id: str | None = None
+    ) -> Any:
+        """(tlog_proof file bytes, record bytes, checkpoint size) for record `index`."""
+        request = audit_pb.GetInclusionProofRequest(
+            platform_id=self._pid(platform_id), index=index, size=size
+        )
+        return self._call(self.audit.GetInclusionProof, request)
+
+    def get_consistency_proof(
+        self, first: int, second: int, *, platform_id: str | None = None
+    ) -> list[bytes]:
+        request = audit_pb.GetConsistencyProofRequest(
+            platform_id=self._pid(platform_id), first=first, second=second
+        )
+        return list(self._call(self.audit.GetConsistencyProof, request).hashes)
+
+    def export_bundle(
+        self, out: Any, *, platform_id: str | None = None, timeout_s: float = 600.0
+    ) -> int:
+        """Stream the export bundle into the binary file object `out`; returns bytes written."""
+        request = audit_pb.ExportBundleRequest(platform_id=self._pid(platform_id))
+        stream = self.audit.ExportBundle(request, timeout=timeout_s, metadata=self.metadata)
+        written = 0
+        try:
+            for chunk in stream:
+                out.write(chunk.data)
+                written += len(chunk.data)
+        except grpc.RpcError as exc:
+            raise CustodyError.from_rpc_error(exc) from None
+        return written
 
     def subscribe_log(
         self,

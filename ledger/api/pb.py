@@ -9,6 +9,12 @@ from ledger.api.gen.custody.v1 import (
     account_service_pb2_grpc as account_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    audit_service_pb2 as audit_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    audit_service_pb2_grpc as audit_grpc,
+)
+from ledger.api.gen.custody.v1 import (
     common_pb2 as common_pb,
 )
 from ledger.api.gen.custody.v1 import (
@@ -42,7 +48,7 @@ from ledger.api.gen.custody.v1 import (
     query_service_pb2_grpc as query_grpc,
 )
 
-SERVICE_MODULES = (platform_pb, account_pb, movement_pb, hold_pb, query_pb, log_pb)
+SERVICE_MODULES = (platform_pb, account_pb, movement_pb, hold_pb, query_pb, log_pb, audit_pb)
 
 # Fully qualified names of every custody.v1 service, for health and reflection.
 SERVICE_NAMES: tuple[str, ...] = tuple(
@@ -55,6 +61,8 @@ __all__ = [
     "SERVICE_NAMES",
     "account_grpc",
     "account_pb",
+    "audit_grpc",
+    "audit_pb",
     "common_pb",
     "hold_grpc",
     "hold_pb",

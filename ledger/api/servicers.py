@@ -19,7 +19,9 @@ import bisect
 import collections
 import functools
 import json
+import os
 import re
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, Future
@@ -38,6 +40,7 @@ from ledger.api.errors import ApiError, ApiReason
 from ledger.api.handlers import Context, Gate, add_service
 from ledger.api.pb import (
     account_pb,
+    audit_pb,
     common_pb,
     hold_pb,
     log_pb,
@@ -46,8 +49,9 @@ from ledger.api.pb import (
     query_pb,
 )
 from ledger.api.translate import BatchWireError, WireError
+from ledger.checkpoint import SignedCheckpoint, tlog_proof
 from ledger.domain import Account, PlatformState
-from ledger.service import LedgerService
+from ledger.service import LedgerService, PlatformNotFound
 from ledger.store import log_stream
 from ledger.writer import Outcome
 
@@ -506,6 +510,121 @@ class LogServicer:
             core.streams.release()
 
 
+AUDIT_INDEX_MAX: Final = 2**62
+EXPORT_CHUNK_BYTES: Final = 1 << 20
+
+
+def _checkpoint_pb(pb: Any, cp: SignedCheckpoint) -> Any:
+    return pb.Checkpoint(size=cp.size, root=cp.root, note=cp.note)
+
+
+def _audit_call(fn: Callable[..., R], *args: Any) -> Callable[[], R]:
+    """Run a ledger audit call, turning its plain exceptions into API errors."""
+
+    def call() -> R:
+        try:
+            return fn(*args)
+        except LookupError as exc:
+            if isinstance(exc, PlatformNotFound):
+                raise
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND, ApiReason.CHECKPOINT_NOT_FOUND, str(exc)
+            ) from None
+        except ValueError as exc:
+            raise ApiError(
+                grpc.StatusCode.OUT_OF_RANGE, ApiReason.PROOF_OUT_OF_RANGE, str(exc)
+            ) from None
+
+    return call
+
+
+def _non_negative(field: str, value: int) -> None:
+    if not 0 <= value <= AUDIT_INDEX_MAX:
+        raise errors.invalid(field, "must be in 0..2^62")
+
+
+class AuditServicer:
+    """Checkpoints, proofs and the export bundle; the signing and the tree are the ledger's."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.pb = audit_pb
+
+    @_mapped
+    async def GetVerifierKey(self, request: Any, context: Context, identity: Identity) -> Any:
+        platform_id = scoped_platform(identity, request.platform_id)
+        service = self.core.service
+        vkey = await self.core.run(_audit_call(service.vkey, platform_id))
+        return self.pb.GetVerifierKeyResponse(vkey=vkey, origin=vkey.split("+", 1)[0])
+
+    @_mapped
+    async def GetCheckpoint(self, request: Any, context: Context, identity: Identity) -> Any:
+        platform_id = scoped_platform(identity, request.platform_id)
+        _non_negative("size", request.size)
+        size = request.size or None
+        cp = await self.core.run(_audit_call(self.core.service.checkpoint, platform_id, size))
+        if cp is None:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND,
+                ApiReason.CHECKPOINT_NOT_FOUND,
+                f"no checkpoint signed at size {size}" if size else "no checkpoint signed yet",
+            )
+        return _checkpoint_pb(self.pb, cp)
+
+    @_mapped
+    async def SignCheckpoint(self, request: Any, context: Context, identity: Identity) -> Any:
+        platform_id = scoped_platform(identity, request.platform_id)
+        cp = await self.core.run(_audit_call(self.core.service.sign_checkpoint, platform_id))
+        return _checkpoint_pb(self.pb, cp)
+
+    @_mapped
+    async def GetInclusionProof(self, request: Any, context: Context, identity: Identity) -> Any:
+        platform_id = scoped_platform(identity, request.platform_id)
+        _non_negative("index", request.index)
+        _non_negative("size", request.size)
+        cp, path, record = await self.core.run(
+            _audit_call(
+                self.core.service.inclusion_proof,
+                platform_id,
+                request.index,
+                request.size or None,
+            )
+        )
+        return self.pb.GetInclusionProofResponse(
+            tlog_proof=tlog_proof(request.index, path, cp.note), record=record, size=cp.size
+        )
+
+    @_mapped
+    async def GetConsistencyProof(self, request: Any, context: Context, identity: Identity) -> Any:
+        platform_id = scoped_platform(identity, request.platform_id)
+        _non_negative("first", request.first)
+        _non_negative("second", request.second)
+        hashes = await self.core.run(
+            _audit_call(
+                self.core.service.consistency_proof, platform_id, request.first, request.second
+            )
+        )
+        return self.pb.GetConsistencyProofResponse(hashes=hashes)
+
+    async def ExportBundle(
+        self, request: Any, context: Context, identity: Identity
+    ) -> AsyncIterator[Any]:
+        service = self.core.service
+        fd, path = tempfile.mkstemp(prefix="custody-export-", suffix=".bundle")
+        os.close(fd)
+        try:
+            try:
+                platform_id = scoped_platform(identity, request.platform_id)
+                await self.core.run(_audit_call(service.export, platform_id, path))
+            except Exception as exc:
+                await errors.abort(context, errors.error_for(exc, "ExportBundle"))
+            with open(path, "rb") as f:
+                while chunk := await self.core.run(f.read, EXPORT_CHUNK_BYTES):
+                    yield self.pb.ExportBundleChunk(data=chunk)
+        finally:
+            os.unlink(path)
+
+
 # (proto module, service name, servicer class): every custody.v1 service this server answers.
 SERVICES: Final = (
     (platform_pb, "PlatformService", PlatformServicer),
@@ -514,6 +633,7 @@ SERVICES: Final = (
     (hold_pb, "HoldService", HoldServicer),
     (query_pb, "QueryService", QueryServicer),
     (log_pb, "LogService", LogServicer),
+    (audit_pb, "AuditService", AuditServicer),
 )
 
 
