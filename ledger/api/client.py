@@ -696,11 +696,11 @@ class CustodyClient:
     def get_checkpoint(self, size: int = 0, *, platform_id: str | None = None) -> Any:
         """The latest signed checkpoint (size 0) or the one signed at exactly `size`."""
         request = audit_pb.GetCheckpointRequest(platform_id=self._pid(platform_id), size=size)
-        return self._call(self.audit.GetCheckpoint, request)
+        return self._call(self.audit.GetCheckpoint, request).checkpoint
 
     def sign_checkpoint(self, *, platform_id: str | None = None) -> Any:
         request = audit_pb.SignCheckpointRequest(platform_id=self._pid(platform_id))
-        return self._call(self.audit.SignCheckpoint, request)
+        return self._call(self.audit.SignCheckpoint, request).checkpoint
 
     def get_inclusion_proof(
         self, index: int, size: int = 0, *, platform_id: str | None = None

@@ -569,13 +569,13 @@ class AuditServicer:
                 ApiReason.CHECKPOINT_NOT_FOUND,
                 f"no checkpoint signed at size {size}" if size else "no checkpoint signed yet",
             )
-        return _checkpoint_pb(self.pb, cp)
+        return self.pb.GetCheckpointResponse(checkpoint=_checkpoint_pb(self.pb, cp))
 
     @_mapped
     async def SignCheckpoint(self, request: Any, context: Context, identity: Identity) -> Any:
         platform_id = scoped_platform(identity, request.platform_id)
         cp = await self.core.run(_audit_call(self.core.service.sign_checkpoint, platform_id))
-        return _checkpoint_pb(self.pb, cp)
+        return self.pb.SignCheckpointResponse(checkpoint=_checkpoint_pb(self.pb, cp))
 
     @_mapped
     async def GetInclusionProof(self, request: Any, context: Context, identity: Identity) -> Any:
@@ -620,7 +620,7 @@ class AuditServicer:
                 await errors.abort(context, errors.error_for(exc, "ExportBundle"))
             with open(path, "rb") as f:
                 while chunk := await self.core.run(f.read, EXPORT_CHUNK_BYTES):
-                    yield self.pb.ExportBundleChunk(data=chunk)
+                    yield self.pb.ExportBundleResponse(data=chunk)
         finally:
             os.unlink(path)
 
