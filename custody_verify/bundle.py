@@ -465,8 +465,11 @@ def _verify(
         raise VerificationFailed(Failure("header", exc.reason, line=exc.line), summary) from None
     ledger = _Ledger(summary.platform)
     worker = _ReplayWorker(summary.platform) if jobs >= 2 else None
+    # Only the bundle's own key (its name is the origin) may sign its checkpoints: another key
+    # the auditor trusts for another log must not be able to vouch for this one.
+    own_key = [parse_vkey(summary.vkey)]
     try:
-        return _run(f, verifiers, progress, summary, ledger, worker, lineno, started)
+        return _run(f, own_key, progress, summary, ledger, worker, lineno, started)
     finally:
         if worker is not None:
             worker.close()
