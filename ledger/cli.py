@@ -228,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--platform", required=True)
     ex.add_argument("--out", required=True, help="bundle file (written atomically)")
-    ex.add_argument("--every", type=int, help="also sign a checkpoint every N records")
 
     pr = sub.add_parser("proof", help="inclusion and consistency proofs for auditors")
     prsub = pr.add_subparsers(dest="action", required=True)
@@ -582,7 +581,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"\rexported {done:,} / {total or 0:,} records", end="", file=sys.stderr)
 
     try:
-        result = service.export(args.platform, args.out, every=args.every, progress=progress)
+        result = service.export(args.platform, args.out, progress=progress)
         vkey = service.vkey(args.platform)
     finally:
         service.close()

@@ -34,7 +34,14 @@ from ledger.domain import PlatformState
 from ledger.pii import PiiVault, blind_key, load_master_key
 from ledger.store import LedgerStore
 from ledger.validate import is_actor, is_platform_id
-from ledger.writer import CommitFailed, Outcome, PlatformWriter, Prepared, Request
+from ledger.writer import (
+    CommitFailed,
+    Outcome,
+    PlatformWriter,
+    Prepared,
+    Request,
+    WriterFenced,
+)
 
 _STOP: Final = object()
 log = logging.getLogger("ledger.service")
@@ -56,7 +63,15 @@ class _Platform:
     """A platform's writer, its lock, the condition 'every decided record is stored', and its
     checkpoint log."""
 
-    __slots__ = ("checkpoints", "committer", "cond", "lock", "signed_at_s", "writer")
+    __slots__ = (
+        "checkpoints",
+        "committer",
+        "cond",
+        "lock",
+        "readers_waiting",
+        "signed_at_s",
+        "writer",
+    )
 
     def __init__(self, writer: PlatformWriter, checkpoints: CheckpointLog) -> None:
         self.writer = writer
@@ -65,14 +80,26 @@ class _Platform:
         self.committer: GroupCommitter | None = None
         self.checkpoints = checkpoints
         self.signed_at_s = time.monotonic()
+        self.readers_waiting = 0
 
     def is_drained(self) -> bool:
         writer = self.writer
         return writer.fenced or writer.committed_next_seq == writer.prepared_next_seq
 
     def wait_drained(self) -> None:
-        """Caller holds `cond`: wait until no decided group is waiting for its commit."""
-        self.cond.wait_for(self.is_drained)
+        """Caller holds `cond`: wait until no decided group is waiting for its commit.
+
+        While anyone waits here the decide thread starts no new group (`readers_waiting`), so a
+        steady stream of writes cannot starve reads, checkpoints or synchronous batches.
+        """
+        self.readers_waiting += 1
+        try:
+            self.cond.wait_for(self.is_drained)
+        finally:
+            self.readers_waiting -= 1
+            self.cond.notify_all()
+        if self.writer.fenced:
+            raise WriterFenced(f"platform {self.writer.platform_id} is not served here")
         self.writer.ensure_clean()
 
 
@@ -220,9 +247,10 @@ class LedgerService:
         """Sign the log at its committed size (on demand; the checkpointer does it on schedule)."""
         platform = self._platform(platform_id)
         with platform.cond:
-            platform.wait_drained()
             writer = platform.writer
-            size = writer.committed_next_seq
+            if writer.fenced:
+                raise WriterFenced(f"platform {platform_id} is not served here")
+            size = writer.committed_next_seq  # the tree holds exactly the stored records
             if size == 0:
                 raise ValueError("an empty log has no checkpoint")
             last = platform.checkpoints.last
@@ -268,7 +296,6 @@ class LedgerService:
         platform_id: str,
         out: Any,
         *,
-        every: int | None = None,
         progress: Callable[[int, int | None], None] | None = None,
     ) -> Any:
         """Write the export bundle up to a checkpoint signed now (through the checkpoint log,
@@ -282,8 +309,8 @@ class LedgerService:
             platform_id,
             out,
             checkpoints.signer,
+            # only checkpoints the checkpoint log signed: nothing is signed over unchecked rows
             checkpoints=[signed.note for signed in checkpoints.history()],
-            every=every,
             upto=cp.size,
             progress=progress,
         )
@@ -420,6 +447,7 @@ class GroupCommitter:
             if live:
                 try:
                     with platform.cond:
+                        platform.cond.wait_for(lambda: platform.readers_waiting == 0)
                         if platform.writer.dirty:
                             platform.wait_drained()
                         prepared = platform.writer.prepare([r for r, _ in live])
@@ -447,17 +475,19 @@ class GroupCommitter:
                     writer.commit(prepared)
                 elif prepared.epoch != writer.epoch:
                     raise CommitFailed("an earlier commit failed")
-            except CommitFailed as exc:
+                with platform.cond:
+                    if prepared.epoch != writer.epoch:
+                        raise CommitFailed("an earlier commit failed")
+                    writer.mark_committed(prepared)
+                    platform.cond.notify_all()
+            except BaseException as exc:  # whatever it is, no caller may wait forever
+                failure = exc if isinstance(exc, CommitFailed) else CommitFailed(repr(exc))
                 for f in futures:
-                    f.set_exception(exc)
+                    f.set_exception(failure)
                 with platform.cond:
                     if prepared.epoch == writer.epoch:  # the first failure of this epoch
                         writer.recover(exc.__cause__ or exc)
                     platform.cond.notify_all()
                 continue
-            with platform.cond:
-                if prepared.next_seq > writer.committed_next_seq:
-                    writer.committed_next_seq = prepared.next_seq
-                platform.cond.notify_all()
             for f, answer in zip(futures, prepared.answers, strict=True):
                 f.set_result(answer)

@@ -120,14 +120,23 @@ class PlatformWriter:
     # -- startup --------------------------------------------------------------------------------
 
     def load(self, progress: Callable[[int], None] | None = None) -> None:
-        """Rebuild the live state by replaying (and re-chaining) every stored record."""
+        """Rebuild the live state by replaying (and re-chaining) every stored record.
+
+        All or nothing: if reading or replaying fails, the previous state, chain head and tree
+        are put back, so nobody is ever served a half-built (or empty) ledger.
+        """
+        before = (self.state, self.head, self.tree)
         self.state = PlatformState(self.platform_id)
         self.head = records.CHAIN_GENESIS
         self.tree = MerkleLog(store_fetcher(self.store, self.platform_id))
-        for seq, kind, packed in self.store.iter_rows(self.stream):
-            self._replay_row(seq, kind, packed)
-            if progress is not None and seq % 100_000 == 0:
-                progress(seq)
+        try:
+            for seq, kind, packed in self.store.iter_rows(self.stream):
+                self._replay_row(seq, kind, packed)
+                if progress is not None and seq % 100_000 == 0:
+                    progress(seq)
+        except BaseException:
+            self.state, self.head, self.tree = before
+            raise
         self.committed_next_seq = self.prepared_next_seq = self.state.next_seq
 
     def _replay_row(self, seq: int, kind: str, packed: bytes) -> None:
@@ -166,8 +175,23 @@ class PlatformWriter:
             except CommitFailed as exc:
                 self.recover(exc.__cause__ or exc)
                 raise
-        self.committed_next_seq = prepared.next_seq
+        self.mark_committed(prepared)
         return prepared.answers
+
+    def mark_committed(self, prepared: Prepared) -> None:
+        """After the group's transaction committed (caller holds the platform lock): its records
+        join the Merkle tree, which therefore only ever holds stored records, so proofs and
+        checkpoints at any size up to `committed_next_seq` never need an unstored one."""
+        if prepared.rows:
+            self.tree.extend(
+                [
+                    memoryview(row[3])[records.HASH_LEN :]
+                    for row in prepared.rows
+                    if row[0] == self.stream
+                ]
+            )
+        assert self.tree.size == prepared.next_seq, "tree and log disagree"
+        self.committed_next_seq = prepared.next_seq
 
     def prepare(self, requests: Sequence[Request]) -> Prepared:
         """Decide a group: fold it into the live state and chain its records, without storing.
@@ -199,8 +223,6 @@ class PlatformWriter:
             # anything decided: throw it away and rebuild from the store before the next group.
             self.dirty = True
             raise
-        if rows:
-            self.tree.extend([memoryview(row[3])[records.HASH_LEN :] for row in rows])
         self.prepared_next_seq = state.next_seq
         return Prepared(rows, answers, state.next_seq, self.epoch)
 
@@ -362,27 +384,30 @@ class PlatformWriter:
         mark = len(rows)
         head_mark = self.head
         outcomes: list[Outcome] = []
-        failed: Outcome | None = None
         for cmd in request.commands:
             outcome = self._one(cmd, request.actor, ts, rows)
             outcomes.append(outcome)
             if not outcome.ok:
-                failed = outcome
                 break
-        if failed is None:
+        else:
             state.release(sp)
             return outcomes
         state.rollback(sp)
         del rows[mark:]
         self.head = head_mark
-        return self._refuse_linked(request, failed, ts, rows)
+        return self._refuse_linked(request, len(outcomes) - 1, outcomes[-1], ts, rows)
 
     @staticmethod
     def _first_malformed(commands: Sequence[c.Command]) -> tuple[int, Outcome] | None:
-        """The index and `invalid` answer of the first malformed item, if any."""
+        """The index and `invalid` answer of the first malformed item, if any. A client id
+        repeated inside one linked batch is malformed: the batch cannot be all-or-none."""
+        seen: set[str] = set()
         for index, cmd in enumerate(commands):
             try:
                 validate(cmd)
+                if cmd.client_id in seen:
+                    raise InvalidInput("client_id", "repeated inside a linked batch")
+                seen.add(cmd.client_id)
             except InvalidInput as exc:
                 return index, Outcome(
                     getattr(cmd, "client_id", ""),
@@ -394,34 +419,42 @@ class PlatformWriter:
         return None
 
     def _refuse_linked(
-        self, request: Request, failed: Outcome, ts: int, rows: list[NewRow]
+        self, request: Request, failed_index: int, failed: Outcome, ts: int, rows: list[NewRow]
     ) -> list[Outcome]:
-        """Record the cause for the failing item and LINKED_FAILED for every other item."""
+        """Record the cause for the failing item and LINKED_FAILED for every other item.
+
+        An item that was already accepted before this batch (same client id, same content)
+        keeps its original answer and gets no record: it happened, whatever this batch did.
+        """
+        assert failed.status == "refused", "malformed items are caught before deciding"
         outcomes: list[Outcome] = []
-        for cmd in request.commands:
-            assert failed.status == "refused", "malformed items are caught before deciding"
+        for index, cmd in enumerate(request.commands):
             blinded = self._blinded(cmd)
             cmd_bytes = _ENCODE(blinded)
-            if cmd.client_id == failed.client_id:
+            done = self.state.done.get(cmd.client_id)
+            if done is not None and done.fingerprint == _FINGERPRINT(cmd_bytes):
+                outcomes.append(Outcome(cmd.client_id, "replayed", done.seq, done.kind))
+                continue
+            if index == failed_index:
                 refusal = Refusal(Code(failed.code), failed.control, failed.message)
                 outcomes.append(self._refuse(blinded, cmd_bytes, refusal, request.actor, ts, rows))
-            else:
-                refusal = Refusal(
-                    Code.LINKED_FAILED,
-                    "linked_batch",
-                    f"linked instruction {failed.client_id!r} was refused",
+                continue
+            refusal = Refusal(
+                Code.LINKED_FAILED,
+                "linked_batch",
+                f"linked instruction {failed.client_id!r} was refused",
+            )
+            outcomes.append(
+                self._refuse(
+                    blinded,
+                    cmd_bytes,
+                    refusal,
+                    request.actor,
+                    ts,
+                    rows,
+                    linked_to=failed.client_id,
                 )
-                outcomes.append(
-                    self._refuse(
-                        blinded,
-                        cmd_bytes,
-                        refusal,
-                        request.actor,
-                        ts,
-                        rows,
-                        linked_to=failed.client_id,
-                    )
-                )
+            )
         return outcomes
 
     # -- personal data --------------------------------------------------------------------------

@@ -358,10 +358,30 @@ def test_linked_failure_after_a_replayed_item(service: LedgerService, platform: 
         transfer(p, "big", "alice", "bob", 10**6),
         linked=True,
     )
-    assert [o.code for o in outcomes] == ["LINKED_FAILED", "INSUFFICIENT_FUNDS"]
+    # d1 already happened: it keeps its original answer and gets no refusal record (BRIEF §3)
+    assert (outcomes[0].status, outcomes[0].seq) == ("replayed", d1.seq)
+    assert (outcomes[1].status, outcomes[1].code) == ("refused", "INSUFFICIENT_FUNDS")
+    assert outcomes[1].seq == d1.seq + 1  # the only record this batch wrote
     assert money_state(snapshot(service, PID)) == money_state(before)
     [again] = run(service, PID, deposit(p, "d1", "alice", 100))
     assert (again.status, again.seq) == ("replayed", d1.seq)
+
+
+def test_repeated_client_id_inside_a_linked_batch_is_invalid(
+    service: LedgerService, platform: Platform
+) -> None:
+    p = platform
+    before = snapshot(service, PID)
+    outcomes = run(
+        service,
+        PID,
+        deposit(p, "same", "alice", 1),
+        deposit(p, "same", "alice", 2),
+        linked=True,
+    )
+    assert [o.status for o in outcomes] == ["invalid", "invalid"]
+    assert outcomes[1].field == "client_id"
+    assert snapshot(service, PID) == before
 
 
 def test_linked_and_unlinked_requests_in_one_group(
