@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -35,6 +36,9 @@ SIG_ED25519: Final = 0x01
 EM_DASH: Final = "—"
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()
 _NAME_RE: Final = re.compile(r"^[^\s+]+$")
+
+
+log = logging.getLogger("ledger.checkpoint")
 
 
 class KeyFileError(ValueError):
@@ -265,7 +269,21 @@ class CheckpointLog:
     def origin(self) -> str:
         return self.signer.name
 
+    def _repair_torn_tail(self) -> None:
+        """Cut a torn last append so that the next note starts on a line of its own."""
+        try:
+            data = self._notes_path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            log.warning("cutting a torn last line from %s", self._notes_path)
+            with open(self._notes_path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
     def _load(self) -> SignedCheckpoint | None:
+        self._repair_torn_tail()
         last: SignedCheckpoint | None = None
         try:
             raw = json.loads(self._last_path.read_text())
@@ -349,6 +367,11 @@ class CheckpointLog:
             return
         with f:
             for line in f:
+                if not line.endswith("\n"):
+                    # a crash or a full disk tore the last append: that note was never
+                    # returned to anyone (last.json is written after it), so it never counted
+                    log.warning("ignoring a torn last line in %s", self._notes_path)
+                    return
                 size_text, b64 = line.split()
                 note = base64.b64decode(b64)
                 _, size, root = parse_checkpoint_note(note)

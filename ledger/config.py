@@ -13,7 +13,7 @@ CUSTODY_SIGNING_KEY      Ed25519 checkpoint key file (default $CUSTODY_DATA_DIR/
 CUSTODY_CHECKPOINT_EVERY sign a checkpoint after this many new records (default 10000, 0 = never)
 CUSTODY_CHECKPOINT_INTERVAL_S  ... or after this many seconds with new records (default 60)
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
-CUSTODY_QUEUE_MAX        most requests waiting for a platform's writer (default 10000)
+CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Config:
     postgres: dict[str, str] = field(default_factory=dict)
     master_key_b64: str | None = None
     group_max: int = 8192
-    queue_max: int = 10_000
+    queue_max: int = 100_000
     ledger_id: str = "local"
     signing_key_path: Path | None = None
     checkpoint_every: int = 10_000
@@ -99,7 +99,7 @@ class Config:
             postgres=postgres,
             master_key_b64=env.get("CUSTODY_MASTER_KEY"),
             group_max=_int(env, "CUSTODY_GROUP_MAX", 8192, 1, 65_536),
-            queue_max=_int(env, "CUSTODY_QUEUE_MAX", 10_000, 1, 1_000_000),
+            queue_max=_int(env, "CUSTODY_QUEUE_MAX", 100_000, 8_192, 10_000_000),
             ledger_id=_ledger_id(env.get("CUSTODY_LEDGER_ID", "local")),
             signing_key_path=Path(
                 env.get("CUSTODY_SIGNING_KEY", str(data_dir / "keys" / "checkpoint.key"))

@@ -391,7 +391,12 @@ class GroupCommitter:
 
     def __init__(self, platform: _Platform, config: Config) -> None:
         self._platform = platform
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_max)
+        # Bounded by instructions, not requests: one request may carry thousands of them.
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._queued_max = config.queue_max
+        self._queued = 0  # instructions waiting, guarded by _admit
+        self._admit = threading.Lock()
+        self._stopped = False
         self._prepared: queue.Queue[object] = queue.Queue(maxsize=self.PIPELINE_DEPTH)
         self._group_max = config.group_max
         name = platform.writer.platform_id
@@ -407,19 +412,28 @@ class GroupCommitter:
         self._committer.start()
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
+        """Finish what was admitted before the stop; refuse anything that arrives after it."""
+        with self._admit:
+            self._stopped = True
+            self._queue.put(_STOP)
         self._decider.join(timeout=30)
         self._committer.join(timeout=30)
 
     def enqueue(self, request: Request) -> Future[list[Outcome]]:
-        if len(request.commands) > c.MAX_BATCH_COMMANDS:
-            raise ValueError(f"at most {c.MAX_BATCH_COMMANDS} instructions per request")
+        size = len(request.commands)
         future: Future[list[Outcome]] = Future()
-        try:
+        with self._admit:
+            if self._stopped:
+                raise ServiceClosed()
+            if self._queued + size > self._queued_max:
+                raise Overloaded("the platform's queue is full; retry with the same client ids")
+            self._queued += size
             self._queue.put_nowait((request, future))
-        except queue.Full:
-            raise Overloaded("the platform's queue is full") from None
         return future
+
+    def _taken(self, size: int) -> None:
+        with self._admit:
+            self._queued -= size
 
     def _gather(self) -> tuple[list[tuple[Request, Future[list[Outcome]]]], bool]:
         """Block for one request, then take whatever else is waiting, up to the group limit."""
@@ -428,16 +442,19 @@ class GroupCommitter:
             return [], True
         batch = [first]
         size = len(first[0].commands)  # type: ignore[index]
+        stop = False
         while size < self._group_max:
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
                 break
             if nxt is _STOP:
-                return batch, True  # type: ignore[return-value]
+                stop = True
+                break
             batch.append(nxt)
             size += len(nxt[0].commands)  # type: ignore[index]
-        return batch, False  # type: ignore[return-value]
+        self._taken(size)
+        return batch, stop  # type: ignore[return-value]
 
     def _decide_loop(self) -> None:
         platform = self._platform

@@ -124,3 +124,25 @@ def test_a_checkpoint_log_never_signs_a_forked_history(service: LedgerService) -
         checkpoints.sign(cp.size, b"\x00" * 32)  # another root at a signed size
     with pytest.raises(InconsistentCheckpoint):
         checkpoints.sign(cp.size - 1, b"\x01" * 32)  # going back
+
+
+def test_a_torn_last_checkpoint_line_does_not_stop_the_ledger(
+    service: LedgerService, config: Config
+) -> None:
+    cp = service.sign_checkpoint("p1")
+    notes = config.data_dir / "checkpoints" / "p1" / "notes.log"
+    with notes.open("a") as f:
+        f.write("999 AAAA")  # a crash in the middle of the next append
+    service.close()
+    reopened = LedgerService(config)
+    reopened.start()
+    try:
+        assert reopened.checkpoint("p1") == cp
+        assert all(o.ok for o in reopened.execute("p1", _deposits("g", 5), "platform:p1"))
+        later = reopened.sign_checkpoint("p1")  # the next note lands on a line of its own
+        assert [c.size for c in reopened._platform("p1").checkpoints.history()] == [
+            cp.size,
+            later.size,
+        ]
+    finally:
+        reopened.close()
