@@ -46,6 +46,8 @@ class Code(enum.StrEnum):
     # batches
     LINKED_FAILED = "LINKED_FAILED"
     BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
+    # personal data
+    PERSONAL_DATA_UNAVAILABLE = "PERSONAL_DATA_UNAVAILABLE"
 
 
 # Refusals that describe malformed input rather than a business decision. The API maps them to

@@ -9,7 +9,9 @@ single record or chain link. Associated data binds each ciphertext to its platfo
 from __future__ import annotations
 
 import base64
+import hmac
 import os
+from hashlib import sha256
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,7 +57,7 @@ class PiiVault:
         self._master = AESGCM(master_key)
         schema = getattr(datastore, "schema", "") if is_postgres else ""
         self._table = f'"{schema}".{_TABLE}' if schema else _TABLE
-        self._cache: dict[tuple[str, str], AESGCM] = {}
+        self._cache: dict[tuple[str, str], tuple[AESGCM, bytes]] = {}
         with datastore.transaction(commit=True) as cur:
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} (platform TEXT NOT NULL, "
@@ -67,6 +69,10 @@ class PiiVault:
         return f"custody-pii/v1\n{platform_id}\n{subject}".encode()
 
     def _key(self, platform_id: str, subject: str, create: bool) -> AESGCM:
+        return self._keys(platform_id, subject, create)[0]
+
+    def _keys(self, platform_id: str, subject: str, create: bool) -> tuple[AESGCM, bytes]:
+        """The subject's AEAD and its blinding key, both derived from its one data key."""
         cached = self._cache.get((platform_id, subject))
         if cached is not None:
             return cached
@@ -94,9 +100,9 @@ class PiiVault:
         data_key = self._master.decrypt(
             wrapped[:NONCE_LEN], wrapped[NONCE_LEN:], self._aad(platform_id, subject)
         )
-        aead = AESGCM(data_key)
-        self._cache[(platform_id, subject)] = aead
-        return aead
+        keys = (AESGCM(data_key), hmac.new(data_key, b"custody-pii-blind/v1", sha256).digest())
+        self._cache[(platform_id, subject)] = keys
+        return keys
 
     def seal(self, platform_id: str, subject: str, plaintext: str) -> dict[str, str]:
         aead = self._key(platform_id, subject, create=True)
@@ -116,6 +122,16 @@ class PiiVault:
             raise PiiError("ciphertext does not authenticate") from exc
         return plain.decode()
 
+    def blind(self, platform_id: str, subject: str, value: str) -> str:
+        """Deterministic stand-in for a personal value inside the recorded instruction.
+
+        Keyed by the subject's own data key: identical retries compare equal, nobody without
+        that key can test guesses, and destroying the key erases the blind with the ciphertext.
+        """
+        blind_key = self._keys(platform_id, subject, create=True)[1]
+        digest = hmac.new(blind_key, value.encode(), sha256).hexdigest()
+        return "blind:" + digest[:32]
+
     def destroy(self, platform_id: str, subject: str) -> None:
         """Crypto-shred: the wrapped key is replaced by NULL; every ciphertext becomes noise."""
         self._cache.pop((platform_id, subject), None)
@@ -125,23 +141,3 @@ class PiiVault:
                 f"UPDATE {self._table} SET wrapped=NULL WHERE platform={ph} AND subject={ph}",
                 (platform_id, subject),
             )
-
-
-def blind_key(master_key: bytes) -> bytes:
-    """A key derived from the master key for blinding personal data inside instructions."""
-    import hashlib
-    import hmac
-
-    return hmac.new(master_key, b"custody-pii-blind/v1", hashlib.sha256).digest()
-
-
-def blind(key: bytes, platform_id: str, subject: str, value: str) -> str:
-    """Deterministic, keyed stand-in for a personal value inside the recorded instruction.
-
-    Idempotent retries compare equal; without the master key nobody can test guesses.
-    """
-    import hashlib
-    import hmac
-
-    msg = f"{platform_id}\n{subject}\n{value}".encode()
-    return "blind:" + hmac.new(key, msg, hashlib.sha256).hexdigest()[:32]

@@ -31,7 +31,7 @@ from ledger.checkpoint import (
 )
 from ledger.config import Config
 from ledger.domain import PlatformState
-from ledger.pii import PiiVault, blind_key, load_master_key
+from ledger.pii import PiiVault, load_master_key
 from ledger.store import LedgerStore
 from ledger.validate import is_actor, is_platform_id
 from ledger.writer import (
@@ -109,7 +109,6 @@ class LedgerService:
         self.store = LedgerStore(config)
         master = load_master_key(config)
         self.vault = PiiVault(self.store.datastore, self.store.is_postgres, master)
-        self._blind_key = blind_key(master)
         self._clock_ms = clock_ms
         self._platforms: dict[str, _Platform] = {}
         self._create_lock = threading.Lock()
@@ -160,7 +159,7 @@ class LedgerService:
             self.store,
             platform_id,
             sealer=lambda subject, text: vault.seal(platform_id, subject, text),
-            blind_key=self._blind_key,
+            blinder=lambda subject, value: vault.blind(platform_id, subject, value),
             clock_ms=self._clock_ms,
         )
 

@@ -26,7 +26,7 @@ from ledger.decide import plan
 from ledger.domain import PlatformState, StateError
 from ledger.fold import apply_record
 from ledger.merkle import MerkleLog, store_fetcher
-from ledger.pii import blind
+from ledger.pii import PiiError
 from ledger.store import LedgerStore, NewRow, log_stream
 from ledger.validate import InvalidInput, is_actor, validate
 
@@ -95,7 +95,7 @@ class PlatformWriter:
         platform_id: str,
         *,
         sealer: Callable[[str, str], dict[str, str]] | None = None,
-        blind_key: bytes | None = None,
+        blinder: Callable[[str, str], str] | None = None,
         clock_ms: Callable[[], int] | None = None,
         policy: Policy = DEFAULT_POLICY,
     ) -> None:
@@ -103,7 +103,7 @@ class PlatformWriter:
         self.platform_id = platform_id
         self.stream = log_stream(platform_id)
         self.sealer = sealer
-        self.blind_key = blind_key
+        self.blinder = blinder
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.policy = policy
         self.state = PlatformState(platform_id)
@@ -276,7 +276,16 @@ class PlatformWriter:
         plain_name = None
         if type(cmd) is c.OpenAccount and cmd.holder_name is not None:
             plain_name = cmd.holder_name
-            cmd = self._blinded(cmd)
+            try:
+                cmd = self._blinded(cmd)
+            except PiiError as exc:  # e.g. the subject's key was destroyed (erased person)
+                return Outcome(
+                    cmd.client_id,
+                    "invalid",
+                    code=Code.PERSONAL_DATA_UNAVAILABLE,
+                    message=str(exc),
+                    field="holder_name",
+                )
         cmd_bytes = _ENCODE(cmd)
         fp = _FINGERPRINT(cmd_bytes)
         state = self.state
@@ -395,7 +404,20 @@ class PlatformWriter:
         state.rollback(sp)
         del rows[mark:]
         self.head = head_mark
-        return self._refuse_linked(request, len(outcomes) - 1, outcomes[-1], ts, rows)
+        failed = outcomes[-1]
+        if failed.status == "invalid":  # e.g. erased personal data: nothing is recorded
+            return [
+                failed
+                if index == len(outcomes) - 1
+                else Outcome(
+                    getattr(cmd, "client_id", ""),
+                    "invalid",
+                    code=Code.LINKED_FAILED,
+                    message=f"linked with invalid instruction {failed.client_id!r}",
+                )
+                for index, cmd in enumerate(request.commands)
+            ]
+        return self._refuse_linked(request, len(outcomes) - 1, failed, ts, rows)
 
     @staticmethod
     def _first_malformed(commands: Sequence[c.Command]) -> tuple[int, Outcome] | None:
@@ -429,7 +451,19 @@ class PlatformWriter:
         assert failed.status == "refused", "malformed items are caught before deciding"
         outcomes: list[Outcome] = []
         for index, cmd in enumerate(request.commands):
-            blinded = self._blinded(cmd)
+            try:
+                blinded = self._blinded(cmd)
+            except PiiError as exc:  # cannot be recorded without its personal data's key
+                outcomes.append(
+                    Outcome(
+                        cmd.client_id,
+                        "invalid",
+                        code=Code.PERSONAL_DATA_UNAVAILABLE,
+                        message=str(exc),
+                        field="holder_name",
+                    )
+                )
+                continue
             cmd_bytes = _ENCODE(blinded)
             done = self.state.done.get(cmd.client_id)
             if done is not None and done.fingerprint == _FINGERPRINT(cmd_bytes):
@@ -462,9 +496,9 @@ class PlatformWriter:
     def _blinded(self, cmd: c.Command) -> c.Command:
         """Replace personal data in the instruction by a keyed blind before it is recorded."""
         if isinstance(cmd, c.OpenAccount) and cmd.holder_name is not None:
-            if self.blind_key is None or self.sealer is None:
+            if self.blinder is None or self.sealer is None:
                 raise StateError("personal data needs the PII vault")
-            blinded = blind(self.blind_key, self.platform_id, cmd.account_id, cmd.holder_name)
+            blinded = self.blinder(cmd.account_id, cmd.holder_name)
             return msgspec.structs.replace(cmd, holder_name=blinded)
         return cmd
 
