@@ -2,7 +2,7 @@
 
 This is the structural shape of custody. The segregation control (a later module) explains the
 customer-money/platform-money breaches with its own code; here anything outside the table is
-FLOW_NOT_ALLOWED.
+FLOW_NOT_ALLOWED, and an operation missing from the table moves no money at all.
 """
 
 from __future__ import annotations
@@ -26,3 +26,11 @@ ALLOWED_FLOWS: Final[dict[str, frozenset[tuple[str, str]]]] = {
     "place_hold": frozenset({(CUST, CUST), (CUST, FEE)}),
     "request_withdrawal": frozenset({(CUST, OMNI), (OWN, PBANK), (FEE, PBANK)}),
 }
+# A reversal posts the mirror image of a deposit, transfer, fee, top-up or captured hold.
+ALLOWED_FLOWS["reverse"] = frozenset(
+    (credit, debit)
+    for op in ("deposit", "transfer", "charge_fee", "top_up_shortfall", "place_hold")
+    for debit, credit in ALLOWED_FLOWS[op]
+)
+# Operations whose postings come from a reservation whose flow was checked when it was placed.
+FROM_RESERVATION_OPS: Final = frozenset({"capture_hold", "settle_withdrawal"})

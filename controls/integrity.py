@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controls.base import Control, LedgerView, Policy, Proposal, Refusal
 from controls.codes import Code
-from controls.flows import ALLOWED_FLOWS
+from controls.flows import ALLOWED_FLOWS, FROM_RESERVATION_OPS
 
 NAME = "integrity"
 AMOUNT_MAX_MINOR = 2**63 - 1
@@ -31,6 +31,8 @@ def _check_leg(
     if debit.currency != credit.currency or (currency is not None and debit.currency != currency):
         return _refuse(Code.CURRENCY_MISMATCH, "accounts and instruction differ in currency")
     allowed = ALLOWED_FLOWS.get(op)
+    if allowed is None and op not in FROM_RESERVATION_OPS:
+        return _refuse(Code.FLOW_NOT_ALLOWED, f"{op} does not move money")
     if allowed is not None and (debit.kind, credit.kind) not in allowed:
         return _refuse(
             Code.FLOW_NOT_ALLOWED, f"{op} may not move money from {debit.kind} to {credit.kind}"
