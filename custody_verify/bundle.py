@@ -174,6 +174,7 @@ class _Ledger:
         "last_ts",
         "platform",
         "refused",
+        "status",
         "totals",
     )
 
@@ -186,6 +187,8 @@ class _Ledger:
         self.created = False
         self.last_ts = 0
         self.refused = 0
+        # Accounts that are frozen or closed (absent = open): new money must not touch them.
+        self.status: dict[str, str] = {}
 
     def apply(self, rec: Any, pos: int) -> None:
         if type(rec) is not dict:
@@ -232,14 +235,24 @@ class _Ledger:
             allowed = {"entries", "reverses"} if kind == "reversed" else {"entries"}
             if "entries" not in effects or not effects <= allowed:
                 raise _Fail(f"{kind} must carry entries only, has {sorted(effects)}")
+            self._require_open(e[:2] for e in rec["entries"] if type(e) is list)
             self._entries(rec)
         elif kind in HOLD_KINDS:
             if effects != {"hold"}:
                 raise _Fail(f"{kind} must carry a hold only, has {sorted(effects)}")
+            hold = rec["hold"]
+            if type(hold) is dict:
+                self._require_open([(hold.get("debit"), hold.get("credit"))])
             self._hold(rec)
         elif kind in RESOLVE_KINDS:
             if effects != {"resolve"}:
                 raise _Fail(f"{kind} must carry resolve only, has {sorted(effects)}")
+            if kind == "hold_captured":  # posting new money; releases and payouts may run frozen
+                self._require_open(
+                    self.holds[item[0]][:2]
+                    for item in rec["resolve"]
+                    if type(item) is list and item and item[0] in self.holds
+                )
             self._resolve(rec)
         elif kind == "account_opened":
             if effects != {"account"}:
@@ -255,9 +268,35 @@ class _Ledger:
                 account[_DP] != account[_CP] or account[_DH] or account[_CH]
             ):
                 raise _Fail(f"account {rec['subject']!r} closed with a balance or holds")
+            self._set_status(rec["subject"], kind)
         elif effects:
             # a kind this verifier does not know may exist, but it must not move money
             raise _Fail(f"unknown record kind {kind!r} carries effects {sorted(effects)}")
+
+    def _require_open(self, pairs: Any) -> None:
+        status = self.status
+        if not status:
+            return
+        for pair in pairs:
+            for account_id in pair:
+                state = status.get(account_id) if type(account_id) is str else None
+                if state is not None:
+                    raise _Fail(f"money moved on {state} account {account_id!r}")
+
+    def _set_status(self, account_id: str, kind: str) -> None:
+        current = self.status.get(account_id, "open")
+        if current == "closed":
+            raise _Fail(f"account {account_id!r} changed after it was closed")
+        if kind == "account_frozen":
+            if current == "frozen":
+                raise _Fail(f"account {account_id!r} frozen twice")
+            self.status[account_id] = "frozen"
+        elif kind == "account_unfrozen":
+            if current != "frozen":
+                raise _Fail(f"account {account_id!r} unfrozen while not frozen")
+            del self.status[account_id]
+        else:
+            self.status[account_id] = "closed"
 
     def _post(self, debit_id: Any, credit_id: Any, amount: Any, ccy: Any) -> None:
         accounts = self.accounts

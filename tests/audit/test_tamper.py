@@ -420,3 +420,25 @@ def test_two_process_cli(exported, tmp_path):
     assert code == 1 and "below zero" in report["failure"]["reason"]
     code, report, _ = verify_file_cli(exported.bundle, exported.vkey, jobs=2)
     assert code == 0 and report["summary"]["records"] == len(exported.records)
+
+
+def test_money_moved_on_a_frozen_account_caught_by_replay(exported):
+    """Turn a refusal (which changes nothing) into a freeze of the next transfer's payer,
+    re-signed with the real key: the replay knows frozen accounts take no new money."""
+    records = list(exported.records)
+    i = next(
+        n
+        for n in range(1, len(records))
+        if b'"kind":"transferred"' in records[n] and b'"kind":"command_refused"' in records[n - 1]
+    )
+    payer = json.loads(records[i])["entries"][0][0]
+    refusal = json.loads(records[i - 1])
+    for key in ("code", "control", "message", "linked_to"):
+        refusal.pop(key, None)
+    refusal.update(kind="account_frozen", subject=payer)
+    records[i - 1] = json.dumps(
+        refusal, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    failure, _ = verify_bytes(_resigned(exported, records), exported.vkey)
+    assert (failure.where, failure.position) == ("record", i), failure.describe()
+    assert "frozen" in failure.reason
