@@ -31,6 +31,7 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
                 post(debit, credit, amount, seq)
             reverses = rec.get("reverses")
             if reverses is not None:
+                _check_mirror(state, reverses, entries, seq)
                 state.mark_reversed(reverses, rec["cid"], seq)
             posted = entries
         else:
@@ -40,6 +41,16 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
             state.add_done(rec["cid"], Done(fingerprint, seq, kind, posted))
     state.next_seq = seq + 1
     state.last_ts_ms = ts
+
+
+def _check_mirror(state: PlatformState, reverses: str, entries: list[list[Any]], seq: int) -> None:
+    """A reversal posts exactly the mirror image of what it reverses, nothing else."""
+    original = state.done.get(reverses)
+    if original is None or not original.entries:
+        raise StateError(f"record {seq}: reverses unknown movement {reverses!r}")
+    mirror = [[credit, debit, amount] for debit, credit, amount in original.entries]
+    if entries != mirror:
+        raise StateError(f"record {seq}: reversal of {reverses!r} is not its mirror image")
 
 
 def _misplaced(state: PlatformState, rec: dict[str, Any]) -> str:
