@@ -610,6 +610,16 @@ class AuditServicer:
         self, request: Any, context: Context, identity: Identity
     ) -> AsyncIterator[Any]:
         service = self.core.service
+        if not self.core.streams.acquire(blocking=False):  # exports share the stream cap
+            await errors.abort(
+                context,
+                ApiError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ApiReason.TOO_MANY_STREAMS,
+                    "too many open streams (exports, subscriptions); retry later",
+                    retry_delay_s=1.0,
+                ),
+            )
         fd, path = tempfile.mkstemp(prefix="custody-export-", suffix=".bundle")
         os.close(fd)
         try:
@@ -623,6 +633,7 @@ class AuditServicer:
                     yield self.pb.ExportBundleResponse(data=chunk)
         finally:
             os.unlink(path)
+            self.core.streams.release()
 
 
 # (proto module, service name, servicer class): every custody.v1 service this server answers.
