@@ -25,10 +25,10 @@ _NO_DEADLINE_S: Final = 10 * 365 * 24 * 3600.0
 
 def remaining_s(context: Any) -> float | None:
     """Seconds left before the caller's deadline, or None when the call has no deadline."""
-    remaining = context.time_remaining()
+    remaining: float | None = context.time_remaining()  # seconds, never money
     if remaining is None or remaining > _NO_DEADLINE_S:
         return None
-    return float(remaining)
+    return remaining
 
 
 def budget_s(context: Any, cap_s: float = MAX_WAIT_S) -> float:
