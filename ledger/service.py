@@ -249,6 +249,8 @@ class LedgerService:
             writer = platform.writer
             if writer.fenced:
                 raise WriterFenced(f"platform {platform_id} is not served here")
+            if writer.dirty:
+                platform.wait_drained()  # rebuilds first, or raises StoreUnavailable
             size = writer.committed_next_seq  # the tree holds exactly the stored records
             if size == 0:
                 raise ValueError("an empty log has no checkpoint")
@@ -277,6 +279,8 @@ class LedgerService:
         if not 0 <= index < cp.size:
             raise ValueError(f"index {index} is outside the checkpoint of size {cp.size}")
         with platform.cond:
+            if platform.writer.dirty or platform.writer.fenced:
+                platform.wait_drained()
             path = platform.writer.tree.inclusion_proof(index, cp.size)
         rows = self.store.read(platform.writer.stream, after=index - 1, limit=1)
         assert rows and rows[0][0] == index
@@ -285,6 +289,8 @@ class LedgerService:
     def consistency_proof(self, platform_id: str, first: int, second: int) -> list[bytes]:
         platform = self._platform(platform_id)
         with platform.cond:
+            if platform.writer.dirty or platform.writer.fenced:
+                platform.wait_drained()
             committed = platform.writer.committed_next_seq
             if not 0 < first <= second <= committed:
                 raise ValueError(f"need 0 < first <= second <= {committed}")

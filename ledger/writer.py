@@ -80,12 +80,16 @@ class ChainBroken(RuntimeError):
     """A stored record does not link to its predecessor: the log was altered."""
 
 
-class WriterFenced(RuntimeError):
-    """Another writer appended to this platform's log; this one must stop writing."""
-
-
 class CommitFailed(RuntimeError):
     """The group's database transaction did not commit; none of its instructions happened."""
+
+
+class StoreUnavailable(CommitFailed):
+    """The store cannot be read to rebuild the state; retry later (nothing was decided)."""
+
+
+class WriterFenced(RuntimeError):
+    """Another writer appended to this platform's log; this one must stop writing."""
 
 
 class PlatformWriter:
@@ -232,7 +236,10 @@ class PlatformWriter:
             return
         assert self.committed_next_seq == self.prepared_next_seq, "pipeline not drained"
         self.epoch += 1
-        self.load()
+        try:
+            self.load()
+        except Exception as exc:
+            raise StoreUnavailable(f"platform {self.platform_id}: cannot reload: {exc}") from exc
         self.dirty = False
 
     def commit(self, prepared: Prepared) -> None:
@@ -252,14 +259,17 @@ class PlatformWriter:
         """After a failed commit: rebuild from the store; fence if another writer took over."""
         from ledger.store import IntegrityError
 
-        self.epoch += 1
+        self.epoch += 1  # every group decided on top of the failed one fails with it
+        self.prepared_next_seq = self.committed_next_seq
         if isinstance(exc, IntegrityError):
             self.fenced = True  # someone else holds this log: stop, never fork it
         try:
             self.load()
             self.dirty = False
         except Exception:
-            self.fenced = True
+            # The database is (still) away: keep nothing decided, and rebuild before the next
+            # read or group; until then callers get StoreUnavailable and retry.
+            self.dirty = True
 
     def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[NewRow]) -> Outcome:
         """Decide one instruction: at most one record, appended to `rows` and folded into state."""

@@ -13,7 +13,7 @@ from ledger import commands as c
 from ledger.config import Config
 from ledger.merkle import CHUNK_LEVEL
 from ledger.service import LedgerService
-from ledger.writer import CommitFailed, Request, WriterFenced
+from ledger.writer import CommitFailed, Request, StoreUnavailable
 
 
 def _service(tmp_path: Path) -> LedgerService:
@@ -117,23 +117,33 @@ def test_proofs_of_committed_records_while_a_group_is_in_flight(tmp_path: Path) 
     service.close()
 
 
-def test_after_the_database_goes_away_reads_fail_instead_of_showing_an_empty_ledger(
+def test_after_the_database_goes_away_reads_fail_then_recover_when_it_returns(
     tmp_path: Path,
 ) -> None:
     service = _service(tmp_path)
+    store = service.store
+    append, read = store.append, store.read
 
     def down(*args: object, **kwargs: object) -> None:
         raise OSError("database is down (injected)")
 
-    service.store.append = down  # type: ignore[method-assign]
-    service.store.read = down  # type: ignore[method-assign]
+    store.append = down  # type: ignore[method-assign]
+    store.read = down  # type: ignore[method-assign]
     future = service.submit("p1", [_deposit("d2")], "platform:p1")
     with pytest.raises(CommitFailed):
         future.result(timeout=30)
-    with pytest.raises(WriterFenced), service.reading("p1"):
+    # never an empty or half-built ledger: a retryable error instead
+    with pytest.raises(StoreUnavailable), service.reading("p1"):
         pass
-    with pytest.raises(WriterFenced):
+    with pytest.raises(StoreUnavailable):
         service.head("p1")
-    with pytest.raises(WriterFenced):
+    with pytest.raises(StoreUnavailable):
         service.sign_checkpoint("p1")
+
+    store.append, store.read = append, read  # type: ignore[method-assign]
+    with service.reading("p1") as state:  # the platform comes back by itself
+        assert "d2" not in state.done
+        assert state.accounts["a"].posted_minor == 10**12
+    [again] = service.submit("p1", [_deposit("d2")], "platform:p1").result(timeout=30)
+    assert again.status == "accepted"
     service.close()
