@@ -101,10 +101,6 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
                     write_row(row)
 
 
-class StoreError(RuntimeError):
-    """The database refused or lost a write; nothing of that transaction is acknowledged."""
-
-
 class LedgerStore:
     def __init__(self, config: Config) -> None:
         self.config = config
