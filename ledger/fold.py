@@ -14,6 +14,7 @@ _STATUS_BY_KIND = {
     "account_closed": AccountStatus.CLOSED,
 }
 _HOLD_STATUS = {s.value: s for s in HoldStatus}
+_EFFECT_KEYS = frozenset({"entries", "hold", "resolve", "account", "subject", "reverses"})
 
 
 def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | None) -> None:
@@ -25,7 +26,9 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
     kind = rec["kind"]
     if kind != records.REFUSED_KIND:
         entries = rec.get("entries")
-        if entries is not None and state.created:  # the hot path: plain postings
+        if entries is not None:  # the hot path: plain postings
+            if not state.created:
+                raise StateError(f"record {seq}: postings before the platform was created")
             post = state.post
             for debit, credit, amount in entries:
                 post(debit, credit, amount, seq)
@@ -76,19 +79,14 @@ def _posted(state: PlatformState, rec: dict[str, Any]) -> list[list[Any]] | None
 
 
 def _apply_accepted(state: PlatformState, rec: dict[str, Any], kind: str, seq: int) -> None:
+    """Everything but plain postings, which `apply_record` folds itself."""
     if kind == "platform_created":
+        if seq != 0 or state.created or _EFFECT_KEYS.intersection(rec):
+            raise StateError(f"record {seq}: platform_created must come first and move nothing")
         state.created = True
         return
     if not state.created:
         raise StateError(f"record {seq}: platform not created yet")
-    entries = rec.get("entries")
-    if entries is not None:
-        for debit, credit, amount in entries:
-            state.post(debit, credit, amount, seq)
-        reverses = rec.get("reverses")
-        if reverses is not None:
-            state.mark_reversed(reverses, rec["cid"], seq)
-        return
     hold = rec.get("hold")
     if hold is not None:
         state.reserve(

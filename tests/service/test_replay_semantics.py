@@ -76,3 +76,29 @@ def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path) -> Non
     with pytest.raises(StateError, match="mirror"):
         forged.start()
     forged.store.close()
+
+
+def test_platform_created_that_carries_effects_fails_replay(tmp_path: Path) -> None:
+    config = Config.from_env({"CUSTODY_DATA_DIR": str(tmp_path), "CUSTODY_CHECKPOINT_EVERY": "0"})
+    service = LedgerService(config)
+    service.start()
+    assert service.create_platform("p1", "P", "operator:test").ok
+    service.close()
+    db = sqlite3.connect(config.sqlite_path)
+    (state,) = db.execute(
+        "SELECT state FROM stored_events WHERE originator_id='log:p1' AND originator_version=0"
+    ).fetchone()
+    rec = json.loads(bytes(state)[32:])
+    rec["subject"] = "ghost"  # a first record that claims to do something more
+    data = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+    link = hashlib.sha256(b"\x00" * 32 + data).digest()
+    db.execute(
+        "UPDATE stored_events SET state=? WHERE originator_id='log:p1' AND originator_version=0",
+        (link + data,),
+    )
+    db.commit()
+    db.close()
+    forged = LedgerService(config)
+    with pytest.raises(StateError, match="move nothing"):
+        forged.start()
+    forged.store.close()
