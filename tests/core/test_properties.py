@@ -132,7 +132,8 @@ class Model:
                     return "INVALID_AMOUNT"
                 if captured > amount:
                     return "HOLD_EXCEEDED"
-            if debit in self.frozen or credit in self.frozen:
+            # a settlement records a payout the bank already made: a freeze does not stop it
+            if kind == "hold" and (debit in self.frozen or credit in self.frozen):
                 return "ACCOUNT_FROZEN"
         self.held[debit] -= amount
         if captured is None:
