@@ -1,0 +1,429 @@
+"""Audit trail: one row per record of the log, accepted or refused, of any kind.
+
+Who (actor, and role = the actor's prefix before ':'), what (the instruction's `op`, the record's
+`kind`), when (`ts`), under which policy version (`pv`), the outcome and, for refusals, the code
+and the control that refused. Accounts touched and amounts come from the effect fields for
+accepted records (the same fields ledger/fold.py applies) and from the recorded instruction for
+refusals, which have no effects. Unknown kinds are kept like any other: nothing is filtered out.
+
+Queries turn a time range into a position range (writer time never decreases along a log) and
+use one index per filter: (platform, account, seq), (platform, actor, seq), (platform, op, seq),
+(platform, code, seq). Exports stream page by page with a row cap.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import IO, Any, Final
+
+import msgspec
+
+from ledger import records
+from projections.base import INT64_MAX, Projection, ProjectionError, Record
+from projections.db import Db
+from projections.statements import (
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    _chunks,
+    _query_key,
+    decode_token,
+    encode_token,
+    projected_position,
+)
+
+AUDIT: Final = "proj_audit"
+AUDIT_ACCOUNTS: Final = "proj_audit_accounts"
+AUDIT_HOLDS: Final = "proj_audit_holds"
+EXPORT_ROWS_DEFAULT: Final = 1_000_000
+EXPORT_ROWS_MAX: Final = 10_000_000
+_EXPORT_PAGE: Final = 1_000
+_CACHE_MAX: Final = 200_000
+_REFUSED: Final = records.REFUSED_KIND
+_ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
+
+AUDIT_COLUMNS: Final = (
+    "platform",
+    "seq",
+    "ts",
+    "actor",
+    "role",
+    "op",
+    "kind",
+    "outcome",
+    "code",
+    "control",
+    "message",
+    "cid",
+    "pv",
+    "ccy",
+    "amount",
+    "accounts",
+    "amounts",
+    "tags",
+    "executes",
+    "reverses",
+    "linked_to",
+)
+# The columns a caller sees (platform is implied by the query).
+PUBLIC_COLUMNS: Final = AUDIT_COLUMNS[1:]
+
+
+def role_of(actor: str) -> str:
+    return actor.split(":", 1)[0] if ":" in actor else ""
+
+
+def _cmd_accounts(cmd: dict[str, Any]) -> list[str]:
+    """Account ids named by an instruction: every `account_id` / `*_account_id` field."""
+    found = []
+    for key in sorted(cmd):
+        value = cmd[key]
+        if (key == "account_id" or key.endswith("_account_id")) and isinstance(value, str):
+            found.append(value)
+    return found
+
+
+class AuditTrailProjection(Projection):
+    name = "audit"
+    tables = (
+        (AUDIT, ("seq",)),
+        (AUDIT_ACCOUNTS, ("account", "seq")),
+        (AUDIT_HOLDS, ("hold_id",)),
+    )
+
+    def __init__(self) -> None:
+        self._platform: str | None = None
+        self._holds: dict[str, tuple[str, str]] = {}
+
+    def reset(self) -> None:
+        self._platform = None
+        self._holds = {}
+
+    def create(self, db: Db, cur: Any) -> None:
+        wr = db.without_rowid
+        t = db.t
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT)} (platform TEXT NOT NULL, seq BIGINT NOT NULL, "
+            "ts BIGINT NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL, op TEXT NOT NULL, "
+            "kind TEXT NOT NULL, outcome TEXT NOT NULL, code TEXT, control TEXT, message TEXT, "
+            "cid TEXT NOT NULL, pv BIGINT, ccy TEXT, amount BIGINT, accounts TEXT NOT NULL, "
+            "amounts TEXT NOT NULL, tags TEXT, executes TEXT, reverses TEXT, linked_to TEXT, "
+            f"PRIMARY KEY (platform, seq)){wr}"
+        )
+        for col in ("actor", "op", "ts"):
+            cur.execute(
+                f"CREATE INDEX IF NOT EXISTS {db.index_name(f'proj_audit_by_{col}')} "
+                f"ON {t(AUDIT)} (platform, {col}, seq)"
+            )
+        cur.execute(
+            f"CREATE INDEX IF NOT EXISTS {db.index_name('proj_audit_by_code')} "
+            f"ON {t(AUDIT)} (platform, code, seq) WHERE code IS NOT NULL"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_ACCOUNTS)} (platform TEXT NOT NULL, "
+            "account TEXT NOT NULL, seq BIGINT NOT NULL, "
+            f"PRIMARY KEY (platform, account, seq)){wr}"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_HOLDS)} (platform TEXT NOT NULL, "
+            "hold_id TEXT NOT NULL, debit TEXT NOT NULL, credit TEXT NOT NULL, "
+            f"PRIMARY KEY (platform, hold_id)){wr}"
+        )
+
+    def _load(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
+        if self._platform != platform or len(self._holds) > _CACHE_MAX:
+            self.reset()
+            self._platform = platform
+        want: set[str] = set()
+        for rec in recs:
+            if "entries" in rec:
+                continue
+            for r in rec.get("resolve", ()):
+                want.add(r[0])
+            cmd = rec.get("cmd")
+            if rec["kind"] == _REFUSED and isinstance(cmd, dict):
+                for key in ("hold_id", "withdrawal_id"):
+                    if isinstance(cmd.get(key), str):
+                        want.add(cmd[key])
+        for chunk in _chunks(sorted(want - self._holds.keys())):
+            marks = ", ".join([db.ph] * len(chunk))
+            for hold_id, debit, credit in db.fetchall(
+                cur,
+                f"SELECT hold_id, debit, credit FROM {db.t(AUDIT_HOLDS)} "
+                f"WHERE platform = {db.ph} AND hold_id IN ({marks})",
+                (platform, *chunk),
+            ):
+                self._holds[hold_id] = (debit, credit)
+
+    def apply(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
+        self._load(db, cur, platform, recs)
+        holds = self._holds
+        rows: list[tuple[Any, ...]] = []
+        touched: list[tuple[str, str, int]] = []
+        new_holds: list[tuple[str, str, str, str]] = []
+        for rec in recs:
+            seq = rec["seq"]
+            kind = rec["kind"]
+            cmd = rec.get("cmd")
+            if not isinstance(cmd, dict):
+                cmd = {}
+            accounts: list[str] = []
+            amounts: list[int] = []
+            refused = kind == _REFUSED
+            entries = rec.get("entries")
+            if refused:
+                accounts = _cmd_accounts(cmd)
+                for key in ("hold_id", "withdrawal_id"):
+                    ref = holds.get(cmd.get(key, ""))  # type: ignore[arg-type]
+                    if ref is not None:
+                        accounts += ref
+                amount = cmd.get("amount_minor")
+                if type(amount) is int:
+                    amounts.append(amount)
+            elif entries is not None:
+                for d, c, a in entries:
+                    accounts += (d, c)
+                    amounts.append(a)
+            else:
+                hold = rec.get("hold")
+                if hold is not None:
+                    accounts += (hold["debit"], hold["credit"])
+                    amounts.append(hold["amount"])
+                    new_holds.append((platform, hold["id"], hold["debit"], hold["credit"]))
+                    holds[hold["id"]] = (hold["debit"], hold["credit"])
+                for hold_id, captured, _ in rec.get("resolve", ()):
+                    ref = holds.get(hold_id)
+                    if ref is None:
+                        raise ProjectionError(f"record {seq}: unknown hold {hold_id!r}")
+                    accounts += ref
+                    amounts.append(captured)
+                spec = rec.get("account")
+                if isinstance(spec, dict) and isinstance(spec.get("id"), str):
+                    accounts.append(spec["id"])
+                subject = rec.get("subject")
+                if isinstance(subject, str):
+                    accounts.append(subject)
+            unique = list(dict.fromkeys(accounts))
+            for account in unique:
+                touched.append((platform, account, seq))
+            total = sum(amounts)
+            actor = rec.get("actor", "")
+            tags = rec.get("tags")
+            rows.append(
+                (
+                    platform,
+                    seq,
+                    rec["ts"],
+                    actor,
+                    role_of(actor),
+                    cmd.get("op", ""),
+                    kind,
+                    "refused" if refused else "accepted",
+                    rec.get("code"),
+                    rec.get("control"),
+                    rec.get("message"),
+                    rec.get("cid", ""),
+                    rec.get("pv"),
+                    rec.get("ccy") or cmd.get("currency"),
+                    total if amounts and total <= INT64_MAX else None,
+                    ";".join(unique),
+                    ";".join(map(str, amounts)),
+                    None if tags is None else _ENCODE(tags).decode(),
+                    rec.get("executes"),
+                    rec.get("reverses"),
+                    rec.get("linked_to"),
+                )
+            )
+        db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
+        db.insert_many(cur, AUDIT_ACCOUNTS, ("platform", "account", "seq"), touched)
+        db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
+
+
+# -- queries -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Every field is optional; all given ones must match (AND)."""
+
+    account: str | None = None
+    actor: str | None = None
+    role: str | None = None
+    op: str | None = None
+    kind: str | None = None
+    code: str | None = None
+    outcome: str | None = None  # accepted | refused
+    from_ms: int | None = None  # inclusive
+    to_ms: int | None = None  # inclusive
+    from_seq: int | None = None  # inclusive
+    to_seq: int | None = None  # inclusive
+
+    def key(self, platform: str) -> str:
+        return _query_key(platform, [getattr(self, f.name) for f in fields(self)])
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    rows: list[dict[str, Any]]
+    next_page_token: str
+    projected_to: int
+
+
+def _seq_range(db: Db, cur: Any, platform: str, f: AuditFilter, projected: int) -> tuple[int, int]:
+    """Inclusive position range of the filter's time and position bounds."""
+    ph = db.ph
+    lo = 0 if f.from_seq is None else max(0, f.from_seq)
+    hi = projected if f.to_seq is None else min(projected, f.to_seq)
+    if f.from_ms is not None:
+        row = db.fetchone(
+            cur,
+            f"SELECT seq FROM {db.t(AUDIT)} WHERE platform = {ph} AND ts >= {ph} "
+            "ORDER BY ts, seq LIMIT 1",
+            (platform, f.from_ms),
+        )
+        lo = max(lo, projected + 1 if row is None else int(row[0]))
+    if f.to_ms is not None:
+        row = db.fetchone(
+            cur,
+            f"SELECT seq FROM {db.t(AUDIT)} WHERE platform = {ph} AND ts > {ph} "
+            "ORDER BY ts, seq LIMIT 1",
+            (platform, f.to_ms),
+        )
+        if row is not None:
+            hi = min(hi, int(row[0]) - 1)
+    return lo, hi
+
+
+def audit_page(
+    db: Db,
+    platform: str,
+    flt: AuditFilter | None = None,
+    page_size: int = PAGE_SIZE_DEFAULT,
+    page_token: str = "",
+) -> AuditPage:
+    """One page of the audit trail in log order (AIP-158: page_size capped, opaque token)."""
+    if not 1 <= page_size <= PAGE_SIZE_MAX:
+        raise ValueError(f"page_size must be in 1..{PAGE_SIZE_MAX}")
+    f = flt or AuditFilter()
+    if f.outcome not in (None, "accepted", "refused"):
+        raise ValueError("outcome must be 'accepted' or 'refused'")
+    key = f.key(platform)
+    after = decode_token(page_token, key)[0] if page_token else -1
+    ph = db.ph
+    with db.reading() as cur:
+        projected = projected_position(db, cur, platform, "audit")
+        lo, hi = _seq_range(db, cur, platform, f, projected)
+        lo = max(lo, after + 1)
+        params: list[Any] = []
+        if f.account is not None:
+            src = (
+                f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a "
+                "ON a.platform = x.platform AND a.seq = x.seq"
+            )
+            where = [f"x.platform = {ph}", f"x.account = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
+            params += [platform, f.account, lo, hi]
+            order = "x.seq"
+        else:
+            src = f"{db.t(AUDIT)} a"
+            where = [f"a.platform = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
+            params += [platform, lo, hi]
+            order = "a.seq"
+        for col in ("actor", "role", "op", "kind", "code", "outcome"):
+            value = getattr(f, col)
+            if value is not None:
+                where.append(f"a.{col} = {ph}")
+                params.append(value)
+        cols = ", ".join(f"a.{c}" for c in PUBLIC_COLUMNS)
+        rows = db.fetchall(
+            cur,
+            f"SELECT {cols} FROM {src} WHERE {' AND '.join(where)} "
+            f"ORDER BY {order} LIMIT {page_size + 1}",
+            params,
+        )
+    out = [dict(zip(PUBLIC_COLUMNS, r, strict=True)) for r in rows[:page_size]]
+    token = encode_token(key, out[-1]["seq"], 0) if len(rows) > page_size else ""
+    return AuditPage(out, token, projected)
+
+
+def iter_audit(
+    db: Db,
+    platform: str,
+    flt: AuditFilter | None = None,
+    max_rows: int = EXPORT_ROWS_DEFAULT,
+    page_token: str = "",
+) -> Iterator[dict[str, Any]]:
+    """Rows in log order, page by page, at most `max_rows` (memory flat in the trail's size)."""
+    assert 1 <= max_rows <= EXPORT_ROWS_MAX + 1, f"max_rows must be in 1..{EXPORT_ROWS_MAX}"
+    left = max_rows
+    token = page_token
+    while left > 0:
+        page = audit_page(db, platform, flt, min(_EXPORT_PAGE, left), token)
+        yield from page.rows
+        left -= len(page.rows)
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for JSON: accounts and amounts as lists, tags decoded."""
+    out = dict(row)
+    out["accounts"] = row["accounts"].split(";") if row["accounts"] else []
+    out["amounts"] = [int(a) for a in row["amounts"].split(";")] if row["amounts"] else []
+    out["tags"] = None if row["tags"] is None else msgspec.json.decode(row["tags"])
+    return out
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    rows: int
+    truncated: bool  # True when the cap stopped the export before the end of the trail
+
+
+def export(
+    db: Db,
+    platform: str,
+    out: IO[str],
+    fmt: str = "csv",
+    flt: AuditFilter | None = None,
+    max_rows: int = EXPORT_ROWS_DEFAULT,
+) -> ExportResult:
+    """Stream the (filtered) trail as CSV (header + rows) or JSON (an array of objects)."""
+    if fmt not in ("csv", "json"):
+        raise ValueError("format must be csv or json")
+    assert 1 <= max_rows <= EXPORT_ROWS_MAX, f"max_rows must be in 1..{EXPORT_ROWS_MAX}"
+    count = 0
+    # One row beyond the cap tells whether the cap cut the export short.
+    rows = iter_audit(db, platform, flt, max_rows + 1)
+    truncated = False
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(PUBLIC_COLUMNS)
+        for row in rows:
+            if count == max_rows:
+                truncated = True
+                break
+            writer.writerow(["" if row[c] is None else row[c] for c in PUBLIC_COLUMNS])
+            count += 1
+        return ExportResult(count, truncated)
+    out.write("[")
+    for row in rows:
+        if count == max_rows:
+            truncated = True
+            break
+        out.write(",\n" if count else "\n")
+        out.write(msgspec.json.encode(public_row(row), order="sorted").decode())
+        count += 1
+    out.write("\n]\n" if count else "]\n")
+    return ExportResult(count, truncated)
+
+
+def export_text(
+    db: Db, platform: str, fmt: str, flt: AuditFilter | None = None, max_rows: int = 1000
+) -> str:
+    """Convenience for small exports (tests, the API): the whole export as one string."""
+    buf = io.StringIO()
+    export(db, platform, buf, fmt, flt, max_rows)
+    return buf.getvalue()

@@ -1,0 +1,327 @@
+"""Runs projections over each platform's ordered log: batches, positions, crash safety.
+
+For one platform the runner reads the next page of the log (`LedgerStore.read`, never a write),
+checks it is the continuation of what was projected (positions without gaps, hash chain links
+from the stored head), and gives the records to every projection that has not seen them. Each
+projection's rows AND its new position commit in ONE database transaction, behind a
+compare-and-set on the old position: a crash loses the whole batch or nothing, and a second
+runner on the same projection gets `PositionConflict` instead of counting a batch twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from ledger import records
+from ledger.store import READ_PAGE_MAX, LedgerStore, log_stream
+from projections.audit_trail import AuditTrailProjection
+from projections.base import PositionConflict, Projection, ProjectionError, Record
+from projections.db import Db
+from projections.statements import StatementsProjection
+
+log = logging.getLogger("custody.projections")
+
+POSITIONS: Final = "proj_positions"
+DEFAULT_BATCH: Final = 5_000
+BATCH_MAX: Final = READ_PAGE_MAX  # one page of the log per transaction at most
+GENESIS_HEX: Final = records.CHAIN_GENESIS.hex()
+FOLLOW_POLL_S: Final = 0.2
+_HASH_LEN: Final = records.HASH_LEN
+_DECODE: Final = msgspec.json.Decoder().decode
+
+
+def default_projections() -> list[Projection]:
+    return [StatementsProjection(), AuditTrailProjection()]
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    platform: str
+    position: int  # last projected log position, -1 = nothing yet
+    log_position: int  # last stored log position
+    lag: int
+
+
+@dataclass
+class _Pos:
+    position: int
+    head: bytes
+
+
+class ProjectionRunner:
+    """Keeps a set of projections up to date with the platforms' logs in one database."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        projections: Sequence[Projection] | None = None,
+        batch_size: int = DEFAULT_BATCH,
+    ) -> None:
+        assert 1 <= batch_size <= BATCH_MAX, f"batch_size must be in 1..{BATCH_MAX}"
+        self.store = store
+        self.db = Db(store)
+        self.projections = list(projections) if projections is not None else default_projections()
+        names = [p.name for p in self.projections]
+        assert self.projections and len(set(names)) == len(names), names
+        self.batch_size = batch_size
+        self._pos: dict[tuple[str, str], _Pos] = {}
+        self._created = False
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def ensure_tables(self) -> None:
+        if self._created:
+            return
+        db = self.db
+        with db.tx() as cur:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {db.t(POSITIONS)} (name TEXT NOT NULL, "
+                "platform TEXT NOT NULL, position BIGINT NOT NULL, head TEXT NOT NULL, "
+                "PRIMARY KEY (name, platform))"
+            )
+            for p in self.projections:
+                p.create(db, cur)
+        self._created = True
+
+    def _load_positions(self, platform: str) -> dict[str, _Pos]:
+        db = self.db
+        ph = db.ph
+        missing = [p.name for p in self.projections if (p.name, platform) not in self._pos]
+        if missing:
+            with db.tx() as cur:
+                for name in missing:
+                    cur.execute(
+                        f"INSERT INTO {db.t(POSITIONS)} (name, platform, position, head) "
+                        f"VALUES ({ph}, {ph}, -1, {ph}) ON CONFLICT DO NOTHING",
+                        (name, platform, GENESIS_HEX),
+                    )
+                for name in missing:
+                    row = db.fetchone(
+                        cur,
+                        f"SELECT position, head FROM {db.t(POSITIONS)} "
+                        f"WHERE name = {ph} AND platform = {ph}",
+                        (name, platform),
+                    )
+                    assert row is not None
+                    self._pos[(name, platform)] = _Pos(int(row[0]), bytes.fromhex(row[1]))
+        return {p.name: self._pos[(p.name, platform)] for p in self.projections}
+
+    def _forget(self) -> None:
+        """After a failed transaction nothing cached can be trusted: reload from the database."""
+        self._pos.clear()
+        for p in self.projections:
+            p.reset()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run_once(self, platform: str) -> int:
+        """Project at most one batch of `platform`'s log; returns how many records were read."""
+        self.ensure_tables()
+        try:
+            return self._run_batch(platform)
+        except BaseException:
+            self._forget()
+            raise
+
+    def _run_batch(self, platform: str) -> int:
+        positions = self._load_positions(platform)
+        start = min(pos.position for pos in positions.values())
+        rows = self.store.read(log_stream(platform), after=start, limit=self.batch_size)
+        if not rows:
+            return 0
+        starter = next(pos for pos in positions.values() if pos.position == start)
+        recs, heads = _verified(platform, rows, start, starter.head)
+        if not recs:
+            return 0
+        last = recs[-1]["seq"]
+        for name, pos in positions.items():
+            if start < pos.position <= last and heads[pos.position - start - 1] != pos.head:
+                raise ProjectionError(
+                    f"{platform}: projection {name} stopped at {pos.position} on another chain"
+                )
+        db = self.db
+        ph = db.ph
+        update = (
+            f"UPDATE {db.t(POSITIONS)} SET position = {ph}, head = {ph} "
+            f"WHERE name = {ph} AND platform = {ph} AND position = {ph}"
+        )
+        new_head = heads[len(recs) - 1]
+        with db.tx() as cur:
+            for p in self.projections:
+                pos = positions[p.name]
+                if pos.position >= last:
+                    continue
+                # Position first: on SQLite this takes the write lock before anything is read.
+                cur.execute(update, (last, new_head.hex(), p.name, platform, pos.position))
+                if cur.rowcount != 1:
+                    raise PositionConflict(
+                        f"{platform}: projection {p.name} is no longer at {pos.position}"
+                    )
+                p.apply(db, cur, platform, recs[pos.position - start :])
+        for p in self.projections:
+            self._pos[(p.name, platform)] = _Pos(last, new_head)
+        return len(recs)
+
+    def catch_up(
+        self,
+        platform: str | None = None,
+        stop: threading.Event | None = None,
+        max_batches: int | None = None,
+    ) -> dict[str, int]:
+        """Project until every platform (or one) is at its log head; records read per platform."""
+        assert max_batches is None or max_batches >= 1
+        done: dict[str, int] = {}
+        batches = 0
+        for pid in [platform] if platform is not None else self.store.platform_ids():
+            done[pid] = 0
+            while stop is None or not stop.is_set():
+                if max_batches is not None and batches >= max_batches:
+                    return done
+                n = self.run_once(pid)
+                batches += 1
+                done[pid] += n
+                if n < self.batch_size:
+                    break
+        return done
+
+    def follow(
+        self,
+        stop: threading.Event,
+        platform: str | None = None,
+        poll_s: float = FOLLOW_POLL_S,
+    ) -> None:
+        """Catch up, then keep up, until `stop` is set. Failures are logged and retried."""
+        assert 0 < poll_s <= 60
+        while not stop.is_set():
+            try:
+                moved = sum(self.catch_up(platform, stop=stop).values())
+            except PositionConflict as exc:  # another runner got there first: reload, go on
+                log.info("projection position moved under us: %s", exc)
+                moved = 0
+            except Exception:
+                log.exception("projection batch failed; retrying")
+                moved = 0
+                stop.wait(min(5.0, poll_s * 10))
+            if not moved:
+                stop.wait(poll_s)
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def rebuild(self, platform: str | None = None) -> dict[str, int]:
+        """Drop the read models (one platform or all) and their positions, then project again."""
+        self.ensure_tables()
+        db = self.db
+        pids = [platform] if platform is not None else self.store.platform_ids()
+        try:
+            with db.tx() as cur:
+                for pid in pids:
+                    for p in self.projections:
+                        p.drop(db, cur, pid)
+                        cur.execute(
+                            f"UPDATE {db.t(POSITIONS)} SET position = -1, head = {db.ph} "
+                            f"WHERE name = {db.ph} AND platform = {db.ph}",
+                            (GENESIS_HEX, p.name, pid),
+                        )
+        finally:
+            self._forget()
+        return {pid: self.catch_up(pid)[pid] for pid in pids}
+
+    def status(self, platform: str | None = None) -> list[Status]:
+        self.ensure_tables()
+        out = []
+        for pid in [platform] if platform is not None else self.store.platform_ids():
+            self._pos.clear()
+            positions = self._load_positions(pid)
+            last = self.store.last_row(log_stream(pid))
+            log_position = -1 if last is None else last[0]
+            for name, pos in positions.items():
+                out.append(
+                    Status(name, pid, pos.position, log_position, log_position - pos.position)
+                )
+        return out
+
+    def dump(self, platform: str) -> Iterator[bytes]:
+        """Every row of every read model of `platform`, canonical and in key order (for tests
+        and audits: two runs are identical iff their dumps are byte-identical)."""
+        self.ensure_tables()
+        db = self.db
+        with db.reading() as cur:
+            for p in self.projections:
+                for table, key in p.tables:
+                    cur.execute(
+                        f"SELECT * FROM {db.t(table)} WHERE platform = {db.ph} "
+                        f"ORDER BY {', '.join(key)}",
+                        (platform,),
+                    )
+                    while True:
+                        page = cur.fetchmany(READ_PAGE_MAX)
+                        if not page:
+                            break
+                        for row in page:
+                            vals = row.values() if isinstance(row, dict) else tuple(row)
+                            yield table.encode() + b" " + msgspec.json.encode(list(vals))
+
+    def digest(self, platform: str) -> str:
+        h = hashlib.sha256()
+        for line in self.dump(platform):
+            h.update(line + b"\n")
+        return h.hexdigest()
+
+
+def _verified(
+    platform: str, rows: list[tuple[int, str, bytes]], start: int, head: bytes
+) -> tuple[list[Record], list[bytes]]:
+    """Decode rows that continue the projected prefix; chain links checked from `head`.
+
+    Stops at the first gap (not yet visible); raises on anything that is not the same log.
+    """
+    recs: list[Record] = []
+    heads: list[bytes] = []
+    expected = start + 1
+    sha256 = hashlib.sha256
+    for seq, kind, packed in rows:
+        if seq != expected:
+            break
+        link, data = packed[:_HASH_LEN], packed[_HASH_LEN:]
+        if sha256(head + data).digest() != link:
+            raise ProjectionError(f"{platform}: chain broken at position {seq}")
+        rec: Any = _DECODE(data)
+        if (
+            not isinstance(rec, dict)
+            or rec.get("seq") != seq
+            or rec.get("kind") != kind
+            or rec.get("platform") != platform
+        ):
+            raise ProjectionError(f"{platform}: record at position {seq} is misplaced")
+        recs.append(rec)
+        heads.append(link)
+        head = link
+        expected += 1
+    return recs, heads
+
+
+class EmbeddedRunner:
+    """A follow loop on a daemon thread, for `custody serve` (stop it with `close`)."""
+
+    def __init__(self, store: LedgerStore, batch_size: int = DEFAULT_BATCH) -> None:
+        self.runner = ProjectionRunner(store, batch_size=batch_size)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=self.runner.follow, args=(self.stop,), name="projections", daemon=True
+        )
+
+    def start(self) -> EmbeddedRunner:
+        self.thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.stop.set()
+        self.thread.join(timeout_s)
