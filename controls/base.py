@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from controls.codes import Code
+from controls.policy import DEFAULT_POLICY as DEFAULT_POLICY
+from controls.policy import Policy as Policy
 
 
 class AccountView(Protocol):
@@ -33,6 +35,8 @@ class AccountView(Protocol):
 
 
 class LedgerView(Protocol):
+    """What controls may read of a platform's live state (see ledger.domain.PlatformState)."""
+
     @property
     def accounts(self) -> Mapping[str, Any]: ...
     @property
@@ -40,14 +44,24 @@ class LedgerView(Protocol):
         """currency -> [sum of posted debits, sum of posted credits]."""
         ...
 
-
-class Policy(msgspec.Struct, frozen=True, kw_only=True):
-    """Versioned policy data. Version 0 is the built-in default before any policy is set."""
-
-    version: int = 0
-
-
-DEFAULT_POLICY: Final = Policy()
+    @property
+    def gate(self) -> str: ...
+    @property
+    def requests(self) -> Mapping[str, Any]: ...
+    @property
+    def standing(self) -> Mapping[str, Any]: ...
+    @property
+    def nonces(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def day_counters(self) -> Mapping[tuple[str, str], tuple[int, int]]: ...
+    @property
+    def day_lvt(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def day_outflow(self) -> Mapping[str, int]: ...
+    @property
+    def day_start_custody(self) -> Mapping[str, int]: ...
+    def recent_failures(self, account_id: str, now_ms: int) -> tuple[int, ...]: ...
+    def day_start_ms(self) -> int: ...
 
 
 class Proposal:
@@ -58,7 +72,22 @@ class Proposal:
     these generic fields so that one control serves every kind of movement.
     """
 
-    __slots__ = ("cmd", "currency", "entries", "hold", "op", "subject")
+    __slots__ = (
+        "actor",
+        "auth_payload",
+        "cmd",
+        "currency",
+        "entries",
+        "executing",
+        "hold",
+        "op",
+        "request",
+        "resolving",
+        "role",
+        "subject",
+        "tokens",
+        "ts",
+    )
 
     def __init__(
         self,
@@ -75,6 +104,23 @@ class Proposal:
         self.entries = entries
         self.hold = hold
         self.subject = subject
+        # set by the writer before the controls run
+        self.actor = ""
+        self.role = ""  # platform | operator | checker | system (the actor's prefix)
+        self.ts = 0  # the record's time, ms
+        self.executing = False  # a checker's approval executes this (maker-checker done)
+        self.auth_payload: bytes | None = None  # what the customer signed, if anything
+        self.tokens: tuple[str, ...] = ()  # screening tokens of new personal data
+        self.request: Any = None  # approve/reject: the pending request
+        self.resolving: Any = None  # capture/release/settle/fail: the hold
+
+    def debit_account(self) -> str | None:
+        """The account money leaves (first posting, or the new reservation)."""
+        if self.hold is not None:
+            return self.hold[0]
+        if self.entries:
+            return self.entries[0][0]
+        return None
 
 
 class Refusal(msgspec.Struct, frozen=True):
@@ -86,10 +132,17 @@ class Refusal(msgspec.Struct, frozen=True):
 
 
 CheckFn = Callable[[LedgerView, Proposal, Policy], Refusal | None]
+# An annotating control adds tags to an accepted record; it never refuses.
+AnnotateFn = Callable[[LedgerView, Proposal, Policy], list[dict[str, Any]] | None]
+
+
+def _accept(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | None:
+    return None
 
 
 class Control(msgspec.Struct, frozen=True):
     name: str
     priority: int  # lower runs first; the catalogue order of BRIEF §4
     ops: frozenset[str] | None  # None = every operation
-    check: CheckFn
+    check: CheckFn = _accept
+    annotate: AnnotateFn | None = None

@@ -8,9 +8,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
+from typing import Any
 
 import controls
-from controls.base import CheckFn, Control, LedgerView, Policy, Proposal, Refusal
+from controls.base import (
+    AnnotateFn,
+    CheckFn,
+    Control,
+    LedgerView,
+    Policy,
+    Proposal,
+    Refusal,
+    _accept,
+)
 
 
 @cache
@@ -29,7 +39,32 @@ def all_controls() -> tuple[Control, ...]:
 
 @cache
 def checks_for(op: str) -> tuple[tuple[str, CheckFn], ...]:
-    return tuple((c.name, c.check) for c in all_controls() if c.ops is None or op in c.ops)
+    return tuple(
+        (c.name, c.check)
+        for c in all_controls()
+        if (c.ops is None or op in c.ops) and c.check is not _accept
+    )
+
+
+@cache
+def annotators_for(op: str) -> tuple[AnnotateFn, ...]:
+    return tuple(
+        c.annotate
+        for c in all_controls()
+        if (c.ops is None or op in c.ops) and c.annotate is not None
+    )
+
+
+def run_annotators(
+    state: LedgerView, proposal: Proposal, policy: Policy
+) -> list[dict[str, Any]] | None:
+    """Tags of an accepted proposal (large-value reporting); None when there are none."""
+    tags: list[dict[str, Any]] | None = None
+    for annotate in annotators_for(proposal.op):
+        found = annotate(state, proposal, policy)
+        if found:
+            tags = (tags or []) + found
+    return tags
 
 
 def run_controls(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | None:

@@ -12,20 +12,37 @@ from typing import Final
 
 import msgspec
 
+from controls.policy import Policy
+
 MAX_ID_LEN: Final = 64
 MAX_CLIENT_ID_LEN: Final = 128
 MAX_TEXT_LEN: Final = 256
 MAX_BATCH_COMMANDS: Final = 8192
 
 
-class Command(msgspec.Struct, frozen=True, tag_field="op", kw_only=True):
-    """Base: every instruction carries a client id unique within the platform (AIP-155)."""
+class Command(msgspec.Struct, frozen=True, tag_field="op", kw_only=True, omit_defaults=True):
+    """Base: every instruction carries a client id unique within the platform (AIP-155).
+
+    Defaults are omitted from the canonical bytes: optional fields cost nothing when unused.
+    """
 
     client_id: str
 
 
+class Authorisation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The customer's consent to one debit: an Ed25519 signature over the instruction's
+    authorisation payload (`controls.customer_authorisation.payload`), bound to its nonce and
+    expiry; or the id of a standing authorisation (auto-bid, auto-repay) the customer signed."""
+
+    nonce: str = ""
+    expires_at_ms: int = 0
+    signature: str = ""  # base64url without padding, 64 bytes
+    standing_id: str = ""
+
+
 class CreatePlatform(Command, tag="create_platform", frozen=True, kw_only=True):
     name: str
+    policy: Policy | None = None  # the platform's policy version 0; None = the built-in default
 
 
 class OpenAccount(Command, tag="open_account", frozen=True, kw_only=True):
@@ -34,6 +51,8 @@ class OpenAccount(Command, tag="open_account", frozen=True, kw_only=True):
     currency: str
     role: str | None = None
     holder_name: str | None = None  # personal data: encrypted before it reaches the log
+    holder_type: str = "individual"  # individual | corporate (large-value thresholds differ)
+    public_key: str = ""  # the customer's Ed25519 key (base64url), registered at opening
 
 
 class FreezeAccount(Command, tag="freeze_account", frozen=True, kw_only=True):
@@ -66,6 +85,7 @@ class Transfer(Command, tag="transfer", frozen=True, kw_only=True):
     amount_minor: int
     currency: str
     purpose: str = "transfer"  # transfer | bid | disbursement | repayment | compensation | clearing
+    auth: Authorisation | None = None
 
 
 class ChargeFee(Command, tag="charge_fee", frozen=True, kw_only=True):
@@ -93,16 +113,20 @@ class PlaceHold(Command, tag="place_hold", frozen=True, kw_only=True):
     currency: str
     reason: str
     expires_at_ms: int
+    owner_ref: str = ""  # e.g. the project a bid is for; capture and release must name it
+    auth: Authorisation | None = None
 
 
 class CaptureHold(Command, tag="capture_hold", frozen=True, kw_only=True):
     hold_id: str
     amount_minor: int  # <= held; the remainder is released
+    owner_ref: str = ""
 
 
 class ReleaseHold(Command, tag="release_hold", frozen=True, kw_only=True):
     hold_id: str
     reason: str
+    owner_ref: str = ""
 
 
 class ExpireHolds(Command, tag="expire_holds", frozen=True, kw_only=True):
@@ -118,8 +142,9 @@ class RequestWithdrawal(Command, tag="request_withdrawal", frozen=True, kw_only=
     mirror_account_id: str
     amount_minor: int
     currency: str
-    payee_ref: str
+    payee_ref: str  # the alias of the customer's bound bank account (see BindPayee)
     expires_at_ms: int
+    auth: Authorisation | None = None
 
 
 class SettleWithdrawal(Command, tag="settle_withdrawal", frozen=True, kw_only=True):
@@ -136,6 +161,69 @@ class Reverse(Command, tag="reverse", frozen=True, kw_only=True):
     """Undo an earlier posted movement by a new, opposite one; the original stays as it was."""
 
     movement_id: str
+    reason: str
+
+
+class RegisterKey(Command, tag="register_key", frozen=True, kw_only=True):
+    """Register (first time) or rotate a customer's key; rotation is signed by the old key."""
+
+    account_id: str
+    public_key: str
+    auth: Authorisation | None = None
+
+
+class ResetKey(Command, tag="reset_key", frozen=True, kw_only=True):
+    """Replace a lost customer key: an operator asks, a checker approves (maker-checker)."""
+
+    account_id: str
+    public_key: str
+    reason: str
+
+
+class BindPayee(Command, tag="bind_payee", frozen=True, kw_only=True):
+    """Bind the customer's same-name bank account for payouts; signed by the customer."""
+
+    account_id: str
+    payee_ref: str  # alias that withdrawals name
+    bank_account: str  # personal data: sealed before it reaches the log
+    holder_name: str  # personal data: must match the account holder (compared blinded)
+    auth: Authorisation | None = None
+
+
+class GrantStanding(Command, tag="grant_standing", frozen=True, kw_only=True):
+    """A customer-signed standing authorisation (auto-bid, auto-repay) within a cap."""
+
+    account_id: str
+    standing_id: str
+    purpose: str  # the transfer purpose it covers
+    payee_account_id: str = ""  # "" = any payee
+    per_txn_max_minor: int
+    valid_until_ms: int
+    auth: Authorisation | None = None
+
+
+class RevokeStanding(Command, tag="revoke_standing", frozen=True, kw_only=True):
+    account_id: str
+    standing_id: str
+
+
+class SetPolicy(Command, tag="set_policy", frozen=True, kw_only=True):
+    """Propose the next policy version (its `version` must be the current one + 1)."""
+
+    policy: Policy
+
+
+class SetGate(Command, tag="set_gate", frozen=True, kw_only=True):
+    gate: str  # NORMAL | RESTRICTED | WIND_DOWN | FROZEN
+    reason: str
+
+
+class ApproveRequest(Command, tag="approve_request", frozen=True, kw_only=True):
+    request_id: str
+
+
+class RejectRequest(Command, tag="reject_request", frozen=True, kw_only=True):
+    request_id: str
     reason: str
 
 
@@ -157,6 +245,15 @@ AnyCommand = (
     | SettleWithdrawal
     | FailWithdrawal
     | Reverse
+    | RegisterKey
+    | ResetKey
+    | BindPayee
+    | GrantStanding
+    | RevokeStanding
+    | SetPolicy
+    | SetGate
+    | ApproveRequest
+    | RejectRequest
 )
 
 COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
@@ -177,7 +274,18 @@ COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     SettleWithdrawal,
     FailWithdrawal,
     Reverse,
+    RegisterKey,
+    ResetKey,
+    BindPayee,
+    GrantStanding,
+    RevokeStanding,
+    SetPolicy,
+    SetGate,
+    ApproveRequest,
+    RejectRequest,
 )
+GATES: Final = ("NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN")
+HOLDER_TYPES: Final = frozenset({"individual", "corporate"})
 
 TRANSFER_PURPOSES: Final = frozenset(
     {"transfer", "bid", "disbursement", "repayment", "compensation", "clearing"}

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from controls.base import Proposal, Refusal
 from controls.codes import Code
+from controls.policy import DEFAULT_POLICY, policy_problem
 from ledger import commands as c
 from ledger.domain import AccountKind, HoldStatus, PlatformState
 
@@ -68,6 +71,9 @@ def _new_hold(
         "reason": reason,
         "kind": "withdrawal" if op == "request_withdrawal" else "hold",
     }
+    owner_ref = getattr(cmd, "owner_ref", "")
+    if owner_ref:
+        hold["owner"] = owner_ref
     return proposal, {"ccy": cmd.currency, "hold": hold}
 
 
@@ -103,6 +109,7 @@ def _pending_hold(state: PlatformState, hold_id: str, kind: str) -> Any:
 def _resolve(op: str, cmd: Any, hold: Any, captured: int, status: HoldStatus) -> Plan:
     entries = ((hold.debit, hold.credit, captured),) if captured else ()
     proposal = Proposal(op, cmd, None, entries=entries)
+    proposal.resolving = hold
     return proposal, {"resolve": [[hold.id, captured, status.value]]}
 
 
@@ -159,7 +166,11 @@ def plan_expire(state: PlatformState, cmd: c.ExpireHolds, now_ms: int) -> Plan:
 
 
 def plan_reverse(state: PlatformState, cmd: c.Reverse) -> Plan:
-    original = state.done.get(cmd.movement_id)
+    movement_id = cmd.movement_id
+    request = state.requests.get(movement_id)
+    if request is not None and request.executed_by is not None:
+        movement_id = request.executed_by  # an approved request: reverse what executed it
+    original = state.done.get(movement_id)
     if original is None:
         return _refuse(Code.MOVEMENT_NOT_FOUND, f"no movement {cmd.movement_id!r}")
     if original.kind not in REVERSIBLE_KINDS or not original.entries:
@@ -172,7 +183,7 @@ def plan_reverse(state: PlatformState, cmd: c.Reverse) -> Plan:
     return proposal, {
         "ccy": currency,
         "entries": [list(e) for e in entries],
-        "reverses": cmd.movement_id,
+        "reverses": movement_id,
     }
 
 
@@ -198,7 +209,101 @@ def _lifecycle(op: str) -> Callable[[PlatformState, Any], Plan]:
 def plan_create_platform(state: PlatformState, cmd: c.CreatePlatform) -> Plan:
     if state.created:
         return _refuse(Code.PLATFORM_EXISTS, "the platform already exists")
-    return Proposal("create_platform", cmd), {"name": cmd.name}
+    policy = cmd.policy if cmd.policy is not None else DEFAULT_POLICY
+    problem = policy_problem(policy)
+    if problem is None and policy.version != 0:
+        problem = "a platform starts at policy version 0"
+    if problem is not None:
+        return _refuse(Code.POLICY_INVALID, problem)
+    return Proposal("create_platform", cmd), {
+        "name": cmd.name,
+        "policy": msgspec.to_builtins(policy, order="sorted"),
+    }
+
+
+def _customer(state: PlatformState, account_id: str) -> Any:
+    account = state.accounts.get(account_id)
+    if account is None or account.kind is not AccountKind.CUSTOMER:
+        return _refuse(Code.ACCOUNT_NOT_FOUND, f"no customer account {account_id!r}")
+    if account.status == "closed":
+        return _refuse(Code.ACCOUNT_CLOSED, f"account {account_id!r} is closed")
+    return account
+
+
+def plan_register_key(state: PlatformState, cmd: Any) -> Plan:
+    """register_key (the customer's own rotation) and reset_key (operator, maker-checker)."""
+    account = _customer(state, cmd.account_id)
+    if isinstance(account, Refusal):
+        return account
+    op = "register_key" if type(cmd) is c.RegisterKey else "reset_key"
+    return Proposal(op, cmd), {"key": {"account": account.id, "pub": cmd.public_key}}
+
+
+def plan_bind_payee(state: PlatformState, cmd: c.BindPayee) -> Plan:
+    account = _customer(state, cmd.account_id)
+    if isinstance(account, Refusal):
+        return account
+    # the writer adds the sealed bank account and its screening token
+    return Proposal("bind_payee", cmd), {"payee": {"account": account.id, "ref": cmd.payee_ref}}
+
+
+def plan_grant_standing(state: PlatformState, cmd: c.GrantStanding, now_ms: int) -> Plan:
+    account = _customer(state, cmd.account_id)
+    if isinstance(account, Refusal):
+        return account
+    if cmd.standing_id in state.standing:
+        return _refuse(Code.INVALID_ARGUMENT, f"standing authorisation {cmd.standing_id!r} exists")
+    if not now_ms < cmd.valid_until_ms <= now_ms + state.policy.standing_max_ms:
+        return _refuse(
+            Code.AUTHORISATION_INVALID, "a standing authorisation's validity is out of range"
+        )
+    spec = {
+        "id": cmd.standing_id,
+        "account": account.id,
+        "purpose": cmd.purpose,
+        "payee": cmd.payee_account_id,
+        "cap": cmd.per_txn_max_minor,
+        "until": cmd.valid_until_ms,
+    }
+    return Proposal("grant_standing", cmd), {"standing": spec}
+
+
+def plan_revoke_standing(state: PlatformState, cmd: c.RevokeStanding) -> Plan:
+    standing = state.standing.get(cmd.standing_id)
+    if standing is None or standing.account != cmd.account_id or standing.revoked:
+        return _refuse(Code.STANDING_NOT_FOUND, f"no standing authorisation {cmd.standing_id!r}")
+    return Proposal("revoke_standing", cmd), {"revokes": cmd.standing_id}
+
+
+def plan_set_policy(state: PlatformState, cmd: c.SetPolicy) -> Plan:
+    problem = policy_problem(cmd.policy)
+    if problem is not None:
+        return _refuse(Code.POLICY_INVALID, problem)
+    if cmd.policy.version != state.policy.version + 1:
+        return _refuse(
+            Code.POLICY_VERSION_CONFLICT,
+            f"the next policy version is {state.policy.version + 1}",
+        )
+    return Proposal("set_policy", cmd), {"policy": msgspec.to_builtins(cmd.policy, order="sorted")}
+
+
+def plan_set_gate(state: PlatformState, cmd: c.SetGate) -> Plan:
+    if cmd.gate == state.gate:
+        return _refuse(Code.GATE_UNCHANGED, f"the platform is already {cmd.gate}")
+    return Proposal("set_gate", cmd), {"gate": cmd.gate}
+
+
+def plan_approve(state: PlatformState, cmd: c.ApproveRequest) -> Plan:
+    """The approval's own checks; the writer then plans and checks the request's command."""
+    proposal = Proposal("approve_request", cmd)
+    proposal.request = state.requests.get(cmd.request_id)
+    return proposal, {"executes": cmd.request_id}
+
+
+def plan_reject(state: PlatformState, cmd: c.RejectRequest) -> Plan:
+    proposal = Proposal("reject_request", cmd)
+    proposal.request = state.requests.get(cmd.request_id)
+    return proposal, {"rejects": cmd.request_id}
 
 
 _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
@@ -215,12 +320,21 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
     c.SettleWithdrawal: plan_settle,
     c.FailWithdrawal: plan_fail,
     c.Reverse: plan_reverse,
+    c.RegisterKey: plan_register_key,
+    c.ResetKey: plan_register_key,
+    c.BindPayee: plan_bind_payee,
+    c.RevokeStanding: plan_revoke_standing,
+    c.SetPolicy: plan_set_policy,
+    c.SetGate: plan_set_gate,
+    c.ApproveRequest: plan_approve,
+    c.RejectRequest: plan_reject,
 }
 _TIMED_PLANNERS: dict[type, Callable[[PlatformState, Any, int], Plan]] = {
     c.PlaceHold: plan_place_hold,
     c.CaptureHold: plan_capture,
     c.RequestWithdrawal: plan_withdrawal,
     c.ExpireHolds: plan_expire,
+    c.GrantStanding: plan_grant_standing,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Final
 
+from controls.policy import DAY_MS, DEFAULT_POLICY, Policy
 from ledger.money import SUM_MAX_MINOR
 
 
@@ -61,13 +62,21 @@ class Account:
         "debits_pending_minor",
         "debits_posted_minor",
         "holder",
+        "holder_blind",
+        "holder_type",
         "id",
         "kind",
         "last_seq",
         "must_not_go_negative",
         "opened_seq",
+        "payee_bank",
+        "payee_bound_ms",
+        "payee_ref",
+        "payee_replaced",
+        "public_key",
         "role",
         "status",
+        "tokens",
     )
 
     def __init__(
@@ -92,6 +101,15 @@ class Account:
         self.credits_posted_minor = 0
         self.debits_pending_minor = 0
         self.credits_pending_minor = 0
+        # customer facts the controls need: blinded holder name, key, bound payout account
+        self.holder_blind: str | None = None
+        self.holder_type = "individual"
+        self.public_key = ""
+        self.payee_ref = ""
+        self.payee_bank: dict[str, str] | None = None
+        self.payee_bound_ms = 0
+        self.payee_replaced = False  # the binding replaced an earlier one: cool-off applies
+        self.tokens: tuple[str, ...] = ()  # screening tokens of the holder and bound accounts
 
     @property
     def posted_minor(self) -> int:
@@ -124,6 +142,7 @@ class Hold:
         "expires_at_ms",
         "id",
         "kind",
+        "owner_ref",
         "placed_seq",
         "reason",
         "status",
@@ -139,7 +158,9 @@ class Hold:
         reason: str,
         kind: str,
         placed_seq: int,
+        owner_ref: str = "",
     ) -> None:
+        self.owner_ref = owner_ref
         self.id = hold_id
         self.debit = debit
         self.credit = credit
@@ -170,6 +191,44 @@ class Done:
         self.reversed_by: str | None = None
 
 
+class PendingRequest:
+    """A manual operation waiting for a checker (maker-checker)."""
+
+    __slots__ = ("cmd", "executed_by", "expires_at_ms", "id", "maker", "op", "seq", "status")
+
+    def __init__(
+        self, request_id: str, op: str, cmd: dict[str, Any], maker: str, expires: int, seq: int
+    ) -> None:
+        self.id = request_id
+        self.op = op
+        self.cmd = cmd
+        self.maker = maker
+        self.expires_at_ms = expires
+        self.seq = seq
+        self.status = "pending"  # pending | approved | rejected
+        self.executed_by: str | None = None
+
+
+class Standing:
+    """A customer-signed standing authorisation (auto-bid, auto-repay)."""
+
+    __slots__ = ("account", "id", "payee", "per_txn_max_minor", "purpose", "revoked", "valid_until")
+
+    def __init__(
+        self, standing_id: str, account: str, purpose: str, payee: str, cap: int, until: int
+    ) -> None:
+        self.id = standing_id
+        self.account = account
+        self.purpose = purpose
+        self.payee = payee
+        self.per_txn_max_minor = cap
+        self.valid_until = until
+        self.revoked = False
+
+
+_MISSING: Final = object()
+
+
 class StateError(Exception):
     """A record does not apply to the state: the log is inconsistent (corrupt or forged)."""
 
@@ -187,7 +246,16 @@ _ACCOUNT_MUTABLE = (
 class Savepoint:
     """Old values of everything touched since it was taken, so a linked batch can be undone."""
 
-    __slots__ = ("accounts", "done", "holds", "new_accounts", "new_done", "new_holds", "scalars")
+    __slots__ = (
+        "accounts",
+        "done",
+        "holds",
+        "new_accounts",
+        "new_done",
+        "new_holds",
+        "scalars",
+        "undo",
+    )
 
     def __init__(self, state: PlatformState) -> None:
         self.accounts: dict[str, tuple[Any, ...]] = {}
@@ -196,11 +264,20 @@ class Savepoint:
         self.new_accounts: list[str] = []
         self.new_holds: list[str] = []
         self.new_done: list[str] = []
+        # (dict, key, old value or _MISSING) for the per-day and authorisation tables
+        self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
         self.scalars = (
             state.next_seq,
             state.last_ts_ms,
             state.created,
             {k: list(v) for k, v in state.totals_by_currency.items()},
+            state.day,
+            state.day_counters,
+            state.day_lvt,
+            state.day_outflow,
+            state.day_start_custody,
+            state.nonces,
+            state.auth_failures,
         )
 
 
@@ -210,13 +287,25 @@ class PlatformState:
     __slots__ = (
         "_sp",
         "accounts",
+        "auth_failures",
         "created",
+        "day",
+        "day_counters",
+        "day_lvt",
+        "day_outflow",
+        "day_start_custody",
         "done",
+        "gate",
         "holds",
         "last_ts_ms",
         "next_seq",
+        "nonces",
+        "omnibus_ids",
         "pending_holds",
         "platform_id",
+        "policy",
+        "requests",
+        "standing",
         "totals_by_currency",
     )
 
@@ -233,6 +322,21 @@ class PlatformState:
         # currency -> [sum of posted debits, sum of posted credits]; equal at every record.
         self.totals_by_currency: dict[str, list[int]] = {}
         self._sp: Savepoint | None = None
+        # governance: the policy in force, the platform gate, manual requests, standing auths
+        self.policy: Policy = DEFAULT_POLICY
+        self.gate = "NORMAL"
+        self.requests: dict[str, PendingRequest] = {}
+        self.standing: dict[str, Standing] = {}
+        self.omnibus_ids: list[str] = []
+        # customer authorisation: (account, nonce) -> expiry, and recent failures per account
+        self.nonces: dict[tuple[str, str], int] = {}
+        self.auth_failures: dict[str, tuple[int, ...]] = {}
+        # the business day (policy.day_offset_ms) and what happened in it so far
+        self.day = -1
+        self.day_counters: dict[tuple[str, str], tuple[int, int]] = {}  # (acct, op)->(sum, n)
+        self.day_lvt: dict[tuple[str, str], int] = {}  # (customer acct, "in"|"out") -> sum
+        self.day_outflow: dict[str, int] = {}  # currency -> withdrawals - deposits, customers
+        self.day_start_custody: dict[str, int] = {}  # currency -> omnibus balance at day start
 
     # -- savepoints (linked batches) ------------------------------------------------------------
 
@@ -260,13 +364,31 @@ class PlatformState:
         for cid, reversed_by in sp.done.items():
             self.done[cid].reversed_by = reversed_by
         for account_id in sp.new_accounts:
-            del self.accounts[account_id]
+            if self.accounts.pop(account_id).kind is AccountKind.OMNIBUS:
+                self.omnibus_ids.remove(account_id)
         for hold_id in sp.new_holds:
             del self.holds[hold_id]
             self.pending_holds.pop(hold_id, None)
         for cid in sp.new_done:
             del self.done[cid]
-        self.next_seq, self.last_ts_ms, self.created, self.totals_by_currency = sp.scalars
+        for table, key, old in reversed(sp.undo):
+            if old is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = old
+        (
+            self.next_seq,
+            self.last_ts_ms,
+            self.created,
+            self.totals_by_currency,
+            self.day,
+            self.day_counters,
+            self.day_lvt,
+            self.day_outflow,
+            self.day_start_custody,
+            self.nonces,
+            self.auth_failures,
+        ) = sp.scalars
 
     def _save_account(self, sp: Savepoint, account: Account) -> None:
         if account.id not in sp.accounts:
@@ -278,6 +400,8 @@ class PlatformState:
         if account.id in self.accounts:
             raise StateError(f"record {account.opened_seq}: account {account.id!r} opened twice")
         self.accounts[account.id] = account
+        if account.kind is AccountKind.OMNIBUS:
+            self.omnibus_ids.append(account.id)
         if self._sp is not None:
             self._sp.new_accounts.append(account.id)
 
@@ -363,6 +487,46 @@ class PlatformState:
         del self.pending_holds[hold_id]
         if captured_minor:
             self.post(hold.debit, hold.credit, captured_minor, seq)
+
+    # -- the business day and authorisation tables (journaled inside savepoints) -------------
+
+    def put(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        sp = self._sp
+        if sp is not None:
+            sp.undo.append((table, key, table.get(key, _MISSING)))
+        table[key] = value
+
+    def roll_day(self, ts_ms: int) -> None:
+        """Start a new business day when `ts_ms` falls in one: per-day tables restart, the
+        custody balance at its start is noted, expired nonces and old failures are dropped."""
+        day = (ts_ms + self.policy.day_offset_ms) // DAY_MS
+        if day == self.day:
+            return
+        self.day = day
+        self.day_counters = {}
+        self.day_lvt = {}
+        self.day_outflow = {}
+        custody: dict[str, int] = {}
+        for account_id in self.omnibus_ids:
+            account = self.accounts[account_id]
+            custody[account.currency] = custody.get(account.currency, 0) + account.posted_minor
+        self.day_start_custody = custody
+        self.nonces = {k: exp for k, exp in self.nonces.items() if exp >= ts_ms}
+        window = self.policy.auth_failure_window_ms + self.policy.auth_lock_ms
+        self.auth_failures = {
+            k: kept
+            for k, times in self.auth_failures.items()
+            if (kept := tuple(t for t in times if t > ts_ms - window))
+        }
+
+    def day_start_ms(self) -> int:
+        return self.day * DAY_MS - self.policy.day_offset_ms
+
+    def recent_failures(self, account_id: str, since_ms: int) -> tuple[int, ...]:
+        """Bad-signature times of an account within the failure window before `since_ms`
+        and after it (callers pass now - lock duration to see failures that still lock)."""
+        window = self.policy.auth_failure_window_ms
+        return tuple(t for t in self.auth_failures.get(account_id, ()) if t > since_ms - window)
 
     def totals_balanced(self) -> bool:
         return all(d == c for d, c in self.totals_by_currency.values())

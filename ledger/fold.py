@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from controls.policy import policy_from_record
 from ledger import records
-from ledger.domain import Account, AccountKind, AccountStatus, Done, Hold, HoldStatus, PlatformState
+from ledger.domain import (
+    Account,
+    AccountKind,
+    AccountStatus,
+    Done,
+    Hold,
+    HoldStatus,
+    PendingRequest,
+    PlatformState,
+    Standing,
+)
 from ledger.domain import StateError as StateError
 
 _STATUS_BY_KIND = {
@@ -15,6 +26,14 @@ _STATUS_BY_KIND = {
 }
 _HOLD_STATUS = {s.value: s for s in HoldStatus}
 _EFFECT_KEYS = frozenset({"entries", "hold", "resolve", "account", "subject", "reverses"})
+_CUSTOMER = AccountKind.CUSTOMER
+# record kinds counted against per-account daily limits, by the operation that produced them
+COUNTED_KINDS = {
+    "transferred": "transfer",
+    "hold_placed": "place_hold",
+    "withdrawal_requested": "request_withdrawal",
+    "fee_charged": "charge_fee",
+}
 
 
 def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | None) -> None:
@@ -23,6 +42,7 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
     ts = rec["ts"]
     if seq != state.next_seq or rec["platform"] != state.platform_id or ts < state.last_ts_ms:
         raise StateError(_misplaced(state, rec))
+    state.roll_day(ts)
     kind = rec["kind"]
     if kind != records.REFUSED_KIND:
         entries = rec.get("entries")
@@ -40,10 +60,65 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
         else:
             posted = _posted(state, rec)
             _apply_accepted(state, rec, kind, seq)
+        executes = rec.get("executes")
+        if executes is not None:
+            _executed(state, executes, rec["cid"], seq)
+        _note_activity(state, rec, kind, posted)
         if fingerprint is not None:
             state.add_done(rec["cid"], Done(fingerprint, seq, kind, posted))
+    else:
+        failed = rec.get("auth_failed")
+        if failed is not None:
+            state.put(state.auth_failures, failed, (*state.auth_failures.get(failed, ()), ts))
     state.next_seq = seq + 1
     state.last_ts_ms = ts
+
+
+def _note_activity(
+    state: PlatformState, rec: dict[str, Any], kind: str, posted: list[list[Any]] | None
+) -> None:
+    """Per-day tables the limits, outflow and large-value controls read; nonces consumed."""
+    accounts = state.accounts
+    op = COUNTED_KINDS.get(kind)
+    if op is not None:
+        hold = rec.get("hold")
+        debit_id, credit_id, amount = (
+            (hold["debit"], hold["credit"], hold["amount"]) if hold else posted[0]  # type: ignore[index]
+        )
+        debit = accounts[debit_id]
+        if debit.kind is _CUSTOMER:
+            key = (debit_id, op)
+            total, count = state.day_counters.get(key, (0, 0))
+            state.put(state.day_counters, key, (total + amount, count + 1))
+            if op == "request_withdrawal":
+                ccy = debit.currency
+                state.put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) + amount)
+    if posted:
+        lvt = state.day_lvt
+        for debit_id, credit_id, amount in posted:
+            if accounts[debit_id].kind is _CUSTOMER:
+                state.put(lvt, (debit_id, "out"), lvt.get((debit_id, "out"), 0) + amount)
+            credit = accounts[credit_id]
+            if credit.kind is _CUSTOMER:
+                state.put(lvt, (credit_id, "in"), lvt.get((credit_id, "in"), 0) + amount)
+                if kind == "deposited":
+                    ccy = credit.currency
+                    state.put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) - amount)
+    cmd = rec["cmd"]
+    # The writer hands over the command as raw canonical bytes unless it carries something the
+    # state keeps (an authorisation nonce, account facts, a request); replay always decodes it.
+    auth = cmd.get("auth") if type(cmd) is dict else None
+    if auth is not None and auth.get("nonce"):
+        account_id = cmd.get("from_account_id") or cmd.get("account_id")
+        state.put(state.nonces, (account_id, auth["nonce"]), auth["expires_at_ms"])
+
+
+def _executed(state: PlatformState, request_id: str, by_cid: str, seq: int) -> None:
+    request = state.requests.get(request_id)
+    if request is None or request.status != "pending":
+        raise StateError(f"record {seq}: request {request_id!r} is not pending")
+    request.status = "approved"
+    request.executed_by = by_cid
 
 
 def _check_mirror(state: PlatformState, reverses: str, entries: list[list[Any]], seq: int) -> None:
@@ -84,6 +159,10 @@ def _apply_accepted(state: PlatformState, rec: dict[str, Any], kind: str, seq: i
         if seq != 0 or state.created or _EFFECT_KEYS.intersection(rec):
             raise StateError(f"record {seq}: platform_created must come first and move nothing")
         state.created = True
+        if "policy" in rec:
+            state.policy = policy_from_record(rec["policy"])
+            state.day = -1  # the day boundary may differ from the default's
+            state.roll_day(rec["ts"])
         return
     if not state.created:
         raise StateError(f"record {seq}: platform not created yet")
@@ -99,6 +178,7 @@ def _apply_accepted(state: PlatformState, rec: dict[str, Any], kind: str, seq: i
                 hold["reason"],
                 hold["kind"],
                 seq,
+                hold.get("owner", ""),
             )
         )
         return
@@ -113,18 +193,101 @@ def _apply_accepted(state: PlatformState, rec: dict[str, Any], kind: str, seq: i
 def _apply_lifecycle(state: PlatformState, rec: dict[str, Any], kind: str, seq: int) -> None:
     if kind == "account_opened":
         spec = rec["account"]
-        state.add_account(
-            Account(
-                spec["id"],
-                AccountKind(spec["kind"]),
-                spec["ccy"],
-                spec["role"],
-                seq,
-                spec.get("holder"),
-            )
+        account = Account(
+            spec["id"],
+            AccountKind(spec["kind"]),
+            spec["ccy"],
+            spec["role"],
+            seq,
+            spec.get("holder"),
         )
+        _account_opened_extras(account, rec)
+        state.add_account(account)
         return
     status = _STATUS_BY_KIND.get(kind)
-    if status is None:
+    if status is not None:
+        state.set_status(state.accounts[rec["subject"]], status, seq)
+        return
+    governance = _GOVERNANCE.get(kind)
+    if governance is None:
         raise StateError(f"record {seq}: unknown record kind {kind!r}")
-    state.set_status(state.accounts[rec["subject"]], status, seq)
+    assert state._sp is None, "governance records never run inside a linked batch"
+    governance(state, rec, seq)
+
+
+def _account_opened_extras(account: Account, rec: dict[str, Any]) -> None:
+    cmd = rec["cmd"]
+    assert type(cmd) is dict
+    account.holder_blind = cmd.get("holder_name")
+    account.holder_type = cmd.get("holder_type", "individual")
+    account.public_key = cmd.get("public_key", "")
+    account.tokens = tuple(rec["account"].get("screen", ()))
+
+
+def _policy_set(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    policy = policy_from_record(rec["policy"])
+    if policy.version != state.policy.version + 1:
+        raise StateError(f"record {seq}: policy version {policy.version} out of order")
+    state.policy = policy
+
+
+def _gate_set(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    state.gate = rec["gate"]
+
+
+def _key_registered(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    key = rec["key"]
+    state.accounts[key["account"]].public_key = key["pub"]
+
+
+def _payee_bound(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    payee = rec["payee"]
+    account = state.accounts[payee["account"]]
+    account.payee_replaced = bool(account.payee_ref)
+    account.payee_ref = payee["ref"]
+    account.payee_bank = payee["bank"]
+    account.payee_bound_ms = rec["ts"]
+    token = payee.get("screen")
+    if token:
+        account.tokens = (*account.tokens, token)
+
+
+def _standing_granted(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    spec = rec["standing"]
+    if spec["id"] in state.standing:
+        raise StateError(f"record {seq}: standing authorisation {spec['id']!r} granted twice")
+    state.standing[spec["id"]] = Standing(
+        spec["id"], spec["account"], spec["purpose"], spec["payee"], spec["cap"], spec["until"]
+    )
+
+
+def _standing_revoked(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    state.standing[rec["revokes"]].revoked = True
+
+
+def _approval_requested(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    spec = rec["request"]
+    if spec["id"] in state.requests:
+        raise StateError(f"record {seq}: request {spec['id']!r} made twice")
+    state.requests[spec["id"]] = PendingRequest(
+        spec["id"], spec["op"], rec["cmd"], rec["actor"], spec["expires"], seq
+    )
+
+
+def _approval_rejected(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    request = state.requests.get(rec["rejects"])
+    if request is None or request.status != "pending":
+        raise StateError(f"record {seq}: request {rec['rejects']!r} is not pending")
+    request.status = "rejected"
+
+
+_GOVERNANCE = {
+    "policy_set": _policy_set,
+    "gate_set": _gate_set,
+    "key_registered": _key_registered,
+    "payee_bound": _payee_bound,
+    "standing_granted": _standing_granted,
+    "standing_revoked": _standing_revoked,
+    "approval_requested": _approval_requested,
+    "approval_rejected": _approval_rejected,
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
+import unicodedata
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, Final
@@ -55,6 +56,8 @@ class PiiVault:
         self._ph = "%s" if is_postgres else "?"
         self._blob = "BYTEA" if is_postgres else "BLOB"
         self._master = AESGCM(master_key)
+        # One ledger-wide key for screening tokens, so a blocklist entry matches any account.
+        self._screen_key = hmac.new(master_key, b"custody-screening/v1", sha256).digest()
         schema = getattr(datastore, "schema", "") if is_postgres else ""
         self._table = f'"{schema}".{_TABLE}' if schema else _TABLE
         self._cache: dict[tuple[str, str], tuple[AESGCM, bytes]] = {}
@@ -131,6 +134,16 @@ class PiiVault:
         blind_key = self._keys(platform_id, subject, create=True)[1]
         digest = hmac.new(blind_key, value.encode(), sha256).hexdigest()
         return "blind:" + digest[:32]
+
+    def screening_token(self, value: str) -> str:
+        """Keyed hash of a normalised name or bank account, for blocklists (C14).
+
+        Ledger-wide rather than per subject so that one list entry matches every account of a
+        blocked party; the key never leaves the vault, so the list reveals nobody.
+        """
+        normal = " ".join(unicodedata.normalize("NFKC", value).casefold().split())
+        digest = hmac.new(self._screen_key, normal.encode(), sha256).hexdigest()
+        return "scr:" + digest[:32]
 
     def destroy(self, platform_id: str, subject: str) -> None:
         """Crypto-shred: the wrapped key is replaced by NULL; every ciphertext becomes noise."""

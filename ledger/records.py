@@ -37,9 +37,20 @@ KIND_BY_OP: Final[dict[str, str]] = {
     "settle_withdrawal": "withdrawal_settled",
     "fail_withdrawal": "withdrawal_failed",
     "reverse": "reversed",
+    "register_key": "key_registered",
+    "reset_key": "key_registered",
+    "bind_payee": "payee_bound",
+    "grant_standing": "standing_granted",
+    "revoke_standing": "standing_revoked",
+    "set_policy": "policy_set",
+    "set_gate": "gate_set",
+    "reject_request": "approval_rejected",
 }
 REFUSED_KIND: Final = "command_refused"
-RECORD_KINDS: Final = frozenset({*KIND_BY_OP.values(), REFUSED_KIND})
+# A manual operation waiting for a checker; the checker's approval is recorded under the kind
+# of the operation it executes, with `executes` naming the request.
+REQUESTED_KIND: Final = "approval_requested"
+RECORD_KINDS: Final = frozenset({*KIND_BY_OP.values(), REFUSED_KIND, REQUESTED_KIND})
 
 
 def encode(record: dict[str, Any]) -> bytes:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from controls.codes import Code
+from controls.policy import Policy
 from ledger import commands as c
 from ledger.checkpoint import (
     CheckpointLog,
@@ -160,12 +161,15 @@ class LedgerService:
             platform_id,
             sealer=lambda subject, text: vault.seal(platform_id, subject, text),
             blinder=lambda subject, value: vault.blind(platform_id, subject, value),
+            screener=vault.screening_token,
             clock_ms=self._clock_ms,
         )
 
     # -- platforms ------------------------------------------------------------------------------
 
-    def create_platform(self, platform_id: str, name: str, actor: str) -> Outcome:
+    def create_platform(
+        self, platform_id: str, name: str, actor: str, policy: Policy | None = None
+    ) -> Outcome:
         if not is_platform_id(platform_id):
             return Outcome(
                 "",
@@ -174,7 +178,7 @@ class LedgerService:
                 field="platform_id",
                 message="platform id must match [a-z0-9][a-z0-9-]{0,62}",
             )
-        cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name)
+        cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name, policy=policy)
         with self._create_lock:
             if platform_id in self._platforms:
                 # The existing log answers: an identical retry is replayed (same id, same

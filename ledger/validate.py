@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+from controls.policy import Policy
+from controls.roles import ROLES
 from ledger import commands as c
 from ledger.domain import AccountKind, CustomerRole
 from ledger.money import CURRENCY_EXPONENTS
@@ -36,9 +38,12 @@ ID_FIELDS: Final = frozenset(
         "hold_id",
         "withdrawal_id",
         "movement_id",
+        "standing_id",
     }
 )
-TEXT_FIELDS: Final = frozenset({"name", "reason", "bank_ref", "payee_ref", "fee_code"})
+TEXT_FIELDS: Final = frozenset(
+    {"name", "reason", "bank_ref", "payee_ref", "fee_code", "owner_ref", "bank_account"}
+)
 OPTIONAL_TEXT_FIELDS: Final = frozenset({"holder_name", "role"})
 
 
@@ -55,9 +60,14 @@ MAX_ACTOR_LEN: Final = 128
 
 
 def is_actor(value: object) -> bool:
-    """Who acted, as the API authenticated it: short printable text, recorded in every record."""
+    """Who acted, as the API authenticated it: `<role>:<name>`, short printable text, recorded
+    in every record (the role prefix is what the roles control checks)."""
     return (
-        type(value) is str and 0 < len(value) <= MAX_ACTOR_LEN and _BAD_TEXT_SEARCH(value) is None
+        type(value) is str
+        and 0 < len(value) <= MAX_ACTOR_LEN
+        and _BAD_TEXT_SEARCH(value) is None
+        and value.partition(":")[0] in ROLES
+        and len(value.partition(":")[2]) > 0
     )
 
 
@@ -93,6 +103,49 @@ def _is_max_holds(v: Any) -> bool:
     return type(v) is int and 1 <= v <= 10_000
 
 
+_B64URL_MATCH: Final = re.compile(r"[A-Za-z0-9_\-]*").fullmatch
+_NONCE_MATCH: Final = re.compile(r"[A-Za-z0-9_.:\-]{8,64}").fullmatch
+ED25519_KEY_B64_LEN: Final = 43  # 32 bytes, base64url without padding
+ED25519_SIG_B64_LEN: Final = 86  # 64 bytes
+
+
+def is_public_key(v: Any) -> bool:
+    return type(v) is str and len(v) == ED25519_KEY_B64_LEN and _B64URL_MATCH(v) is not None
+
+
+def _is_optional_key(v: Any) -> bool:
+    return v == "" or is_public_key(v)
+
+
+def _is_auth(v: Any) -> bool:
+    if v is None:
+        return True
+    if type(v) is not c.Authorisation:
+        return False
+    if v.standing_id:
+        return _is_id(v.standing_id) and not (v.nonce or v.signature or v.expires_at_ms)
+    return (
+        type(v.nonce) is str
+        and _NONCE_MATCH(v.nonce) is not None
+        and _is_ms(v.expires_at_ms)
+        and type(v.signature) is str
+        and len(v.signature) == ED25519_SIG_B64_LEN
+        and _B64URL_MATCH(v.signature) is not None
+    )
+
+
+def _is_request_id(v: Any) -> bool:
+    return type(v) is str and _CLIENT_ID_MATCH(v) is not None
+
+
+def _is_optional_id(v: Any) -> bool:
+    return v == "" or _is_id(v)
+
+
+def _is_positive_amount(v: Any) -> bool:
+    return type(v) is int and 1 <= v <= 2**63 - 1
+
+
 _ID_MSG = "must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 _TEXT_MSG = f"must be text of at most {c.MAX_TEXT_LEN} characters without control characters"
 _FIELD_CHECKS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -103,6 +156,22 @@ _FIELD_CHECKS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "currency": (_is_currency, "must be an ISO 4217 code the ledger knows"),
     "expires_at_ms": (_is_ms, "must be a positive Unix time in milliseconds"),
     "max_holds": (_is_max_holds, "must be in 1..10000"),
+    "valid_until_ms": (_is_ms, "must be a positive Unix time in milliseconds"),
+    "public_key": (_is_optional_key, "must be an Ed25519 public key, base64url (43 characters)"),
+    "auth": (
+        _is_auth,
+        "must be {nonce (8..64 id characters), expires_at_ms, signature (base64url, 86)}"
+        " or {standing_id}",
+    ),
+    "request_id": (_is_request_id, "must be the client id of a pending request"),
+    "payee_account_id": (_is_optional_id, _ID_MSG + " or empty"),
+    "per_txn_max_minor": (_is_positive_amount, "must be an integer in 1..2^63-1"),
+    "holder_type": (lambda v: v in c.HOLDER_TYPES, f"must be one of {sorted(c.HOLDER_TYPES)}"),
+    "gate": (lambda v: v in c.GATES, f"must be one of {list(c.GATES)}"),
+    "policy": (
+        lambda v: v is None or type(v) is Policy,
+        "must be a policy document",
+    ),
     "kind": (lambda v: v in _KINDS, f"must be one of {sorted(_KINDS)}"),
     "purpose": (
         lambda v: v in c.TRANSFER_PURPOSES,
@@ -175,6 +244,30 @@ def _check_specific(cmd: c.Command) -> None:
             raise InvalidInput("name", "must not be empty")
     elif isinstance(cmd, c.ChargeFee) and not cmd.fee_code:
         raise InvalidInput("fee_code", "must not be empty")
+    elif isinstance(cmd, c.BindPayee):
+        for field in ("payee_ref", "bank_account", "holder_name"):
+            if not getattr(cmd, field).strip():
+                raise InvalidInput(field, "must not be blank")
+    elif isinstance(cmd, c.SetPolicy | c.RegisterKey | c.ResetKey):
+        _check_specific_governance(cmd)
 
 
-_SPECIFIC: Final = frozenset({c.OpenAccount, c.CreatePlatform, c.ChargeFee})
+def _check_specific_governance(cmd: c.Command) -> None:
+    if isinstance(cmd, c.SetPolicy):
+        if cmd.policy is None:
+            raise InvalidInput("policy", "is required")
+    elif isinstance(cmd, c.RegisterKey | c.ResetKey) and not cmd.public_key:
+        raise InvalidInput("public_key", "is required")
+
+
+_SPECIFIC: Final = frozenset(
+    {
+        c.OpenAccount,
+        c.CreatePlatform,
+        c.ChargeFee,
+        c.BindPayee,
+        c.SetPolicy,
+        c.RegisterKey,
+        c.ResetKey,
+    }
+)

@@ -16,10 +16,14 @@ from typing import Any, Final
 
 import msgspec
 
-from controls.base import DEFAULT_POLICY, Policy, Refusal
+from controls.base import Proposal, Refusal
 from controls.codes import Code
+from controls.customer_authorisation import is_signature_failure, signer_account
+from controls.customer_authorisation import payload as auth_payload
 from controls.idempotency import Replay, classify, conflict_refusal
-from controls.registry import run_controls
+from controls.maker_checker import manual_op, needs_approval
+from controls.registry import run_annotators, run_controls
+from controls.roles import role_of
 from ledger import commands as c
 from ledger import records
 from ledger.decide import plan
@@ -35,13 +39,43 @@ _SHA256: Final = hashlib.sha256
 _FINGERPRINT: Final = records.fingerprint
 _REFUSED: Final = records.REFUSED_KIND
 _KIND_BY_OP: Final = records.KIND_BY_OP
+_PII_TYPES: Final = frozenset({c.OpenAccount, c.BindPayee})
+_MAX_TRACKED_ACTORS: Final = 10_000  # per minute, for the refusal-record budget
+# Only plain movements and account lifecycle may be linked (all or none); governance,
+# approvals and customer-key changes stand alone, so a savepoint never has to undo them.
+LINKABLE_TYPES: Final = frozenset(
+    {
+        c.OpenAccount,
+        c.FreezeAccount,
+        c.CloseAccount,
+        c.Deposit,
+        c.Transfer,
+        c.ChargeFee,
+        c.PlaceHold,
+        c.CaptureHold,
+        c.ReleaseHold,
+        c.RequestWithdrawal,
+        c.SettleWithdrawal,
+        c.FailWithdrawal,
+    }
+)
+
+
+def _invalid(cmd: c.Command, exc: InvalidInput) -> Outcome:
+    return Outcome(
+        getattr(cmd, "client_id", ""),
+        "invalid",
+        code=Code.INVALID_ARGUMENT,
+        message=exc.message,
+        field=exc.field,
+    )
 
 
 class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
     """What the caller learns about one instruction, only after its record is durable."""
 
     client_id: str
-    status: str  # accepted | replayed | refused | invalid
+    status: str  # accepted | pending (waits for a checker) | replayed | refused | invalid
     seq: int = -1
     kind: str = ""
     code: str = ""
@@ -51,7 +85,7 @@ class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def ok(self) -> bool:
-        return self.status in ("accepted", "replayed")
+        return self.status in ("accepted", "replayed", "pending")
 
 
 class Request(msgspec.Struct, frozen=True):
@@ -101,7 +135,7 @@ class PlatformWriter:
         sealer: Callable[[str, str], dict[str, str]] | None = None,
         blinder: Callable[[str, str], str] | None = None,
         clock_ms: Callable[[], int] | None = None,
-        policy: Policy = DEFAULT_POLICY,
+        screener: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
         self.platform_id = platform_id
@@ -109,7 +143,10 @@ class PlatformWriter:
         self.sealer = sealer
         self.blinder = blinder
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
-        self.policy = policy
+        self.screener = screener
+        # refusal records per actor in the current minute: actor -> (written, suppressed)
+        self._refusal_window = -1
+        self._refusals: dict[str, tuple[int, int]] = {}
         self.state = PlatformState(platform_id)
         self.head = records.CHAIN_GENESIS
         # RFC 6962 tree over the same records, in the same order: the leaves of checkpoints and
@@ -271,21 +308,16 @@ class PlatformWriter:
             # read or group; until then callers get StoreUnavailable and retry.
             self.dirty = True
 
-    def _one(self, cmd: c.Command, actor: str, ts: int, rows: list[NewRow]) -> Outcome:
+    def _one(
+        self, cmd: c.Command, actor: str, ts: int, rows: list[NewRow], linked: bool = False
+    ) -> Outcome:
         """Decide one instruction: at most one record, appended to `rows` and folded into state."""
         try:
             validate(cmd)
         except InvalidInput as exc:
-            return Outcome(
-                getattr(cmd, "client_id", ""),
-                "invalid",
-                code=Code.INVALID_ARGUMENT,
-                message=exc.message,
-                field=exc.field,
-            )
-        plain_name = None
-        if type(cmd) is c.OpenAccount and cmd.holder_name is not None:
-            plain_name = cmd.holder_name
+            return _invalid(cmd, exc)
+        plain = cmd
+        if type(cmd) in _PII_TYPES:
             try:
                 cmd = self._blinded(cmd)
             except PiiError as exc:  # e.g. the subject's key was destroyed (erased person)
@@ -304,17 +336,50 @@ class PlatformWriter:
         if replay is not Replay.NEW:
             if replay is Replay.SAME:
                 done = state.done[cid]
-                return Outcome(cid, "replayed", done.seq, done.kind)
+                status = "pending" if done.kind == records.REQUESTED_KIND else "replayed"
+                return Outcome(cid, status, done.seq, done.kind)
             return self._refuse(cmd, cmd_bytes, conflict_refusal(cid), actor, ts, rows)
         planned = plan(state, cmd, ts)
         if type(planned) is Refusal:
             return self._refuse(cmd, cmd_bytes, planned, actor, ts, rows)
         proposal, effects = planned  # type: ignore[misc]
-        refusal = run_controls(state, proposal, self.policy)
+        proposal.actor = actor
+        proposal.role = role_of(actor)
+        proposal.ts = ts
+        auth = getattr(cmd, "auth", None)
+        if auth is not None and auth.signature:
+            proposal.auth_payload = auth_payload(self.platform_id, msgspec.to_builtins(plain))
+        if plain is not cmd:
+            proposal.tokens = self._tokens(plain)
+        policy = state.policy
+        refusal = run_controls(state, proposal, policy)
         if refusal is not None:
-            return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows)
-        if plain_name is not None:
-            effects["account"]["holder"] = self._seal(cmd.account_id, plain_name)  # type: ignore[attr-defined]
+            return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows, proposal)
+        if type(cmd) is c.ApproveRequest:
+            return self._execute_request(cmd, cmd_bytes, fp, proposal, actor, ts, rows)
+        why = needs_approval(state, proposal, policy)
+        if why is not None:
+            if linked:
+                refusal = Refusal(
+                    Code.APPROVAL_REQUIRED, "maker_checker", f"{why}: not in a linked batch"
+                )
+                return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows)
+            return self._request(cmd, cmd_bytes, fp, proposal, why, actor, ts, rows)
+        self._add_personal_data(plain, proposal, effects)
+        return self._accept(cmd, cmd_bytes, fp, proposal, effects, actor, ts, rows)
+
+    def _accept(
+        self,
+        cmd: c.Command,
+        cmd_bytes: bytes,
+        fp: int,
+        proposal: Proposal,
+        effects: dict[str, Any],
+        actor: str,
+        ts: int,
+        rows: list[NewRow],
+    ) -> Outcome:
+        state = self.state
         kind = _KIND_BY_OP[proposal.op]
         seq = state.next_seq
         rec: dict[str, Any] = {
@@ -323,18 +388,89 @@ class PlatformWriter:
             "seq": seq,
             "ts": ts,
             "kind": kind,
-            "cid": cid,
+            "cid": cmd.client_id,
             "actor": actor,
-            "pv": self.policy.version,
+            "pv": state.policy.version,
             "cmd": msgspec.Raw(cmd_bytes),
         }
         rec.update(effects)
+        if proposal.entries:
+            tags = run_annotators(state, proposal, state.policy)
+            if tags is not None:
+                rec["tags"] = tags
         data = _ENCODE(rec)
         head = _SHA256(self.head + data).digest()
         rows.append((self.stream, seq, kind, head + data))
         self.head = head
+        if type(cmd) is c.OpenAccount or getattr(cmd, "auth", None) is not None:
+            rec["cmd"] = msgspec.to_builtins(cmd)  # the state keeps facts from it (fold)
         apply_record(state, rec, fp)
-        return Outcome(cid, "accepted", seq, kind)
+        return Outcome(cmd.client_id, "accepted", seq, kind)
+
+    def _request(
+        self,
+        cmd: c.Command,
+        cmd_bytes: bytes,
+        fp: int,
+        proposal: Proposal,
+        why: str,
+        actor: str,
+        ts: int,
+        rows: list[NewRow],
+    ) -> Outcome:
+        """Record a manual operation as a pending request for a checker (maker-checker)."""
+        state = self.state
+        seq = state.next_seq
+        rec: dict[str, Any] = {
+            "v": 1,
+            "platform": self.platform_id,
+            "seq": seq,
+            "ts": ts,
+            "kind": records.REQUESTED_KIND,
+            "cid": cmd.client_id,
+            "actor": actor,
+            "pv": state.policy.version,
+            "cmd": msgspec.Raw(cmd_bytes),
+            "request": {
+                "id": cmd.client_id,
+                "op": manual_op(state, proposal),
+                "expires": ts + state.policy.approval_ttl_ms,
+                "why": why,
+            },
+        }
+        self._append(rec, records.REQUESTED_KIND, rows)
+        rec["cmd"] = msgspec.to_builtins(cmd)
+        apply_record(state, rec, fp)
+        return Outcome(cmd.client_id, "pending", seq, records.REQUESTED_KIND)
+
+    def _execute_request(
+        self,
+        cmd: c.ApproveRequest,
+        cmd_bytes: bytes,
+        fp: int,
+        approval: Proposal,
+        actor: str,
+        ts: int,
+        rows: list[NewRow],
+    ) -> Outcome:
+        """A checker approved: plan the maker's instruction again on today's state and run every
+        control again (but not the maker-checker or the customer's consent, both given)."""
+        state = self.state
+        request = approval.request
+        inner = msgspec.convert(request.cmd, c.AnyCommand)  # type: ignore[arg-type]
+        planned = plan(state, inner, ts)
+        if type(planned) is Refusal:
+            return self._refuse(cmd, cmd_bytes, planned, actor, ts, rows)
+        proposal, effects = planned  # type: ignore[misc]
+        proposal.actor = request.maker
+        proposal.role = role_of(request.maker)
+        proposal.ts = ts
+        proposal.executing = True
+        refusal = run_controls(state, proposal, state.policy)
+        if refusal is not None:
+            return self._refuse(cmd, cmd_bytes, refusal, actor, ts, rows)
+        effects["executes"] = request.id
+        return self._accept(cmd, cmd_bytes, fp, proposal, effects, actor, ts, rows)
 
     def _refuse(
         self,
@@ -344,9 +480,22 @@ class PlatformWriter:
         actor: str,
         ts: int,
         rows: list[NewRow],
+        proposal: Proposal | None = None,
         linked_to: str | None = None,
     ) -> Outcome:
         state = self.state
+        suppressed = 0
+        if linked_to is None and state._sp is None:
+            suppressed = self._refusal_budget(actor, ts)
+            if suppressed < 0:  # over the actor's budget: answered, counted, not recorded
+                return Outcome(
+                    cmd.client_id,
+                    "refused",
+                    kind=_REFUSED,
+                    code=refusal.code.value,
+                    control=refusal.control,
+                    message=refusal.message,
+                )
         rec: dict[str, Any] = {
             "v": 1,
             "platform": self.platform_id,
@@ -355,7 +504,7 @@ class PlatformWriter:
             "kind": _REFUSED,
             "cid": cmd.client_id,
             "actor": actor,
-            "pv": self.policy.version,
+            "pv": state.policy.version,
             "cmd": msgspec.Raw(cmd_bytes),
             "code": refusal.code.value,
             "control": refusal.control,
@@ -363,6 +512,10 @@ class PlatformWriter:
         }
         if linked_to is not None:
             rec["linked_to"] = linked_to
+        if suppressed:
+            rec["suppressed"] = suppressed
+        if proposal is not None and is_signature_failure(refusal):
+            rec["auth_failed"] = signer_account(proposal)
         self._append(rec, _REFUSED, rows)
         apply_record(state, rec, None)
         return Outcome(
@@ -374,6 +527,23 @@ class PlatformWriter:
             control=refusal.control,
             message=refusal.message,
         )
+
+    def _refusal_budget(self, actor: str, ts: int) -> int:
+        """Refusal records per actor per minute are capped by policy so that a misbehaving
+        client cannot flood the log. Returns -1 to suppress this one, else how many were
+        suppressed before it (recorded on it, so the log still accounts for them)."""
+        window = ts // 60_000
+        if window != self._refusal_window:
+            self._refusal_window = window
+            self._refusals = {}
+        written, suppressed = self._refusals.get(actor, (0, 0))
+        if written >= self.state.policy.refusal_records_per_min:
+            if len(self._refusals) < _MAX_TRACKED_ACTORS or actor in self._refusals:
+                self._refusals[actor] = (written, suppressed + 1)
+                return -1
+            return 0  # cannot track more actors this minute: record rather than lose count
+        self._refusals[actor] = (written + 1, 0)
+        return suppressed
 
     def _append(self, rec: dict[str, Any], kind: str, rows: list[NewRow]) -> None:
         data = _ENCODE(rec)
@@ -404,7 +574,7 @@ class PlatformWriter:
         head_mark = self.head
         outcomes: list[Outcome] = []
         for cmd in request.commands:
-            outcome = self._one(cmd, request.actor, ts, rows)
+            outcome = self._one(cmd, request.actor, ts, rows, linked=True)
             outcomes.append(outcome)
             if not outcome.ok:
                 break
@@ -437,6 +607,8 @@ class PlatformWriter:
         for index, cmd in enumerate(commands):
             try:
                 validate(cmd)
+                if type(cmd) not in LINKABLE_TYPES:
+                    raise InvalidInput("op", "cannot be part of a linked batch")
                 if cmd.client_id in seen:
                     raise InvalidInput("client_id", "repeated inside a linked batch")
                 seen.add(cmd.client_id)
@@ -506,11 +678,44 @@ class PlatformWriter:
     def _blinded(self, cmd: c.Command) -> c.Command:
         """Replace personal data in the instruction by a keyed blind before it is recorded."""
         if isinstance(cmd, c.OpenAccount) and cmd.holder_name is not None:
-            if self.blinder is None or self.sealer is None:
-                raise StateError("personal data needs the PII vault")
-            blinded = self.blinder(cmd.account_id, cmd.holder_name)
-            return msgspec.structs.replace(cmd, holder_name=blinded)
+            blind = self._blinder()
+            return msgspec.structs.replace(cmd, holder_name=blind(cmd.account_id, cmd.holder_name))
+        if isinstance(cmd, c.BindPayee):
+            blind = self._blinder()
+            return msgspec.structs.replace(
+                cmd,
+                bank_account=blind(cmd.account_id, cmd.bank_account),
+                holder_name=blind(cmd.account_id, cmd.holder_name),
+            )
         return cmd
+
+    def _blinder(self) -> Callable[[str, str], str]:
+        if self.blinder is None or self.sealer is None:
+            raise StateError("personal data needs the PII vault")
+        return self.blinder
+
+    def _tokens(self, plain: c.Command) -> tuple[str, ...]:
+        """Screening tokens of the personal data a command brings (names, bank accounts)."""
+        if self.screener is None:
+            return ()
+        if isinstance(plain, c.OpenAccount) and plain.holder_name is not None:
+            return (self.screener(plain.holder_name),)
+        if isinstance(plain, c.BindPayee):
+            return (self.screener(plain.bank_account),)
+        return ()
+
+    def _add_personal_data(
+        self, plain: c.Command, proposal: Proposal, effects: dict[str, Any]
+    ) -> None:
+        """Sealed personal data and screening tokens join the accepted record's effects."""
+        if isinstance(plain, c.OpenAccount) and plain.holder_name is not None:
+            effects["account"]["holder"] = self._seal(plain.account_id, plain.holder_name)
+            if proposal.tokens:
+                effects["account"]["screen"] = list(proposal.tokens)
+        elif isinstance(plain, c.BindPayee):
+            effects["payee"]["bank"] = self._seal(plain.account_id, plain.bank_account)
+            if proposal.tokens:
+                effects["payee"]["screen"] = proposal.tokens[0]
 
     def _seal(self, subject: str, plaintext: str) -> dict[str, str]:
         assert self.sealer is not None

@@ -1,0 +1,65 @@
+"""Large-value tagging (never refuses): a movement that brings a customer's one-sided total for
+the business day (money in, or money out, counted apart) to the reporting threshold of the
+policy (by currency and holder type) is tagged with a report due date. Every later movement on
+the same side that day is tagged too: the report covers the day's total.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from controls.base import Control, LedgerView, Policy, Proposal
+from controls.policy import DAY_MS
+
+NAME = "large_value"
+TAG: Final = "LVT"
+
+
+def due_ms(day_start_ms: int, working_days: int) -> int:
+    """End of the n-th working day (Mon-Fri) after the business day starting at day_start_ms."""
+    day = day_start_ms
+    left = working_days
+    while left > 0:
+        day += DAY_MS
+        weekday = (day // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday (3 with Monday = 0)
+        if weekday < 5:
+            left -= 1
+    return day + DAY_MS - 1
+
+
+def _threshold(account: Any, policy: Policy) -> int | None:
+    thresholds = policy.lvt.get(account.currency)
+    if thresholds is None:
+        return None
+    if account.holder_type == "corporate":
+        return thresholds.corporate_minor
+    return thresholds.individual_minor
+
+
+def annotate(state: LedgerView, proposal: Proposal, policy: Policy) -> list[dict[str, Any]] | None:
+    tags: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str], int] = {}
+    accounts = state.accounts
+    for debit_id, credit_id, amount in proposal.entries:
+        for account_id, side in ((debit_id, "out"), (credit_id, "in")):
+            account = accounts.get(account_id)
+            if account is None or account.kind != "customer":
+                continue
+            threshold = _threshold(account, policy)
+            key = (account_id, side)
+            total = seen.get(key, state.day_lvt.get(key, 0)) + amount
+            seen[key] = total
+            if threshold is not None and total >= threshold:
+                tags.append(
+                    {
+                        "tag": TAG,
+                        "account": account_id,
+                        "side": side,
+                        "day_total_minor": total,
+                        "due_ms": due_ms(state.day_start_ms(), policy.lvt_due_working_days),
+                    }
+                )
+    return tags or None
+
+
+CONTROL = Control(name=NAME, priority=1000, ops=None, annotate=annotate)
