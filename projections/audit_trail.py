@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import IO, Any, Final
@@ -43,6 +44,7 @@ _EXPORT_PAGE: Final = 1_000
 _CACHE_MAX: Final = 200_000
 _REFUSED: Final = records.REFUSED_KIND
 _ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
+_ACCOUNT_OF: Final = operator.itemgetter(1)
 
 AUDIT_COLUMNS: Final = (
     "platform",
@@ -237,6 +239,7 @@ class AuditTrailProjection(Projection):
                 )
             )
         db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
+        touched.sort(key=_ACCOUNT_OF)  # stable: one pass over each account's b-tree pages
         db.insert_many(cur, AUDIT_ACCOUNTS, ("platform", "account", "seq"), touched)
         db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,16 +38,31 @@ ACCOUNTS: Final = "proj_stmt_accounts"
 HOLDS: Final = "proj_stmt_holds"
 LINES: Final = "proj_stmt_lines"
 CLOCK: Final = "proj_stmt_clock"
+MOVES: Final = "proj_stmt_moves"
 PAGE_SIZE_DEFAULT: Final = 50
 PAGE_SIZE_MAX: Final = 1_000
 KINDS_FILTER_MAX: Final = 32
 _LOAD_CHUNK: Final = 500  # ids per IN (...) lookup
 _CACHE_MAX: Final = 200_000  # accounts/holds kept between batches
 _REFUSED: Final = records.REFUSED_KIND
+_ACCOUNT_OF: Final = operator.itemgetter(1)
 
+# Narrow on purpose (two lines per transfer): what the record says (time, kind, client id) is
+# stored once per record in proj_stmt_moves and joined per page.
 LINE_COLUMNS: Final = (
     "platform",
     "account",
+    "seq",
+    "n",
+    "amount",  # change of `posted` (normal direction); 0 for a pure reservation
+    "held_delta",  # change of the account's held (pending debit) amount
+    "posted",  # posted balance after this line, in the account's normal direction
+    "held",  # held amount after this line
+    "counterparty",
+)
+MOVE_COLUMNS: Final = ("platform", "seq", "ts", "kind", "cid")
+# What a statement line shows, in order.
+STATEMENT_FIELDS: Final = (
     "seq",
     "n",
     "ts",
@@ -55,8 +71,6 @@ LINE_COLUMNS: Final = (
     "dir",
     "amount",
     "counterparty",
-    "debit",
-    "credit",
     "held_delta",
     "posted",
     "held",
@@ -139,6 +153,7 @@ class StatementsProjection(Projection):
         (ACCOUNTS, ("account",)),
         (HOLDS, ("hold_id",)),
         (LINES, ("account", "seq", "n")),
+        (MOVES, ("seq",)),
         (CLOCK, ("ts",)),
     )
 
@@ -172,10 +187,14 @@ class StatementsProjection(Projection):
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(LINES)} (platform TEXT NOT NULL, "
             "account TEXT NOT NULL, seq BIGINT NOT NULL, n INTEGER NOT NULL, "
-            "ts BIGINT NOT NULL, kind TEXT NOT NULL, cid TEXT NOT NULL, dir TEXT NOT NULL, "
-            "amount BIGINT NOT NULL, counterparty TEXT NOT NULL, debit BIGINT NOT NULL, "
-            "credit BIGINT NOT NULL, held_delta BIGINT NOT NULL, posted BIGINT NOT NULL, "
-            f"held BIGINT NOT NULL, PRIMARY KEY (platform, account, seq, n)){wr}"
+            "amount BIGINT NOT NULL, held_delta BIGINT NOT NULL, posted BIGINT NOT NULL, "
+            f"held BIGINT NOT NULL, counterparty TEXT NOT NULL, "
+            f"PRIMARY KEY (platform, account, seq, n)){wr}"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {db.t(MOVES)} (platform TEXT NOT NULL, "
+            "seq BIGINT NOT NULL, ts BIGINT NOT NULL, kind TEXT NOT NULL, cid TEXT NOT NULL, "
+            f"PRIMARY KEY (platform, seq)){wr}"
         )
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(CLOCK)} (platform TEXT NOT NULL, "
@@ -252,6 +271,7 @@ class StatementsProjection(Projection):
         lines: list[tuple[Any, ...]] = []
         add = lines.append
         clock: list[tuple[str, int, int]] = []
+        moves: list[tuple[str, int, int, str, str]] = []
         dirty: set[str] = set()
         dirty_holds: set[str] = set()
         last_ts = self._last_ts
@@ -286,13 +306,14 @@ class StatementsProjection(Projection):
                     da.dp += amount
                     ca.cp += amount
                     da.last_seq = ca.last_seq = seq
-                    add((platform, d, seq, n, ts, kind, cid, "debit", amount, c, amount, 0, 0,
-                         da.posted(), da.dpend))  # fmt: skip
-                    add((platform, c, seq, n + 1, ts, kind, cid, "credit", amount, d, 0, amount,
-                         0, ca.posted(), ca.dpend))  # fmt: skip
+                    add((platform, d, seq, n, amount if da.asset else -amount, 0, da.posted(),
+                         da.dpend, c))  # fmt: skip
+                    add((platform, c, seq, n + 1, -amount if ca.asset else amount, 0, ca.posted(),
+                         ca.dpend, d))  # fmt: skip
                     n += 2
                     dirty.add(d)
                     dirty.add(c)
+                moves.append((platform, seq, ts, kind, cid))
                 continue
             hold = rec.get("hold")
             if hold is not None:
@@ -306,10 +327,9 @@ class StatementsProjection(Projection):
                 da.last_seq = seq
                 holds[hid] = _Hold(d, c, amount, "pending", seq)
                 dirty_holds.add(hid)
-                add((platform, d, seq, 0, ts, kind, cid, "hold", amount, c, 0, 0, amount,
-                     da.posted(), da.dpend))  # fmt: skip
-                add((platform, c, seq, 1, ts, kind, cid, "hold_in", amount, d, 0, 0, 0,
-                     ca.posted(), ca.dpend))  # fmt: skip
+                # The credit side's posted and held amounts do not change: no line for it.
+                add((platform, d, seq, 0, 0, amount, da.posted(), da.dpend, c))
+                moves.append((platform, seq, ts, kind, cid))
                 dirty.add(d)
                 dirty.add(c)
                 continue
@@ -329,13 +349,15 @@ class StatementsProjection(Projection):
                     h.status = status
                     h.resolved_seq = seq
                     dirty_holds.add(hid)
-                    add((platform, h.debit, seq, n, ts, kind, cid, status, captured, h.credit,
-                         captured, 0, -h.amount, da.posted(), da.dpend))  # fmt: skip
-                    add((platform, h.credit, seq, n + 1, ts, kind, cid, status, captured,
-                         h.debit, 0, captured, 0, ca.posted(), ca.dpend))  # fmt: skip
+                    add((platform, h.debit, seq, n, captured if da.asset else -captured,
+                         -h.amount, da.posted(), da.dpend, h.credit))  # fmt: skip
+                    if captured:
+                        add((platform, h.credit, seq, n + 1, -captured if ca.asset else captured,
+                             0, ca.posted(), ca.dpend, h.debit))  # fmt: skip
                     n += 2
                     dirty.add(h.debit)
                     dirty.add(h.credit)
+                moves.append((platform, seq, ts, kind, cid))
                 continue
             spec = rec.get("account")
             if kind == "account_opened" and isinstance(spec, dict):
@@ -355,7 +377,11 @@ class StatementsProjection(Projection):
                 a.last_seq = seq
                 dirty.add(subject)
         self._last_ts = last_ts
+        # Grouped by account (stable, so each account's lines stay in log order): every b-tree
+        # page of an account is then touched once per batch instead of once per line.
+        lines.sort(key=_ACCOUNT_OF)
         db.insert_many(cur, LINES, LINE_COLUMNS, lines)
+        db.insert_many(cur, MOVES, MOVE_COLUMNS, moves)
         db.insert_many(cur, CLOCK, ("platform", "ts", "seq"), clock)
         self._save(db, cur, platform, dirty, dirty_holds)
 
@@ -538,6 +564,20 @@ def decode_token(token: str, key: str) -> tuple[int, int]:
     return seq, n
 
 
+def _line(row: tuple[Any, ...], asset: bool) -> dict[str, Any]:
+    """A statement line; `dir` says which side of the account moved (debit, credit) or how
+    its reservation changed (hold, release, capture)."""
+    seq, n, ts, kind, cid, amount, counterparty, held_delta, posted, held = row
+    if held_delta > 0:
+        direction = "hold"
+    elif held_delta < 0:
+        direction = "capture" if amount else "release"
+    else:
+        direction = "credit" if (amount > 0) != asset else "debit"
+    values = (seq, n, ts, kind, cid, direction, amount, counterparty, held_delta, posted, held)
+    return dict(zip(STATEMENT_FIELDS, values, strict=True))
+
+
 def statement(
     db: Db,
     platform: str,
@@ -562,26 +602,28 @@ def statement(
     ph = db.ph
     with db.reading() as cur:
         projected = projected_position(db, cur, platform)
-        _account_meta(db, cur, platform, account)
+        kind, _ = _account_meta(db, cur, platform, account)
         lo = -1 if from_ms is None else seq_at_time(db, cur, platform, from_ms - 1, projected)
         hi = projected if to_ms is None else seq_at_time(db, cur, platform, to_ms, projected)
         # An indexable lower bound for the token too, so deep pages stay one range scan.
-        where = [f"platform = {ph}", f"account = {ph}", f"seq > {ph}", f"seq <= {ph}"]
+        where = [f"l.platform = {ph}", f"l.account = {ph}", f"l.seq > {ph}", f"l.seq <= {ph}"]
         params: list[Any] = [platform, account, max(lo, after_seq - 1), hi]
         if after_seq >= 0:
-            where.append(f"(seq > {ph} OR (seq = {ph} AND n > {ph}))")
+            where.append(f"(l.seq > {ph} OR (l.seq = {ph} AND l.n > {ph}))")
             params += [after_seq, after_seq, after_n]
         if kinds:
-            where.append(f"kind IN ({', '.join([ph] * len(kinds))})")
+            where.append(f"m.kind IN ({', '.join([ph] * len(kinds))})")
             params += list(kinds)
         rows = db.fetchall(
             cur,
-            f"SELECT {', '.join(LINE_COLUMNS[2:])} FROM {db.t(LINES)} "
-            f"WHERE {' AND '.join(where)} ORDER BY seq, n LIMIT {page_size + 1}",
+            f"SELECT l.seq, l.n, m.ts, m.kind, m.cid, l.amount, l.counterparty, l.held_delta, "
+            f"l.posted, l.held FROM {db.t(LINES)} l JOIN {db.t(MOVES)} m "
+            "ON m.platform = l.platform AND m.seq = l.seq "
+            f"WHERE {' AND '.join(where)} ORDER BY l.seq, l.n LIMIT {page_size + 1}",
             params,
         )
-    names = LINE_COLUMNS[2:]
-    lines = [dict(zip(names, r, strict=True)) for r in rows[:page_size]]
+    asset = kind in ASSET_KINDS
+    lines = [_line(r, asset) for r in rows[:page_size]]
     token = ""
     if len(rows) > page_size:
         token = encode_token(key, lines[-1]["seq"], lines[-1]["n"])
