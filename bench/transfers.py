@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from controls.policy import Policy  # noqa: E402
 from ledger import commands as c  # noqa: E402
 from ledger.config import Config  # noqa: E402
 from ledger.service import LedgerService  # noqa: E402
@@ -234,8 +235,20 @@ class Result:
         return self.transfers / self.seconds
 
 
+# Every control runs; the ones that need per-customer setup (a signature on each debit, a bound
+# payee) or would stop a synthetic load (daily limits, the approval threshold) are relaxed.
+# bench/controls.py measures the strict default policy with signatures separately.
+BENCH_POLICY = Policy(
+    require_customer_signature=0,
+    require_bound_payee=0,
+    limits={},
+    outflow_cap_bp=0,
+    approval_above_minor=0,
+)
+
+
 def seed_ledger(svc: LedgerService, accounts: int) -> None:
-    out = svc.create_platform(PLATFORM, "Benchmark platform", "operator:bench")
+    out = svc.create_platform(PLATFORM, "Benchmark platform", "operator:bench", BENCH_POLICY)
     check(out.status == "accepted", f"create_platform: {out}")
     setup: list[c.Command] = [
         c.OpenAccount(client_id="open-omni", account_id=OMNIBUS, kind="omnibus", currency=CCY)

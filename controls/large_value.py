@@ -15,16 +15,15 @@ NAME = "large_value"
 TAG: Final = "LVT"
 
 
-def due_ms(day_start_ms: int, working_days: int) -> int:
-    """End of the n-th working day (Mon-Fri) after the business day starting at day_start_ms."""
-    day = day_start_ms
+def due_ms(day: int, working_days: int, day_offset_ms: int) -> int:
+    """The last millisecond of the n-th working day (Mon-Fri) after business day `day` (days
+    since 1970-01-01 in the policy's UTC offset)."""
     left = working_days
     while left > 0:
-        day += DAY_MS
-        weekday = (day // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday (3 with Monday = 0)
-        if weekday < 5:
+        day += 1
+        if (day + 3) % 7 < 5:  # 1970-01-01 was a Thursday (3, with Monday = 0)
             left -= 1
-    return day + DAY_MS - 1
+    return (day + 1) * DAY_MS - day_offset_ms - 1
 
 
 def _threshold(account: Any, policy: Policy) -> int | None:
@@ -56,7 +55,9 @@ def annotate(state: LedgerView, proposal: Proposal, policy: Policy) -> list[dict
                         "account": account_id,
                         "side": side,
                         "day_total_minor": total,
-                        "due_ms": due_ms(state.day_start_ms(), policy.lvt_due_working_days),
+                        "due_ms": due_ms(
+                            state.day, policy.lvt_due_working_days, policy.day_offset_ms
+                        ),
                     }
                 )
     return tags or None

@@ -16,8 +16,6 @@ def _refuse(message: str) -> Refusal:
 
 
 def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | None:
-    if proposal.executing and proposal.op not in policy.limits:
-        return None
     debit_id = proposal.debit_account()
     account = state.accounts.get(debit_id or "")
     if account is None or account.kind != "customer":

@@ -21,7 +21,15 @@ AMOUNT_CAP_MINOR: Final = 2**63 - 1
 
 # Operations that only a custodian operator may start and a different checker must approve.
 MANUAL_OPS: Final = frozenset(
-    {"reverse", "set_policy", "set_gate", "top_up_shortfall", "unfreeze_account", "reset_key"}
+    {
+        "reverse",
+        "set_policy",
+        "set_gate",
+        "top_up_shortfall",
+        "unfreeze_account",
+        "reset_key",
+        "clear_suspense",  # a transfer out of suspense, after the receipt was identified
+    }
 )
 # Manual operations whose approval no policy can switch off: otherwise one person could first
 # remove the second pair of eyes and then act alone.

@@ -250,6 +250,9 @@ class PlatformWriter:
                 raise ValueError("actor must be 1..128 printable characters")
         state = self.state
         ts = max(self.clock_ms(), state.last_ts_ms)
+        # The controls must see today's tables even before today's first record; replay rolls
+        # at that record, with the same result (nothing happened in between).
+        state.roll_day(ts)
         rows: list[NewRow] = []
         answers: list[list[Outcome]] = []
         try:
@@ -335,9 +338,7 @@ class PlatformWriter:
         replay = Replay.NEW if cid not in state.done else classify(state.done, cid, fp)
         if replay is not Replay.NEW:
             if replay is Replay.SAME:
-                done = state.done[cid]
-                status = "pending" if done.kind == records.REQUESTED_KIND else "replayed"
-                return Outcome(cid, status, done.seq, done.kind)
+                return self._replayed(cid)
             return self._refuse(cmd, cmd_bytes, conflict_refusal(cid), actor, ts, rows)
         planned = plan(state, cmd, ts)
         if type(planned) is Refusal:
@@ -367,6 +368,29 @@ class PlatformWriter:
             return self._request(cmd, cmd_bytes, fp, proposal, why, actor, ts, rows)
         self._add_personal_data(plain, proposal, effects)
         return self._accept(cmd, cmd_bytes, fp, proposal, effects, actor, ts, rows)
+
+    def _replayed(self, cid: str) -> Outcome:
+        """The answer to an instruction given again: what it did, or where its request is."""
+        state = self.state
+        done = state.done[cid]
+        if done.kind != records.REQUESTED_KIND:
+            return Outcome(cid, "replayed", done.seq, done.kind)
+        request = state.requests[cid]
+        if request.status == "pending":
+            return Outcome(cid, "pending", done.seq, done.kind)
+        if request.status == "approved":
+            assert request.executed_by is not None
+            executed = state.done[request.executed_by]
+            return Outcome(cid, "replayed", executed.seq, executed.kind)
+        return Outcome(
+            cid,
+            "refused",
+            done.seq,
+            done.kind,
+            code=Code.REQUEST_REJECTED,
+            control="maker_checker",
+            message="a checker rejected this request",
+        )
 
     def _accept(
         self,
