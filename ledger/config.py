@@ -12,6 +12,8 @@ CUSTODY_SIGNING_KEY      Ed25519 checkpoint key file (default $CUSTODY_DATA_DIR/
                          created on first start with mode 0600)
 CUSTODY_CHECKPOINT_EVERY sign a checkpoint after this many new records (default 10000, 0 = never)
 CUSTODY_CHECKPOINT_INTERVAL_S  ... or after this many seconds with new records (default 60)
+CUSTODY_SWEEP_INTERVAL_S release expired holds every this many seconds in `custody serve`
+                         (default 60, 0 = never; the sweep is an `expire_holds` record)
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
 """
@@ -76,6 +78,7 @@ class Config:
     signing_key_path: Path | None = None
     checkpoint_every: int = 10_000
     checkpoint_interval_s: int = 60
+    sweep_interval_s: int = 60
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -106,4 +109,5 @@ class Config:
             ),
             checkpoint_every=_int(env, "CUSTODY_CHECKPOINT_EVERY", 10_000, 0, 10_000_000),
             checkpoint_interval_s=_int(env, "CUSTODY_CHECKPOINT_INTERVAL_S", 60, 1, 86_400),
+            sweep_interval_s=_int(env, "CUSTODY_SWEEP_INTERVAL_S", 60, 0, 86_400),
         )

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from ledger.writer import (
 
 _STOP: Final = object()
 log = logging.getLogger("ledger.service")
+SWEEPER_ACTOR: Final = "system:sweeper"
 
 
 class PlatformNotFound(LookupError):
@@ -117,11 +119,18 @@ class LedgerService:
         self.signing_key = _signing_key(config)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self, progress: Callable[[str, int], None] | None = None) -> None:
-        """Load every platform's live state from its log (verifying the chain as it goes)."""
+    def start(
+        self, progress: Callable[[str, int], None] | None = None, sweep: bool = False
+    ) -> None:
+        """Load every platform's live state from its log (verifying the chain as it goes).
+
+        `sweep` (the server sets it) also starts the thread that releases expired holds every
+        CUSTODY_SWEEP_INTERVAL_S; tests and one-shot CLI commands call `sweep_expired` instead.
+        """
         for platform_id in self.store.platform_ids():
             writer = self._new_writer(platform_id)
             writer.load(None if progress is None else _bind_progress(progress, platform_id))
@@ -132,12 +141,17 @@ class LedgerService:
                 target=self._checkpoint_loop, name="checkpointer", daemon=True
             )
             self._checkpointer.start()
+        if sweep and self.config.sweep_interval_s > 0:
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
+            self._sweeper.start()
 
     def close(self) -> None:
         self._closed = True
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=30)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=30)
         for platform in self._platforms.values():
             if platform.committer is not None:
                 platform.committer.stop()
@@ -340,6 +354,29 @@ class LedgerService:
                         self.sign_checkpoint(platform_id)
                     except Exception:  # never let the schedule die; the next tick retries
                         log.exception("checkpoint for %s failed", platform_id)
+
+    def sweep_expired(self, max_holds: int = 1000) -> dict[str, Outcome]:
+        """Release expired holds on every platform that has some (BRIEF §4 holds discipline):
+        one `expire_holds` record per platform, by the `system:sweeper` actor."""
+        answers: dict[str, Outcome] = {}
+        for platform_id, platform in list(self._platforms.items()):
+            writer = platform.writer
+            if writer.fenced:
+                continue
+            with self.reading(platform_id) as state:
+                now_ms = writer.clock_ms()
+                due = any(h.expires_at_ms <= now_ms for h in state.pending_holds.values())
+            if due:
+                cmd = c.ExpireHolds(client_id=f"sweep:{uuid.uuid4()}", max_holds=max_holds)
+                [answers[platform_id]] = self.execute(platform_id, [cmd], SWEEPER_ACTOR)
+        return answers
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval_s):
+            try:
+                self.sweep_expired()
+            except Exception:  # never let the schedule die; the next tick retries
+                log.exception("expiry sweep failed")
 
     def head(self, platform_id: str) -> tuple[int, bytes]:
         platform = self._platform(platform_id)
