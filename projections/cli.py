@@ -61,7 +61,7 @@ def _max_rows(text: str) -> int:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `project` and its subcommands to the `custody` parser's subparsers."""
-    project = subparsers.add_parser(
+    project: argparse.ArgumentParser = subparsers.add_parser(
         "project", help="projections: statements, as-of balances, audit trail"
     )
     sub = project.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -210,7 +210,11 @@ class ProjectionRunner:
             while stop is None or not stop.is_set():
                 if max_batches is not None and batches >= max_batches:
                     return done
-                n = self.run_once(pid)
+                try:
+                    n = self.run_once(pid)
+                except PositionConflict:  # another runner moved on: reload and go on from there
+                    log.info("projection position of %s moved under us; reloading", pid)
+                    continue
                 batches += 1
                 done[pid] += n
                 if n < self.batch_size:
@@ -228,9 +232,6 @@ class ProjectionRunner:
         while not stop.is_set():
             try:
                 moved = sum(self.catch_up(platform, stop=stop).values())
-            except PositionConflict as exc:  # another runner got there first: reload, go on
-                log.info("projection position moved under us: %s", exc)
-                moved = 0
             except Exception:
                 log.exception("projection batch failed; retrying")
                 moved = 0
