@@ -7,10 +7,13 @@ Each caller has exactly one role and, for platforms, exactly one platform:
 - `--insecure-dev` (loopback only): the identity comes from the metadata headers
   `x-custody-role`, `x-custody-platform` (platforms) or `x-custody-name` (other roles).
 
-Roles: `platform` (read and write its own platform only), `operator` (the custodian's operator:
-everything, including creating platforms), `checker` (maker-checker approvals once they land;
-read-only until then), `auditor` and `regulator` (read-only). Methods not listed in
-`METHOD_ACCESS` are refused (fail closed), except health checking and reflection.
+Roles: `platform` (read and write its own platform only; it alone relays customers' key,
+payee and standing-authorisation instructions), `operator` (the custodian's operator: creates
+platforms, records bank facts, makes manual operations, proposes policy and gate changes),
+`checker` (approves or rejects the operators' requests, and reads), `auditor` and `regulator`
+(read-only). Methods not listed in `METHOD_ACCESS` are refused (fail closed), except health
+checking and reflection. The ledger's roles control repeats the rule per operation (for example
+an operator's transfer must clear suspense) and records what it refuses.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Final
 
 from cryptography import x509
 
+from controls.codes import Code
 from ledger.api import errors
 from ledger.api.errors import ApiReason
 from ledger.validate import is_platform_id
@@ -42,14 +46,18 @@ class Role(enum.StrEnum):
 
 class Access(enum.Enum):
     READ = "read"
-    WRITE = "write"
-    ADMIN = "admin"
+    WRITE = "write"  # platforms and operators
+    RELAY = "relay"  # platforms only: customers' own instructions (keys, payees, standing)
+    ADMIN = "admin"  # operators only: platforms, manual operations, policy and gate
+    APPROVE = "approve"  # checkers only: maker-checker decisions
 
 
 ROLES_FOR: Final[Mapping[Access, frozenset[Role]]] = {
     Access.READ: frozenset(Role),
     Access.WRITE: frozenset({Role.PLATFORM, Role.OPERATOR}),
+    Access.RELAY: frozenset({Role.PLATFORM}),
     Access.ADMIN: frozenset({Role.OPERATOR}),
+    Access.APPROVE: frozenset({Role.CHECKER}),
 }
 
 _READS: Final = {
@@ -66,17 +74,13 @@ _READS: Final = {
         "GetConsistencyProof",
         "ExportBundle",
     ),
+    "PolicyService": ("GetPolicy",),
+    # platforms see the requests their large movements made; auditors and regulators read them
+    "ApprovalService": ("ListRequests", "GetRequest"),
 }
 _WRITES: Final = {
-    "AccountService": ("OpenAccount", "FreezeAccount", "UnfreezeAccount", "CloseAccount"),
-    "MovementService": (
-        "Deposit",
-        "Transfer",
-        "ChargeFee",
-        "TopUpShortfall",
-        "Reverse",
-        "SubmitBatch",
-    ),
+    "AccountService": ("OpenAccount", "FreezeAccount", "CloseAccount"),
+    "MovementService": ("Deposit", "Transfer", "ChargeFee", "SubmitBatch"),
     "HoldService": (
         "PlaceHold",
         "CaptureHold",
@@ -87,15 +91,39 @@ _WRITES: Final = {
         "FailWithdrawal",
     ),
 }
-_ADMIN: Final = {"PlatformService": ("CreatePlatform",)}
+_RELAYS: Final = {
+    "CustomerService": (
+        "RegisterCustomerKey",
+        "BindPayee",
+        "GrantStandingAuthorisation",
+        "RevokeStandingAuthorisation",
+    ),
+}
+# Manual operations (maker-checker requests unless the policy exempts them) and governance.
+_ADMIN: Final = {
+    "PlatformService": ("CreatePlatform",),
+    "AccountService": ("UnfreezeAccount",),
+    "MovementService": ("TopUpShortfall", "Reverse"),
+    "CustomerService": ("ResetCustomerKey",),
+    "PolicyService": ("ProposePolicy", "SetPlatformGate"),
+}
+_APPROVALS: Final = {"ApprovalService": ("ApproveRequest", "RejectRequest")}
 
 
 def _table() -> dict[str, Access]:
     table: dict[str, Access] = {}
-    for access, groups in ((Access.READ, _READS), (Access.WRITE, _WRITES), (Access.ADMIN, _ADMIN)):
+    for access, groups in (
+        (Access.READ, _READS),
+        (Access.WRITE, _WRITES),
+        (Access.RELAY, _RELAYS),
+        (Access.ADMIN, _ADMIN),
+        (Access.APPROVE, _APPROVALS),
+    ):
         for service, methods in groups.items():
             for method in methods:
-                table[f"/custody.v1.{service}/{method}"] = access
+                name = f"/custody.v1.{service}/{method}"
+                assert name not in table, f"{name} listed twice"
+                table[name] = access
     return table
 
 
@@ -218,8 +246,8 @@ def authorize(
     """Authenticate the call, then check its role against the method's access level.
 
     Raises ApiError: UNAUTHENTICATED without a valid identity, PERMISSION_DENIED for a method
-    not in `access` (fail closed) or a role that may not call it (READ_ONLY_ROLE for roles that
-    can only read).
+    not in `access` (fail closed) or a role that may not call it (CHECKER_ROLE_REQUIRED for
+    approvals, READ_ONLY_ROLE for roles that can only read).
     """
     try:
         identity = source(context)
@@ -229,11 +257,13 @@ def authorize(
     if needed is None:
         raise errors.permission_denied(ApiReason.PERMISSION_DENIED, "method not allowed")
     if identity.role not in ROLES_FOR[needed]:
-        reason = (
-            ApiReason.READ_ONLY_ROLE
-            if identity.role not in ROLES_FOR[Access.WRITE]
-            else ApiReason.PERMISSION_DENIED
-        )
+        reason: str
+        if needed is Access.APPROVE:
+            reason = Code.CHECKER_ROLE_REQUIRED
+        elif identity.role not in ROLES_FOR[Access.WRITE]:
+            reason = ApiReason.READ_ONLY_ROLE
+        else:
+            reason = ApiReason.PERMISSION_DENIED
         raise errors.permission_denied(
             reason, f"role {identity.role.value!r} may not call {method}"
         )

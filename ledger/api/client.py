@@ -5,6 +5,11 @@
         client.open_account("o-a", "a", kind="customer", currency="CNY", role="lender")
         receipt = client.transfer("t-1", "a", "b", 1_000, "CNY")
 
+A platform relays its customers' consent: `sign_instruction` (or `sign_with=` on the typed
+calls) signs an instruction with the customer's Ed25519 key exactly as the server will check it
+(docs/API.md, "Signing customer instructions"). A manual operation is answered with a receipt
+whose `pending` is true and whose `request_id` a checker approves (`approve_request`).
+
 Every call has a deadline (`timeout_s`, default 10 s). Calls that fail with UNAVAILABLE, or
 RESOURCE_EXHAUSTED because the platform's queue is full, are retried with the same request,
 which is safe because every instruction carries its `client_id` (a retried instruction that
@@ -15,24 +20,36 @@ the status code and the stable reason code from `google.rpc.ErrorInfo`.
 from __future__ import annotations
 
 import random
+import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import grpc
+import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from controls.customer_authorisation import b64url_encode
+from controls.customer_authorisation import payload as _authorisation_payload
+from controls.policy import Policy, decode_policy, encode_policy
+from ledger.api import translate
 from ledger.api.pb import (
     account_grpc,
     account_pb,
+    approval_grpc,
+    approval_pb,
     audit_grpc,
     audit_pb,
     common_pb,
+    customer_grpc,
+    customer_pb,
     hold_grpc,
     hold_pb,
     log_grpc,
@@ -41,11 +58,16 @@ from ledger.api.pb import (
     movement_pb,
     platform_grpc,
     platform_pb,
+    policy_grpc,
+    policy_pb,
     query_grpc,
     query_pb,
 )
 
 DEFAULT_TIMEOUT_S: Final = 10.0
+# How long a signature made by `sign_instruction` stays valid by default (the default policy
+# accepts at most 5 minutes ahead of the server's clock).
+DEFAULT_AUTH_TTL_MS: Final = 120_000
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
 M = TypeVar("M", bound=Message)
 
@@ -112,22 +134,41 @@ class Receipt:
     replayed: bool
     position: int
     kind: str
+    status: str = "accepted"  # accepted | replayed | pending
+    request_id: str = ""  # pending only: what a checker approves
+
+    @property
+    def pending(self) -> bool:
+        """Recorded as a request for a checker (PENDING_APPROVAL); nothing executed yet."""
+        return self.status == "pending"
 
 
 @dataclass(frozen=True)
 class ItemResult:
     client_id: str
-    status: str  # accepted | replayed | refused | invalid
+    status: str  # accepted | replayed | pending | refused | invalid
     position: int
     kind: str
     reason: str = ""
     control: str = ""
     message: str = ""
     field: str = ""
+    request_id: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status in ("accepted", "replayed")
+        return self.status in ("accepted", "replayed", "pending")
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A platform's policy in force, its version and its gate."""
+
+    policy: Policy
+    policy_json: bytes  # canonical JSON, as the log records it
+    version: int
+    gate: str  # NORMAL | RESTRICTED | WIND_DOWN | FROZEN
+    as_of_position: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +190,7 @@ _STATUS_NAMES: Final = {
     common_pb.RESULT_STATUS_REPLAYED: "replayed",
     common_pb.RESULT_STATUS_REFUSED: "refused",
     common_pb.RESULT_STATUS_INVALID: "invalid",
+    common_pb.RESULT_STATUS_PENDING_APPROVAL: "pending",
 }
 _INSTRUCTION_TYPES: Final[dict[str, type[Message]]] = {
     "open_account": common_pb.OpenAccount,
@@ -167,26 +209,95 @@ _INSTRUCTION_TYPES: Final[dict[str, type[Message]]] = {
     "settle_withdrawal": common_pb.SettleWithdrawal,
     "fail_withdrawal": common_pb.FailWithdrawal,
     "reverse": common_pb.Reverse,
+    "register_key": common_pb.RegisterKey,
+    "reset_key": common_pb.ResetKey,
+    "bind_payee": common_pb.BindPayee,
+    "grant_standing": common_pb.GrantStanding,
+    "revoke_standing": common_pb.RevokeStanding,
+    "set_policy": common_pb.SetPolicy,
+    "set_gate": common_pb.SetGate,
+    "approve_request": common_pb.ApproveRequest,
+    "reject_request": common_pb.RejectRequest,
 }
 _ENUM_PREFIX: Final = {
     "kind": (common_pb.AccountKind, "ACCOUNT_KIND_"),
     "role": (common_pb.CustomerRole, "CUSTOMER_ROLE_"),
     "purpose": (common_pb.TransferPurpose, "TRANSFER_PURPOSE_"),
+    "holder_type": (common_pb.HolderType, "HOLDER_TYPE_"),
+    "gate": (common_pb.PlatformGate, "PLATFORM_GATE_"),
 }
+_GATE_NAMES: Final = {v: k for k, v in translate.GATE_TO_WIRE.items()}
 
 
 def _enum_value(name: str, value: Any) -> Any:
     if name in _ENUM_PREFIX and isinstance(value, str):
         enum, prefix = _ENUM_PREFIX[name]
         return enum.Value(prefix + value.upper())
+    if name == "authorisation" and isinstance(value, Mapping):
+        return common_pb.Authorisation(**value)
+    if name == "policy_json" and isinstance(value, Policy):
+        return encode_policy(value)
     return value
 
 
 def instruction_message(op: str, **fields: Any) -> Message:
-    """An instruction message from the domain's op name, with enums given as plain words."""
+    """An instruction message from the domain's op name, with enums given as plain words
+    (`kind="customer"`), `authorisation` as a message or a mapping, `policy_json` as a Policy or
+    bytes."""
     cls = _INSTRUCTION_TYPES[op]
     values = {k: _enum_value(k, v) for k, v in fields.items() if v is not None}
     return cls(**values)
+
+
+# -- customer signatures ---------------------------------------------------------------------
+
+
+def customer_public_key(private_key: Ed25519PrivateKey) -> str:
+    """The public key to register for a customer (OpenAccount / RegisterKey): base64url."""
+    raw = private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return b64url_encode(raw)
+
+
+def authorisation_payload(platform_id: str, message: Message) -> bytes:
+    """The exact bytes the customer signs for this instruction message on `platform_id`.
+
+    The message is translated into the ledger's command by the server's own translation
+    (`ledger.api.translate`), so the bytes are those the server verifies: the prefix
+    `custody-authorisation/v1`, the platform id, and the command's canonical JSON without its
+    `client_id` and without `auth.signature`. Raises WireError for a message the server would
+    refuse as malformed.
+    """
+    command = translate.command_of(message)
+    return _authorisation_payload(platform_id, msgspec.to_builtins(command))
+
+
+def sign_instruction(
+    platform_id: str,
+    message: M,
+    private_key: Ed25519PrivateKey,
+    *,
+    nonce: str | None = None,
+    expires_at_ms: int | None = None,
+    ttl_ms: int = DEFAULT_AUTH_TTL_MS,
+) -> M:
+    """A copy of the instruction `message` carrying the customer's signature.
+
+    Sets `authorisation.nonce` (random unless given; never reuse one for the same account) and
+    `authorisation.expires_at_ms` (now + `ttl_ms` unless given), then signs the authorisation
+    payload with `private_key`. Change nothing in the message afterwards except `client_id`.
+    """
+    signed = type(message)()
+    signed.CopyFrom(message)
+    auth = signed.authorisation  # type: ignore[attr-defined]
+    auth.Clear()
+    auth.nonce = nonce if nonce is not None else secrets.token_urlsafe(18)
+    auth.expires_at_ms = (
+        expires_at_ms if expires_at_ms is not None else time.time_ns() // 1_000_000 + ttl_ms
+    )
+    auth.signature = b64url_encode(private_key.sign(authorisation_payload(platform_id, signed)))
+    return signed
 
 
 def instruction(op: str, **fields: Any) -> common_pb.Instruction:
@@ -194,6 +305,11 @@ def instruction(op: str, **fields: Any) -> common_pb.Instruction:
     item = common_pb.Instruction()
     getattr(item, op).CopyFrom(instruction_message(op, **fields))
     return item
+
+
+def _receipt(r: common_pb.Receipt) -> Receipt:
+    status = _STATUS_NAMES.get(r.status, "unspecified")
+    return Receipt(r.client_id, status == "replayed", r.position, r.kind, status, r.request_id)
 
 
 class CustodyClient:
@@ -220,6 +336,9 @@ class CustodyClient:
         self.queries = query_grpc.QueryServiceStub(channel)
         self.log = log_grpc.LogServiceStub(channel)
         self.audit = audit_grpc.AuditServiceStub(channel)
+        self.customers = customer_grpc.CustomerServiceStub(channel)
+        self.policies = policy_grpc.PolicyServiceStub(channel)
+        self.approvals = approval_grpc.ApprovalServiceStub(channel)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -293,32 +412,47 @@ class CustodyClient:
     def _pid(self, platform_id: str | None) -> str:
         return self.platform_id if platform_id is None else platform_id
 
+    def _signing_platform(self, platform_id: str | None) -> str:
+        pid = self._pid(platform_id)
+        if not pid:
+            raise ValueError(
+                "signing needs the platform id: pass platform_id= or set CustodyClient.platform_id"
+            )
+        return pid
+
     def _write(
         self,
         rpc: Callable[..., Any],
         request_cls: type[Message],
         op: str,
         platform_id: str | None,
+        *,
+        sign_with: Ed25519PrivateKey | None = None,
         **fields: Any,
     ) -> Receipt:
-        request = request_cls(
-            platform_id=self._pid(platform_id), instruction=instruction_message(op, **fields)
-        )
-        answer = self._call(rpc, request)
-        r = answer.receipt
-        return Receipt(
-            r.client_id, r.status == common_pb.RESULT_STATUS_REPLAYED, r.position, r.kind
-        )
+        """One instruction. `sign_with`: the customer's key; the instruction is signed here
+        (see `sign_instruction`). `authorisation=` passes consent obtained elsewhere."""
+        message = instruction_message(op, **fields)
+        if sign_with is not None:
+            message = sign_instruction(self._signing_platform(platform_id), message, sign_with)
+        request = request_cls(platform_id=self._pid(platform_id), instruction=message)
+        return _receipt(self._call(rpc, request).receipt)
 
     # -- platforms ------------------------------------------------------------------------------
 
-    def create_platform(self, platform_id: str, name: str) -> Receipt:
+    def create_platform(
+        self, platform_id: str, name: str, *, policy: Policy | bytes | None = None
+    ) -> Receipt:
+        """Create a platform; `policy` is its version 0 (a Policy or its JSON document), None
+        for the built-in default (strict)."""
+        policy_json = encode_policy(policy) if isinstance(policy, Policy) else policy or b""
         answer = self._call(
             self.platforms.CreatePlatform,
-            platform_pb.CreatePlatformRequest(platform_id=platform_id, name=name),
+            platform_pb.CreatePlatformRequest(
+                platform_id=platform_id, name=name, policy_json=policy_json
+            ),
         )
-        r = answer.receipt
-        return Receipt(r.client_id, False, r.position, r.kind)
+        return _receipt(answer.receipt)
 
     # -- accounts -------------------------------------------------------------------------------
 
@@ -331,8 +465,11 @@ class CustodyClient:
         currency: str,
         role: str | None = None,
         holder_name: str | None = None,
+        holder_type: str | None = None,
+        public_key: str = "",
         platform_id: str | None = None,
     ) -> Receipt:
+        """`public_key`: the customer's Ed25519 key (`customer_public_key`), registered now."""
         return self._write(
             self.accounts.OpenAccount,
             account_pb.OpenAccountRequest,
@@ -344,6 +481,8 @@ class CustodyClient:
             currency=currency,
             role=role,
             holder_name=holder_name,
+            holder_type=holder_type,
+            public_key=public_key,
         )
 
     def freeze_account(
@@ -444,18 +583,24 @@ class CustodyClient:
         purpose: str = "transfer",
         *,
         platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
     ) -> Receipt:
+        """`sign_with`: the payer's key (signed here); or `authorisation`: a signature made
+        elsewhere over the same instruction, or `{"standing_id": ...}`."""
         return self._write(
             self.movements.Transfer,
             movement_pb.TransferRequest,
             "transfer",
             platform_id,
+            sign_with=sign_with,
             client_id=client_id,
             from_account_id=from_account_id,
             to_account_id=to_account_id,
             amount_minor=amount_minor,
             currency=currency,
             purpose=purpose,
+            authorisation=authorisation,
         )
 
     def charge_fee(
@@ -541,6 +686,7 @@ class CustodyClient:
                 r.control,
                 r.message,
                 r.field,
+                r.request_id,
             )
             for r in answer.results
         ]
@@ -557,13 +703,17 @@ class CustodyClient:
         reason: str,
         expires_at_ms: int,
         *,
+        owner_ref: str = "",
         platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
     ) -> Receipt:
         return self._write(
             self.holds.PlaceHold,
             hold_pb.PlaceHoldRequest,
             "place_hold",
             platform_id,
+            sign_with=sign_with,
             client_id=client_id,
             from_account_id=from_account_id,
             to_account_id=to_account_id,
@@ -571,10 +721,18 @@ class CustodyClient:
             currency=currency,
             reason=reason,
             expires_at_ms=expires_at_ms,
+            owner_ref=owner_ref,
+            authorisation=authorisation,
         )
 
     def capture_hold(
-        self, client_id: str, hold_id: str, amount_minor: int, *, platform_id: str | None = None
+        self,
+        client_id: str,
+        hold_id: str,
+        amount_minor: int,
+        *,
+        owner_ref: str = "",
+        platform_id: str | None = None,
     ) -> Receipt:
         return self._write(
             self.holds.CaptureHold,
@@ -584,10 +742,17 @@ class CustodyClient:
             client_id=client_id,
             hold_id=hold_id,
             amount_minor=amount_minor,
+            owner_ref=owner_ref,
         )
 
     def release_hold(
-        self, client_id: str, hold_id: str, reason: str, *, platform_id: str | None = None
+        self,
+        client_id: str,
+        hold_id: str,
+        reason: str,
+        *,
+        owner_ref: str = "",
+        platform_id: str | None = None,
     ) -> Receipt:
         return self._write(
             self.holds.ReleaseHold,
@@ -597,6 +762,7 @@ class CustodyClient:
             client_id=client_id,
             hold_id=hold_id,
             reason=reason,
+            owner_ref=owner_ref,
         )
 
     def expire_holds(
@@ -622,12 +788,15 @@ class CustodyClient:
         expires_at_ms: int,
         *,
         platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
     ) -> Receipt:
         return self._write(
             self.holds.RequestWithdrawal,
             hold_pb.RequestWithdrawalRequest,
             "request_withdrawal",
             platform_id,
+            sign_with=sign_with,
             client_id=client_id,
             account_id=account_id,
             mirror_account_id=mirror_account_id,
@@ -635,6 +804,7 @@ class CustodyClient:
             currency=currency,
             payee_ref=payee_ref,
             expires_at_ms=expires_at_ms,
+            authorisation=authorisation,
         )
 
     def settle_withdrawal(
@@ -665,6 +835,226 @@ class CustodyClient:
             platform_id,
             client_id=client_id,
             withdrawal_id=withdrawal_id,
+            reason=reason,
+        )
+
+    # -- customers: keys, payout accounts, standing authorisations -----------------------------
+
+    def register_customer_key(
+        self,
+        client_id: str,
+        account_id: str,
+        public_key: str,
+        *,
+        platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        """A first key needs no signature; a rotation is signed by the current key."""
+        return self._write(
+            self.customers.RegisterCustomerKey,
+            customer_pb.RegisterCustomerKeyRequest,
+            "register_key",
+            platform_id,
+            sign_with=sign_with,
+            client_id=client_id,
+            account_id=account_id,
+            public_key=public_key,
+            authorisation=authorisation,
+        )
+
+    def bind_payee(
+        self,
+        client_id: str,
+        account_id: str,
+        payee_ref: str,
+        bank_account: str,
+        holder_name: str,
+        *,
+        platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.customers.BindPayee,
+            customer_pb.BindPayeeRequest,
+            "bind_payee",
+            platform_id,
+            sign_with=sign_with,
+            client_id=client_id,
+            account_id=account_id,
+            payee_ref=payee_ref,
+            bank_account=bank_account,
+            holder_name=holder_name,
+            authorisation=authorisation,
+        )
+
+    def grant_standing_authorisation(
+        self,
+        client_id: str,
+        account_id: str,
+        standing_id: str,
+        purpose: str,
+        per_txn_max_minor: int,
+        valid_until_ms: int,
+        *,
+        payee_account_id: str = "",
+        platform_id: str | None = None,
+        sign_with: Ed25519PrivateKey | None = None,
+        authorisation: common_pb.Authorisation | Mapping[str, Any] | None = None,
+    ) -> Receipt:
+        return self._write(
+            self.customers.GrantStandingAuthorisation,
+            customer_pb.GrantStandingAuthorisationRequest,
+            "grant_standing",
+            platform_id,
+            sign_with=sign_with,
+            client_id=client_id,
+            account_id=account_id,
+            standing_id=standing_id,
+            purpose=purpose,
+            payee_account_id=payee_account_id,
+            per_txn_max_minor=per_txn_max_minor,
+            valid_until_ms=valid_until_ms,
+            authorisation=authorisation,
+        )
+
+    def revoke_standing_authorisation(
+        self, client_id: str, account_id: str, standing_id: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.customers.RevokeStandingAuthorisation,
+            customer_pb.RevokeStandingAuthorisationRequest,
+            "revoke_standing",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            standing_id=standing_id,
+        )
+
+    def reset_customer_key(
+        self,
+        client_id: str,
+        account_id: str,
+        public_key: str,
+        reason: str,
+        *,
+        platform_id: str | None = None,
+    ) -> Receipt:
+        """Operators: answered pending; a checker approves the reset."""
+        return self._write(
+            self.customers.ResetCustomerKey,
+            customer_pb.ResetCustomerKeyRequest,
+            "reset_key",
+            platform_id,
+            client_id=client_id,
+            account_id=account_id,
+            public_key=public_key,
+            reason=reason,
+        )
+
+    # -- policy and gate ------------------------------------------------------------------------
+
+    def get_policy(self, *, platform_id: str | None = None) -> PolicyInfo:
+        request = policy_pb.GetPolicyRequest(platform_id=self._pid(platform_id))
+        answer = self._call(self.policies.GetPolicy, request)
+        return PolicyInfo(
+            decode_policy(answer.policy_json),
+            answer.policy_json,
+            answer.version,
+            _GATE_NAMES.get(answer.gate, "UNSPECIFIED"),
+            answer.as_of_position,
+        )
+
+    def propose_policy(
+        self, client_id: str, policy: Policy | bytes, *, platform_id: str | None = None
+    ) -> Receipt:
+        """Operators: the next version (current + 1); answered pending for a checker."""
+        return self._write(
+            self.policies.ProposePolicy,
+            policy_pb.ProposePolicyRequest,
+            "set_policy",
+            platform_id,
+            client_id=client_id,
+            policy_json=policy,
+        )
+
+    def set_platform_gate(
+        self, client_id: str, gate: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        """Operators: NORMAL | RESTRICTED | WIND_DOWN | FROZEN; answered pending."""
+        return self._write(
+            self.policies.SetPlatformGate,
+            policy_pb.SetPlatformGateRequest,
+            "set_gate",
+            platform_id,
+            client_id=client_id,
+            gate=gate,
+            reason=reason,
+        )
+
+    # -- maker-checker --------------------------------------------------------------------------
+
+    def list_requests(
+        self,
+        status: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        platform_id: str | None = None,
+    ) -> Page:
+        """Requests in log order; `status`: pending | approved | rejected | expired."""
+        request = approval_pb.ListRequestsRequest(
+            platform_id=self._pid(platform_id),
+            status=approval_pb.ApprovalStatus.Value(f"APPROVAL_STATUS_{status.upper()}")
+            if status
+            else approval_pb.APPROVAL_STATUS_UNSPECIFIED,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        answer = self._call(self.approvals.ListRequests, request)
+        return Page(list(answer.requests), answer.next_page_token)
+
+    def iter_requests(
+        self, status: str | None = None, page_size: int = 0, *, platform_id: str | None = None
+    ) -> Iterator[Any]:
+        token = ""
+        while True:
+            page = self.list_requests(status, page_size, token, platform_id=platform_id)
+            yield from page.items
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def get_request(self, request_id: str, *, platform_id: str | None = None) -> Any:
+        request = approval_pb.GetRequestRequest(
+            platform_id=self._pid(platform_id), request_id=request_id
+        )
+        return self._call(self.approvals.GetRequest, request).request
+
+    def approve_request(
+        self, client_id: str, request_id: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        """Checkers: executes the request; the receipt is the executed instruction's record."""
+        return self._write(
+            self.approvals.ApproveRequest,
+            approval_pb.ApproveRequestRequest,
+            "approve_request",
+            platform_id,
+            client_id=client_id,
+            request_id=request_id,
+        )
+
+    def reject_request(
+        self, client_id: str, request_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.approvals.RejectRequest,
+            approval_pb.RejectRequestRequest,
+            "reject_request",
+            platform_id,
+            client_id=client_id,
+            request_id=request_id,
             reason=reason,
         )
 

@@ -2,8 +2,9 @@
 
 Every error status carries a `google.rpc.Status` with an `ErrorInfo(reason=<stable code>,
 domain="custody.v1")`; malformed input adds `BadRequest` field violations, business refusals
-add `PreconditionFailure`, and back-pressure adds `RetryInfo`. Reason codes are the ledger's
-own (`controls.codes.Code`) plus the few API-level ones in `ApiReason`. Bad input never
+add `PreconditionFailure`, exhausted policy limits add `QuotaFailure`, and back-pressure adds
+`RetryInfo`. Reason codes are the ledger's own (`controls.codes.Code`, each listed in
+`STATUS_OF_CODE` with its status) plus the few API-level ones in `ApiReason`. Bad input never
 becomes UNKNOWN or INTERNAL.
 """
 
@@ -48,12 +49,73 @@ class ApiReason(enum.StrEnum):
     INTERNAL = "INTERNAL"
 
 
-NOT_FOUND_CODES: Final = frozenset(
-    {Code.ACCOUNT_NOT_FOUND, Code.HOLD_NOT_FOUND, Code.MOVEMENT_NOT_FOUND, Code.PLATFORM_NOT_FOUND}
-)
-EXISTS_CODES: Final = frozenset(
-    {Code.ID_REUSED, Code.ACCOUNT_EXISTS, Code.PLATFORM_EXISTS, Code.HOLD_EXISTS}
-)
+_SC: Final = grpc.StatusCode
+
+# Every ledger reason code and its gRPC status (AIP-193). A test checks that every `Code` is
+# listed; one that is not (a code added to the controls before the API heard of it) falls back to
+# FAILED_PRECONDITION, never to UNKNOWN or INTERNAL.
+STATUS_OF_CODE: Final[Mapping[str, grpc.StatusCode]] = {
+    # malformed input (controls.codes.INPUT_CODES): BadRequest names the field
+    **{code: _SC.INVALID_ARGUMENT for code in INPUT_CODES},
+    # something named does not exist
+    Code.ACCOUNT_NOT_FOUND: _SC.NOT_FOUND,
+    Code.HOLD_NOT_FOUND: _SC.NOT_FOUND,
+    Code.MOVEMENT_NOT_FOUND: _SC.NOT_FOUND,
+    Code.PLATFORM_NOT_FOUND: _SC.NOT_FOUND,
+    Code.APPROVAL_NOT_FOUND: _SC.NOT_FOUND,
+    Code.STANDING_NOT_FOUND: _SC.NOT_FOUND,
+    # it exists already, or this is a second use of something single-use
+    Code.ID_REUSED: _SC.ALREADY_EXISTS,
+    Code.ACCOUNT_EXISTS: _SC.ALREADY_EXISTS,
+    Code.PLATFORM_EXISTS: _SC.ALREADY_EXISTS,
+    Code.HOLD_EXISTS: _SC.ALREADY_EXISTS,
+    Code.REPLAYED: _SC.ALREADY_EXISTS,  # the customer's authorisation nonce was used before
+    # the caller may not do this: wrong role, no (valid) customer consent, the same person on
+    # both sides of maker-checker, a screened party
+    Code.ROLE_NOT_PERMITTED: _SC.PERMISSION_DENIED,
+    Code.CHECKER_ROLE_REQUIRED: _SC.PERMISSION_DENIED,
+    Code.SELF_APPROVAL: _SC.PERMISSION_DENIED,
+    Code.AUTHORISATION_REQUIRED: _SC.PERMISSION_DENIED,
+    Code.AUTHORISATION_INVALID: _SC.PERMISSION_DENIED,
+    Code.AUTHORISATION_EXPIRED: _SC.PERMISSION_DENIED,
+    Code.BLOCKED: _SC.PERMISSION_DENIED,
+    # a quota of the policy (per transaction, per day, platform outflow) is used up
+    Code.LIMIT_EXCEEDED: _SC.RESOURCE_EXHAUSTED,
+    # concurrency: the state moved under the caller; re-read and retry
+    Code.LINKED_FAILED: _SC.ABORTED,
+    Code.POLICY_VERSION_CONFLICT: _SC.ABORTED,
+    # the state does not allow it now (PreconditionFailure names the control)
+    Code.UNBALANCED: _SC.FAILED_PRECONDITION,
+    Code.AMOUNT_OVERFLOW: _SC.FAILED_PRECONDITION,
+    Code.CURRENCY_MISMATCH: _SC.FAILED_PRECONDITION,
+    Code.FLOW_NOT_ALLOWED: _SC.FAILED_PRECONDITION,
+    Code.INSUFFICIENT_FUNDS: _SC.FAILED_PRECONDITION,
+    Code.ACCOUNT_FROZEN: _SC.FAILED_PRECONDITION,
+    Code.ACCOUNT_CLOSED: _SC.FAILED_PRECONDITION,
+    Code.ACCOUNT_NOT_EMPTY: _SC.FAILED_PRECONDITION,
+    Code.ACCOUNT_NOT_FROZEN: _SC.FAILED_PRECONDITION,
+    Code.HOLD_NOT_PENDING: _SC.FAILED_PRECONDITION,
+    Code.HOLD_EXCEEDED: _SC.FAILED_PRECONDITION,
+    Code.HOLD_NOT_EXPIRED: _SC.FAILED_PRECONDITION,
+    Code.HOLD_EXPIRED: _SC.FAILED_PRECONDITION,
+    Code.HOLD_REFERENCE_INVALID: _SC.FAILED_PRECONDITION,
+    Code.NOT_REVERSIBLE: _SC.FAILED_PRECONDITION,
+    Code.ALREADY_REVERSED: _SC.FAILED_PRECONDITION,
+    Code.PERSONAL_DATA_UNAVAILABLE: _SC.FAILED_PRECONDITION,
+    Code.SEGREGATION_BREACH: _SC.FAILED_PRECONDITION,
+    Code.FEE_NOT_IN_SCHEDULE: _SC.FAILED_PRECONDITION,
+    Code.AUTHORISATION_LOCKED: _SC.FAILED_PRECONDITION,
+    Code.KEY_NOT_REGISTERED: _SC.FAILED_PRECONDITION,
+    Code.PAYEE_NOT_BOUND: _SC.FAILED_PRECONDITION,
+    Code.PAYEE_NAME_MISMATCH: _SC.FAILED_PRECONDITION,
+    Code.PAYOUT_COOLOFF: _SC.FAILED_PRECONDITION,
+    Code.APPROVAL_REQUIRED: _SC.FAILED_PRECONDITION,
+    Code.APPROVAL_NOT_PENDING: _SC.FAILED_PRECONDITION,
+    Code.APPROVAL_EXPIRED: _SC.FAILED_PRECONDITION,
+    Code.REQUEST_REJECTED: _SC.FAILED_PRECONDITION,
+    Code.PLATFORM_RESTRICTED: _SC.FAILED_PRECONDITION,
+    Code.GATE_UNCHANGED: _SC.FAILED_PRECONDITION,
+}
 # For input refusals that do not name their field, the field they are about.
 _FIELD_OF_INPUT_CODE: Final[Mapping[str, str]] = {
     Code.INVALID_AMOUNT: "amount_minor",
@@ -61,21 +123,17 @@ _FIELD_OF_INPUT_CODE: Final[Mapping[str, str]] = {
     Code.HOLD_EXPIRY_INVALID: "expires_at_ms",
     Code.HOLD_REASON_REQUIRED: "reason",
     Code.BATCH_TOO_LARGE: "instructions",
+    Code.POLICY_INVALID: "policy_json",
 }
+# Screening refusals never say which list or entry matched (BRIEF §4), whatever the ledger's
+# own message: the API answers them with this text only.
+BLOCKED_MESSAGE: Final = "the instruction cannot be carried out"
 _RETRY_DELAY_S: Final = 0.05
 
 
 def status_code_for(reason: str) -> grpc.StatusCode:
     """The gRPC status for a ledger reason code (a refusal or an invalid instruction)."""
-    if reason in INPUT_CODES:
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if reason in NOT_FOUND_CODES:
-        return grpc.StatusCode.NOT_FOUND
-    if reason in EXISTS_CODES:
-        return grpc.StatusCode.ALREADY_EXISTS
-    if reason == Code.LINKED_FAILED:
-        return grpc.StatusCode.ABORTED
-    return grpc.StatusCode.FAILED_PRECONDITION
+    return STATUS_OF_CODE.get(reason, _SC.FAILED_PRECONDITION)
 
 
 class ApiError(Exception):
@@ -116,6 +174,10 @@ class ApiError(Exception):
             failure = error_details_pb2.PreconditionFailure()
             failure.violations.add(type=self.reason, subject=self.control, description=self.message)
             details.append(_pack(failure))
+        elif self.code is grpc.StatusCode.RESOURCE_EXHAUSTED and self.control:
+            quota = error_details_pb2.QuotaFailure()
+            quota.violations.add(subject=self.control, description=self.message)
+            details.append(_pack(quota))
         if self.retry_delay_s is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(self.retry_delay_s * 1e9))
@@ -193,10 +255,11 @@ def from_outcome(outcome: Outcome, field_prefix: str = "") -> ApiError:
         field = outcome.field or _FIELD_OF_INPUT_CODE.get(reason, "")
         if field:
             fields[field_prefix + field] = outcome.message or reason
+    message = BLOCKED_MESSAGE if reason == Code.BLOCKED else outcome.message or reason
     return ApiError(
         code,
         reason,
-        outcome.message or reason,
+        message,
         fields=fields,
         metadata=metadata,
         control=outcome.control,

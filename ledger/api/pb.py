@@ -9,6 +9,12 @@ from ledger.api.gen.custody.v1 import (
     account_service_pb2_grpc as account_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    approval_service_pb2 as approval_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    approval_service_pb2_grpc as approval_grpc,
+)
+from ledger.api.gen.custody.v1 import (
     audit_service_pb2 as audit_pb,
 )
 from ledger.api.gen.custody.v1 import (
@@ -16,6 +22,12 @@ from ledger.api.gen.custody.v1 import (
 )
 from ledger.api.gen.custody.v1 import (
     common_pb2 as common_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    customer_service_pb2 as customer_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    customer_service_pb2_grpc as customer_grpc,
 )
 from ledger.api.gen.custody.v1 import (
     hold_service_pb2 as hold_pb,
@@ -42,13 +54,30 @@ from ledger.api.gen.custody.v1 import (
     platform_service_pb2_grpc as platform_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    policy_service_pb2 as policy_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    policy_service_pb2_grpc as policy_grpc,
+)
+from ledger.api.gen.custody.v1 import (
     query_service_pb2 as query_pb,
 )
 from ledger.api.gen.custody.v1 import (
     query_service_pb2_grpc as query_grpc,
 )
 
-SERVICE_MODULES = (platform_pb, account_pb, movement_pb, hold_pb, query_pb, log_pb, audit_pb)
+SERVICE_MODULES = (
+    platform_pb,
+    account_pb,
+    movement_pb,
+    hold_pb,
+    query_pb,
+    log_pb,
+    audit_pb,
+    customer_pb,
+    policy_pb,
+    approval_pb,
+)
 
 # Fully qualified names of every custody.v1 service, for health and reflection.
 SERVICE_NAMES: tuple[str, ...] = tuple(
@@ -61,9 +90,13 @@ __all__ = [
     "SERVICE_NAMES",
     "account_grpc",
     "account_pb",
+    "approval_grpc",
+    "approval_pb",
     "audit_grpc",
     "audit_pb",
     "common_pb",
+    "customer_grpc",
+    "customer_pb",
     "hold_grpc",
     "hold_pb",
     "log_grpc",
@@ -72,6 +105,8 @@ __all__ = [
     "movement_pb",
     "platform_grpc",
     "platform_pb",
+    "policy_grpc",
+    "policy_pb",
     "query_grpc",
     "query_pb",
 ]

@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Final, TypeVar
@@ -40,12 +41,15 @@ from ledger.api.errors import ApiError, ApiReason
 from ledger.api.handlers import Context, Gate, add_service
 from ledger.api.pb import (
     account_pb,
+    approval_pb,
     audit_pb,
     common_pb,
+    customer_pb,
     hold_pb,
     log_pb,
     movement_pb,
     platform_pb,
+    policy_pb,
     query_pb,
 )
 from ledger.api.translate import BatchWireError, WireError
@@ -59,8 +63,9 @@ PAGE_SIZE_DEFAULT: Final = 100
 PAGE_SIZE_MAX: Final = 1000
 PAGE_TOKEN_MAX_LEN: Final = 512
 LOG_READ_PAGE: Final = 500
-# Same rule as ledger.validate for ids; reads check it so hostile ids are INVALID_ARGUMENT.
+# Same rules as ledger.validate for ids; reads check them so hostile ids are INVALID_ARGUMENT.
 _ID_RE: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\Z")
+_CLIENT_ID_RE: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,127}\Z")
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Message)
@@ -77,7 +82,7 @@ def _mapped(fn: Method[R]) -> Method[R]:
         except grpc.aio.AbortError:
             raise
         except WireError as exc:
-            error = errors.invalid(exc.field, exc.message)
+            error = errors.invalid(exc.field, exc.message, exc.reason)
         except BatchWireError as exc:
             error = errors.invalid_many(exc.violations)
         except Exception as exc:
@@ -251,7 +256,7 @@ def _single_write(instruction: type[Message], response: type[Message]) -> Method
         except grpc.aio.AbortError:
             raise
         except WireError as exc:
-            error = errors.invalid(exc.field, exc.message)
+            error = errors.invalid(exc.field, exc.message, exc.reason)
         except Exception as exc:
             error = errors.error_for(exc, response.__name__.removesuffix("Response"))
         await errors.abort(context, error)
@@ -312,8 +317,13 @@ class PlatformServicer:
     async def CreatePlatform(
         self, request: platform_pb.CreatePlatformRequest, context: Context, identity: Identity
     ) -> platform_pb.CreatePlatformResponse:
+        policy = translate.policy_from_json(request.policy_json) if request.policy_json else None
         outcome = await self.core.run(
-            self.core.service.create_platform, request.platform_id, request.name, identity.actor
+            self.core.service.create_platform,
+            request.platform_id,
+            request.name,
+            identity.actor,
+            policy,
         )
         if not outcome.ok:
             raise errors.from_outcome(outcome)
@@ -636,6 +646,154 @@ class AuditServicer:
             self.core.streams.release()
 
 
+class CustomerServicer:
+    """Customers' keys, payout accounts and standing authorisations (the platform relays them)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    RegisterCustomerKey = _single_write(
+        common_pb.RegisterKey, customer_pb.RegisterCustomerKeyResponse
+    )
+
+    BindPayee = _single_write(common_pb.BindPayee, customer_pb.BindPayeeResponse)
+
+    GrantStandingAuthorisation = _single_write(
+        common_pb.GrantStanding, customer_pb.GrantStandingAuthorisationResponse
+    )
+
+    RevokeStandingAuthorisation = _single_write(
+        common_pb.RevokeStanding, customer_pb.RevokeStandingAuthorisationResponse
+    )
+
+    ResetCustomerKey = _single_write(common_pb.ResetKey, customer_pb.ResetCustomerKeyResponse)
+
+
+class PolicyServicer:
+    """The policy in force and the gate; changes are requests for a checker."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @_mapped
+    async def GetPolicy(
+        self, request: policy_pb.GetPolicyRequest, context: Context, identity: Identity
+    ) -> policy_pb.GetPolicyResponse:
+        platform_id = scoped_platform(identity, request.platform_id)
+
+        def read() -> policy_pb.GetPolicyResponse:
+            with self.core.service.reading(platform_id) as state:
+                return policy_pb.GetPolicyResponse(
+                    policy_json=translate.policy_json(state.policy),
+                    version=state.policy.version,
+                    gate=translate.GATE_TO_WIRE[state.gate],
+                    as_of_position=state.next_seq - 1,
+                )
+
+        return await self.core.run(read)
+
+    ProposePolicy = _single_write(common_pb.SetPolicy, policy_pb.ProposePolicyResponse)
+
+    SetPlatformGate = _single_write(common_pb.SetGate, policy_pb.SetPlatformGateResponse)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _approval_missing(request_id: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        Code.APPROVAL_NOT_FOUND,
+        f"request {request_id!r} not found",
+        metadata={"request_id": request_id},
+    )
+
+
+_STATUS_FILTER: Final[dict[int, str]] = {
+    approval_pb.APPROVAL_STATUS_PENDING: "pending",
+    approval_pb.APPROVAL_STATUS_APPROVED: "approved",
+    approval_pb.APPROVAL_STATUS_REJECTED: "rejected",
+    approval_pb.APPROVAL_STATUS_EXPIRED: "expired",
+}
+
+
+class ApprovalServicer:
+    """Maker-checker requests: read by every role, decided by checkers."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @_mapped
+    async def ListRequests(
+        self, request: approval_pb.ListRequestsRequest, context: Context, identity: Identity
+    ) -> approval_pb.ListRequestsResponse:
+        platform_id = scoped_platform(identity, request.platform_id)
+        wanted: str | None = None
+        if request.status != approval_pb.APPROVAL_STATUS_UNSPECIFIED:
+            if request.status not in _STATUS_FILTER:
+                raise errors.invalid("status", f"unknown enum value {request.status}")
+            wanted = _STATUS_FILTER[request.status]
+        size = request.page_size
+        if size < 0:
+            raise errors.invalid("page_size", "must not be negative")
+        size = PAGE_SIZE_DEFAULT if size == 0 else min(size, PAGE_SIZE_MAX)
+        token = _decode_token(request.page_token, platform_id, "requests")
+        if token is not None and not token.isdigit():
+            raise errors.invalid(
+                "page_token", "not a token this list returned", ApiReason.INVALID_PAGE_TOKEN
+            )
+        after = -1 if token is None else int(token)
+
+        def read() -> approval_pb.ListRequestsResponse:
+            now = _now_ms()
+            items: list[approval_pb.Approval] = []
+            more = False
+            with self.core.service.reading(platform_id) as state:
+                # requests are kept in the order they were made, i.e. by position
+                for pending in state.requests.values():
+                    if pending.seq <= after:
+                        continue
+                    if wanted is not None and translate.approval_status(pending, now) != wanted:
+                        continue
+                    if len(items) == size:
+                        more = True
+                        break
+                    items.append(translate.approval(platform_id, pending, now))
+            next_token = (
+                _encode_token(platform_id, "requests", str(items[-1].position))
+                if more and items
+                else ""
+            )
+            return approval_pb.ListRequestsResponse(requests=items, next_page_token=next_token)
+
+        return await self.core.run(read)
+
+    @_mapped
+    async def GetRequest(
+        self, request: approval_pb.GetRequestRequest, context: Context, identity: Identity
+    ) -> approval_pb.GetRequestResponse:
+        platform_id = scoped_platform(identity, request.platform_id)
+        request_id = request.request_id
+        if _CLIENT_ID_RE.match(request_id) is None:
+            raise errors.invalid("request_id", "must be the client id of an instruction")
+
+        def read() -> approval_pb.GetRequestResponse:
+            with self.core.service.reading(platform_id) as state:
+                pending = state.requests.get(request_id)
+                if pending is None:
+                    raise _approval_missing(request_id)
+                return approval_pb.GetRequestResponse(
+                    request=translate.approval(platform_id, pending, _now_ms())
+                )
+
+        return await self.core.run(read)
+
+    ApproveRequest = _single_write(common_pb.ApproveRequest, approval_pb.ApproveRequestResponse)
+
+    RejectRequest = _single_write(common_pb.RejectRequest, approval_pb.RejectRequestResponse)
+
+
 # (proto module, service name, servicer class): every custody.v1 service this server answers.
 SERVICES: Final = (
     (platform_pb, "PlatformService", PlatformServicer),
@@ -645,6 +803,9 @@ SERVICES: Final = (
     (query_pb, "QueryService", QueryServicer),
     (log_pb, "LogService", LogServicer),
     (audit_pb, "AuditService", AuditServicer),
+    (customer_pb, "CustomerService", CustomerServicer),
+    (policy_pb, "PolicyService", PolicyServicer),
+    (approval_pb, "ApprovalService", ApprovalServicer),
 )
 
 

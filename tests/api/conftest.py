@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from api_helpers import CCY, PLATFORMS, World
+from helpers import BOOKKEEPING_POLICY
 
 from ledger.api.certs import create_dev_pki
 from ledger.api.client import CustodyClient
@@ -73,9 +74,12 @@ def connect(api_server: RunningServer, pki: Path) -> Iterator[Connect]:
 
 @pytest.fixture
 def world(api_service: LedgerService, api_server: RunningServer, connect: Connect) -> World:
+    """Platforms under the bookkeeping policy (no customer keys, payees, checker or fee schedule
+    needed): the tests using it are about the API's plumbing, not the controls. The controls
+    through the API are in test_api_controls.py, under the default (strict) policy."""
     operator = connect("operator-dev")
     for platform_id in PLATFORMS:
-        operator.create_platform(platform_id, f"Platform {platform_id}")
+        operator.create_platform(platform_id, f"Platform {platform_id}", policy=BOOKKEEPING_POLICY)
     p1 = connect("platform-p1")
     for client_id, account_id, kind, role in [
         ("o-omni", "omni", "omnibus", None),

@@ -155,7 +155,8 @@ def test_every_method_has_an_access_rule() -> None:
         for method in service.methods
     }
     assert methods == set(auth.METHOD_ACCESS)
-    assert len(SERVICE_NAMES) == 7  # platform, account, movement, hold, query, log, audit
+    # platform, account, movement, hold, query, log, audit, customer, policy, approval
+    assert len(SERVICE_NAMES) == 10
 
 
 # -- insecure development mode ----------------------------------------------------------------

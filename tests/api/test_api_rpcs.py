@@ -37,7 +37,9 @@ def test_account_lifecycle(world: World) -> None:
     assert acc.opened_position == r.position
     assert p1.freeze_account("f-dave", "dave", "kyc review").kind == "account_frozen"
     assert p1.get_account("dave").status == common_pb.ACCOUNT_STATUS_FROZEN
-    assert p1.unfreeze_account("u-dave", "dave", "kyc done").kind == "account_unfrozen"
+    # unfreezing is a manual operation: the custodian's operator, not the platform
+    unfrozen = world.operator.unfreeze_account("u-dave", "dave", "kyc done", platform_id="p1")
+    assert unfrozen.kind == "account_unfrozen"
     assert p1.close_account("c-dave", "dave").kind == "account_closed"
     assert p1.get_account("dave").status == common_pb.ACCOUNT_STATUS_CLOSED
 
@@ -47,11 +49,11 @@ def test_movements(world: World) -> None:
     assert p1.transfer("t1", "alice", "bob", 3_000, CCY, purpose="disbursement").kind == (
         "transferred"
     )
-    assert p1.reverse("rev1", "t1", "mistake").kind == "reversed"
-    assert p1.charge_fee("fee1", "alice", "fee", 100, CCY, "servicing").kind == "fee_charged"
-    assert p1.top_up_shortfall("top1", "own", "carol", 50, CCY, "late bank").kind == (
-        "shortfall_topped_up"
-    )
+    operator = world.operator
+    assert operator.reverse("rev1", "t1", "mistake", platform_id="p1").kind == "reversed"
+    assert p1.charge_fee("fee1", "alice", "fee", 100, CCY, "service").kind == "fee_charged"
+    topped = operator.top_up_shortfall("top1", "own", "carol", 50, CCY, "late", platform_id="p1")
+    assert topped.kind == "shortfall_topped_up"
     assert p1.deposit("d-susp", "omni", "susp", 70, CCY, bank_ref="unknown").kind == "deposited"
     assert p1.get_balance("alice").posted_minor == 10_000 - 100
     assert p1.get_balance("bob").posted_minor == 0
@@ -62,7 +64,7 @@ def test_movements(world: World) -> None:
 def test_balances_after_movements(world: World) -> None:
     p1 = world.p1
     p1.transfer("t1", "alice", "bob", 3_000, CCY)
-    p1.charge_fee("fee1", "bob", "fee", 100, CCY, "servicing")
+    p1.charge_fee("fee1", "bob", "fee", 100, CCY, "service")
     alice, bob, fee = (p1.get_balance(a) for a in ("alice", "bob", "fee"))
     assert (alice.posted_minor, alice.held_minor, alice.available_minor) == (7_000, 0, 7_000)
     assert (bob.posted_minor, bob.available_minor) == (2_900, 2_900)
