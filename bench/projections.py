@@ -89,7 +89,12 @@ def store_env(kind: str) -> Iterator[dict[str, str]]:
 def generate(service: LedgerService, records: int, budget_s: float) -> tuple[int, float]:
     """A log of ~`records` records, each a transfer to or from `hot`; stops at the time budget."""
     actor = "operator:bench"
-    service.create_platform(PLATFORM, "Bench", actor)
+    try:  # the bookkeeping policy: plain transfers without customer signatures
+        from tests.helpers import BOOKKEEPING_POLICY
+
+        _check([service.create_platform(PLATFORM, "Bench", actor, BOOKKEEPING_POLICY)])
+    except ImportError:  # a ledger before versioned policies
+        _check([service.create_platform(PLATFORM, "Bench", actor)])
     opens: list[c.Command] = [
         c.OpenAccount(client_id="o:omni", account_id="omni", kind="omnibus", currency="CNY"),
         c.OpenAccount(

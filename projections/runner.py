@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -74,6 +75,23 @@ class ProjectionRunner:
         self.batch_size = batch_size
         self._pos: dict[tuple[str, str], _Pos] = {}
         self._created = False
+        # One batch at a time per runner, whichever thread asks (follow loop, API, CLI).
+        self._lock = threading.RLock()
+        self._pool: ThreadPoolExecutor | None = None
+        # platform -> (after, head, the page after it being read): at most one page ahead
+        self._ahead: dict[str, tuple[int, bytes, Future[tuple[list[Record], list[bytes]]]]] = {}
+
+    def _prefetcher(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="projection-prefetch")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the store belongs to the caller)."""
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -81,7 +99,9 @@ class ProjectionRunner:
         if self._created:
             return
         db = self.db
-        with db.tx() as cur:
+        with self._lock, db.tx() as cur:
+            if db.is_pg:  # concurrent CREATE ... IF NOT EXISTS can still collide in pg_type
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext('custody-projections'))")
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {db.t(POSITIONS)} (name TEXT NOT NULL, "
                 "platform TEXT NOT NULL, position BIGINT NOT NULL, head TEXT NOT NULL, "
@@ -117,6 +137,7 @@ class ProjectionRunner:
     def _forget(self) -> None:
         """After a failed transaction nothing cached can be trusted: reload from the database."""
         self._pos.clear()
+        self._ahead.clear()
         for p in self.projections:
             p.reset()
 
@@ -125,20 +146,27 @@ class ProjectionRunner:
     def run_once(self, platform: str) -> int:
         """Project at most one batch of `platform`'s log; returns how many records were read."""
         self.ensure_tables()
-        try:
-            return self._run_batch(platform)
-        except BaseException:
-            self._forget()
-            raise
+        with self._lock:
+            try:
+                return self._run_batch(platform)
+            except BaseException:
+                self._forget()
+                raise
+
+    def _fetch(self, platform: str, start: int, head: bytes) -> tuple[list[Record], list[bytes]]:
+        """Read, chain-check and decode the page after `start` (safe on another thread)."""
+        rows = self._read(platform, start)
+        return _verified(platform, rows, start, head) if rows else ([], [])
 
     def _run_batch(self, platform: str) -> int:
         positions = self._load_positions(platform)
         start = min(pos.position for pos in positions.values())
-        rows = self._read(platform, start)
-        if not rows:
-            return 0
         starter = next(pos for pos in positions.values() if pos.position == start)
-        recs, heads = _verified(platform, rows, start, starter.head)
+        ahead = self._ahead.pop(platform, None)
+        if ahead is not None and ahead[0] == start and ahead[1] == starter.head:
+            recs, heads = ahead[2].result()
+        else:
+            recs, heads = self._fetch(platform, start, starter.head)
         if not recs:
             return 0
         last = recs[-1]["seq"]
@@ -154,6 +182,11 @@ class ProjectionRunner:
             f"WHERE name = {ph} AND platform = {ph} AND position = {ph}"
         )
         new_head = heads[len(recs) - 1]
+        if len(recs) == self.batch_size:
+            # More is probably waiting: read and decode the next page on the prefetch thread
+            # while this one is written (SQLite and psycopg release the GIL during I/O).
+            future = self._prefetcher().submit(self._fetch, platform, last, new_head)
+            self._ahead[platform] = (last, new_head, future)
         with db.tx() as cur:
             for p in self.projections:
                 pos = positions[p.name]
@@ -246,8 +279,8 @@ class ProjectionRunner:
         self.ensure_tables()
         db = self.db
         pids = [platform] if platform is not None else self.store.platform_ids()
-        try:
-            with db.tx() as cur:
+        with self._lock, db.tx() as cur:
+            try:
                 for pid in pids:
                     for p in self.projections:
                         p.drop(db, cur, pid)
@@ -256,22 +289,28 @@ class ProjectionRunner:
                             f"WHERE name = {db.ph} AND platform = {db.ph}",
                             (GENESIS_HEX, p.name, pid),
                         )
-        finally:
-            self._forget()
+            finally:
+                self._forget()
         return {pid: self.catch_up(pid)[pid] for pid in pids}
 
     def status(self, platform: str | None = None) -> list[Status]:
         self.ensure_tables()
+        db = self.db
         out = []
         for pid in [platform] if platform is not None else self.store.platform_ids():
-            self._pos.clear()
-            positions = self._load_positions(pid)
+            with db.reading() as cur:  # the stored positions, not this runner's cache
+                stored = dict(
+                    db.fetchall(
+                        cur,
+                        f"SELECT name, position FROM {db.t(POSITIONS)} WHERE platform = {db.ph}",
+                        (pid,),
+                    )
+                )
             last = self.store.last_row(log_stream(pid))
             log_position = -1 if last is None else last[0]
-            for name, pos in positions.items():
-                out.append(
-                    Status(name, pid, pos.position, log_position, log_position - pos.position)
-                )
+            for p in self.projections:
+                position = int(stored.get(p.name, -1))
+                out.append(Status(p.name, pid, position, log_position, log_position - position))
         return out
 
     def dump(self, platform: str) -> Iterator[bytes]:
@@ -351,3 +390,4 @@ class EmbeddedRunner:
     def close(self, timeout_s: float = 10.0) -> None:
         self.stop.set()
         self.thread.join(timeout_s)
+        self.runner.close()
