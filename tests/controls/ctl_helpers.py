@@ -424,3 +424,16 @@ def controls_snapshot(service: LedgerService, platform_id: str) -> dict[str, Any
             "last_ts_ms": st.last_ts_ms,
             "totals": {k: list(v) for k, v in st.totals_by_currency.items()},
         }
+
+
+def set_policy(service: LedgerService, p: CtlPlatform, **changes: Any) -> Policy:
+    """The next policy version (the current one with `changes`), asked by an operator and
+    approved by a checker."""
+    with service.reading(p.id) as st:
+        current = st.policy
+    new = msgspec.structs.replace(current, version=current.version + 1, **changes)
+    cid = f"policy-v{new.version}"
+    pending(service, p, c.SetPolicy(client_id=cid, policy=new))
+    out = approve(service, p, cid)
+    assert out.kind == "policy_set", out
+    return new
