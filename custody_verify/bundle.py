@@ -23,6 +23,7 @@ from __future__ import annotations
 import binascii
 import gc
 import hashlib
+import itertools
 import json
 import multiprocessing
 import time
@@ -56,8 +57,30 @@ ACCOUNT_KINDS = frozenset(
 ASSET_KINDS = frozenset({"omnibus", "platform_bank"})
 NON_NEGATIVE_KINDS = frozenset({"customer", "own_funds", "fee_income", "suspense"})
 REFUSED = "command_refused"
-EFFECT_KEYS = frozenset({"entries", "hold", "resolve", "account", "subject", "reverses"})
-# accepted record kind -> the effect keys it must carry / may carry
+REQUESTED = "approval_requested"
+# Keys every record has; a kind adds exactly its effect keys (SHAPES below).
+BASE_KEYS = frozenset({"v", "platform", "seq", "ts", "kind", "cid", "actor", "pv", "cmd"})
+# Keys with a meaning to the replay: a kind this verifier does not know must carry none of them
+# (it may exist, but it cannot move money, open accounts, change the policy or act on requests).
+EFFECT_KEYS = frozenset(
+    {
+        "entries",
+        "hold",
+        "resolve",
+        "account",
+        "subject",
+        "reverses",
+        "executes",
+        "policy",
+        "gate",
+        "key",
+        "payee",
+        "standing",
+        "revokes",
+        "request",
+        "rejects",
+    }
+)
 ENTRY_KINDS = frozenset(
     {"deposited", "transferred", "fee_charged", "shortfall_topped_up", "reversed"}
 )
@@ -67,6 +90,138 @@ RESOLVE_KINDS = frozenset(
 )
 SUBJECT_KINDS = frozenset({"account_frozen", "account_unfrozen", "account_closed"})
 HOLD_STATUSES = frozenset({"captured", "released", "expired"})
+
+
+def _shape(required: set[str], optional: tuple[str, ...] = ()) -> tuple[frozenset[str], ...]:
+    need = BASE_KEYS | required
+    return need, need | frozenset(optional)
+
+
+_EXEC = ("executes",)
+_MOVED = ("tags", "executes")  # records that post money may carry large-value tags
+# record kind -> (the keys it must have, the keys it may have)
+SHAPES: dict[str, tuple[frozenset[str], ...]] = {
+    "platform_created": _shape({"name", "policy"}),
+    "account_opened": _shape({"account"}, _EXEC),
+    **{kind: _shape({"subject"}, _EXEC) for kind in SUBJECT_KINDS},
+    **{kind: _shape({"ccy", "entries"}, _MOVED) for kind in ENTRY_KINDS - {"reversed"}},
+    "reversed": _shape({"ccy", "entries", "reverses"}, _MOVED),
+    **{kind: _shape({"ccy", "hold"}, _EXEC) for kind in HOLD_KINDS},
+    "hold_captured": _shape({"ccy", "resolve"}, _MOVED),
+    "withdrawal_settled": _shape({"ccy", "resolve"}, _MOVED),
+    **{kind: _shape({"resolve"}, _EXEC) for kind in {"hold_released", "holds_expired"}},
+    "withdrawal_failed": _shape({"resolve"}, _EXEC),
+    "key_registered": _shape({"key"}, _EXEC),
+    "payee_bound": _shape({"payee"}, _EXEC),
+    "standing_granted": _shape({"standing"}, _EXEC),
+    "standing_revoked": _shape({"revokes"}, _EXEC),
+    "policy_set": _shape({"policy"}, _EXEC),
+    "gate_set": _shape({"gate"}, _EXEC),
+    REQUESTED: _shape({"request"}),
+    "approval_rejected": _shape({"rejects"}),
+    REFUSED: _shape({"code", "control", "message"}, ("linked_to", "suppressed", "auth_failed")),
+}
+# the keys of a large-value tag, in canonical (sorted) order
+TAG_KEYS = ("account", "day_total_minor", "due_ms", "side", "tag")
+TAG_SIDES = frozenset({"in", "out"})
+GATES = frozenset({"NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN"})
+
+# The operation (`cmd.op`) that produces each kind (docs/FORMAT.md §3.3). An approval is
+# recorded under the kind of the operation it executes, with the checker's `approve_request`.
+KIND_OF_OP: dict[str, str] = {
+    "create_platform": "platform_created",
+    "open_account": "account_opened",
+    "freeze_account": "account_frozen",
+    "unfreeze_account": "account_unfrozen",
+    "close_account": "account_closed",
+    "deposit": "deposited",
+    "transfer": "transferred",
+    "charge_fee": "fee_charged",
+    "top_up_shortfall": "shortfall_topped_up",
+    "place_hold": "hold_placed",
+    "capture_hold": "hold_captured",
+    "release_hold": "hold_released",
+    "expire_holds": "holds_expired",
+    "request_withdrawal": "withdrawal_requested",
+    "settle_withdrawal": "withdrawal_settled",
+    "fail_withdrawal": "withdrawal_failed",
+    "reverse": "reversed",
+    "register_key": "key_registered",
+    "reset_key": "key_registered",
+    "bind_payee": "payee_bound",
+    "grant_standing": "standing_granted",
+    "revoke_standing": "standing_revoked",
+    "set_policy": "policy_set",
+    "set_gate": "gate_set",
+    "reject_request": "approval_rejected",
+}
+OPS_OF_KIND: dict[str, frozenset[str]] = {
+    kind: frozenset(op for op, k in KIND_OF_OP.items() if k == kind)
+    for kind in set(KIND_OF_OP.values())
+}
+# operations a maker may ask a checker for (anything but governance of the requests themselves)
+REQUESTABLE_OPS = frozenset(KIND_OF_OP) - {"create_platform", "reject_request"}
+
+# Who may start which operation: the verifier's own copy of the ledger's role matrix (BRIEF §7,
+# docs/FORMAT.md §3.4). An actor is `<role>:<name>`.
+_MOVEMENTS = frozenset(
+    {
+        "deposit",
+        "transfer",
+        "charge_fee",
+        "top_up_shortfall",
+        "place_hold",
+        "capture_hold",
+        "release_hold",
+        "expire_holds",
+        "request_withdrawal",
+        "settle_withdrawal",
+        "fail_withdrawal",
+    }
+)
+ROLE_OPS: dict[str, frozenset[str]] = {
+    "platform": _MOVEMENTS
+    | {
+        "open_account",
+        "freeze_account",
+        "close_account",
+        "register_key",
+        "bind_payee",
+        "grant_standing",
+        "revoke_standing",
+    },
+    "operator": frozenset(
+        {
+            "create_platform",
+            "open_account",
+            "freeze_account",
+            "unfreeze_account",
+            "close_account",
+            "deposit",
+            "transfer",  # suspense clearing only
+            "top_up_shortfall",
+            "expire_holds",
+            "settle_withdrawal",
+            "fail_withdrawal",
+            "reverse",
+            "set_policy",
+            "set_gate",
+            "reset_key",
+        }
+    ),
+    "checker": frozenset({"approve_request", "reject_request"}),
+    "system": frozenset({"expire_holds"}),
+    "auditor": frozenset(),
+    "regulator": frozenset(),
+}
+CHECKER = "checker"
+MAX_ACTORS = 4096  # distinct actors whose role is remembered (memory stays bounded)
+# Maker-checker: operations that always need a checker, whatever the policy says, and the
+# movements whose amount is compared with the policy's approval threshold.
+ALWAYS_APPROVED_OPS = frozenset({"set_policy", "set_gate", "reset_key"})
+LARGE_VALUE_OPS = frozenset({"transfer", "place_hold", "request_withdrawal"})
+AUTH_FAILED_CODE = "AUTHORISATION_INVALID"
+AUTH_CONTROL = "customer_authorisation"
 
 # account slots
 _KIND, _CCY, _NONNEG, _DP, _CP, _DH, _CH = range(7)
@@ -163,17 +318,60 @@ def _is_amount(x: object) -> bool:
     return type(x) is int and 1 <= x <= MAX_AMOUNT
 
 
+def _amount_at_least(cmd: dict[str, Any], threshold: int) -> bool:
+    amount = cmd.get("amount_minor")
+    return type(amount) is int and amount >= threshold
+
+
+def _shape_problem(kind: str, keys: Any, shape: tuple[frozenset[str], ...]) -> str:
+    missing = sorted(shape[0] - keys)
+    extra = sorted(k for k in keys if k not in shape[1])
+    if kind == REFUSED and EFFECT_KEYS.intersection(extra):
+        return f"a refusal carries effects {extra}: it must change nothing"
+    if missing:
+        return f"{kind} record lacks {missing}"
+    if extra:
+        return f"{kind} record carries unexpected {extra}"
+    return f"the keys of a {kind} record are not in canonical (sorted) order"
+
+
+def _key_orders(
+    shapes: dict[str, tuple[frozenset[str], ...]],
+) -> dict[tuple[str, ...], frozenset[str]]:
+    """Every valid key sequence of a record (sorted, as canonical bytes have them) -> the kinds
+    it is valid for: one dict lookup checks a record's whole shape and its key order."""
+    found: dict[tuple[str, ...], set[str]] = {}
+    for kind, (need, allowed) in shapes.items():
+        optional = sorted(allowed - need)
+        for size in range(len(optional) + 1):
+            for subset in itertools.combinations(optional, size):
+                found.setdefault(tuple(sorted(need.union(subset))), set()).add(kind)
+    return {keys: frozenset(kinds) for keys, kinds in found.items()}
+
+
+KEY_ORDERS = _key_orders(SHAPES)
+
+
 class _Ledger:
-    """The replay state: live accounts and pending holds only."""
+    """The replay state: live accounts, pending holds, pending requests, live standing
+    authorisations and the policy in force; nothing that grows with the number of records."""
 
     __slots__ = (
         "accounts",
+        "approval_above",
+        "approval_ttl",
         "created",
+        "gate",
         "holds",
         "kinds",
         "last_ts",
+        "need_ops",
         "platform",
+        "pv",
         "refused",
+        "requests",
+        "roles",
+        "standing",
         "status",
         "totals",
     )
@@ -189,6 +387,17 @@ class _Ledger:
         self.refused = 0
         # Accounts that are frozen or closed (absent = open): new money must not touch them.
         self.status: dict[str, str] = {}
+        # the policy in force (platform_created, then each policy_set)
+        self.pv = 0
+        self.need_ops: frozenset[str] = ALWAYS_APPROVED_OPS
+        self.approval_above = 0
+        self.approval_ttl = 0
+        self.gate = "NORMAL"
+        # request id -> (maker, expires ms, the operation asked for): waiting for a checker
+        self.requests: dict[str, tuple[str, int, str]] = {}
+        # standing authorisation id -> customer account, while granted and not revoked
+        self.standing: dict[str, str] = {}
+        self.roles: dict[str, str] = {}  # actor -> role, for at most MAX_ACTORS actors
 
     def apply(self, rec: Any, pos: int) -> None:
         if type(rec) is not dict:
@@ -214,39 +423,63 @@ class _Ledger:
             kinds[kind] = 1
         else:  # memory stays bounded whatever the records say
             kinds["(other kinds)"] = kinds.get("(other kinds)", 0) + 1
-        effects = EFFECT_KEYS.intersection(rec)
+        pv = rec.get("pv")
+        if pv != self.pv or type(pv) is not int:
+            raise _Fail(f"pv {pv!r} is not the policy version in force ({self.pv})")
+        shape = SHAPES.get(kind)
+        if shape is None:
+            self._unknown(rec, kind)
+            return
+        if kind not in KEY_ORDERS.get(tuple(rec), ()):  # exactly its keys, in canonical order
+            raise _Fail(_shape_problem(kind, rec.keys(), shape))
+        cmd = rec["cmd"]
+        if type(cmd) is not dict:
+            raise _Fail("cmd is not a JSON object")
+        op = cmd.get("op")
+        actor = rec["actor"]
+        role = self.roles.get(actor) if type(actor) is str else None
+        if role is None:
+            role = self._role(actor)
         if kind == REFUSED:
-            if effects:
-                raise _Fail(f"a refusal carries effects {sorted(effects)}: it must change nothing")
-            if not rec.get("code") or not rec.get("control"):
-                raise _Fail("a refusal must name its code and control")
-            self.refused += 1
+            self._refusal(rec, op)
             return
         if kind == "platform_created":
-            if pos != 0 or self.created:
-                raise _Fail("platform_created must be the first record and only once")
-            if effects:
-                raise _Fail(f"platform_created carries effects {sorted(effects)}")
-            self.created = True
+            self._created(rec, pos, op, role)
             return
         if not self.created:
             raise _Fail("record before platform_created")
+        if kind == REQUESTED:  # the maker's instruction, waiting for a checker
+            self._requested(rec, op, cmd)
+            return
+        executes = rec.get("executes")
+        if executes is None:
+            if op not in OPS_OF_KIND[kind]:
+                raise _Fail(f"{kind} record from operation {op!r}")
+            if op not in ROLE_OPS[role]:
+                raise _Fail(f"actor {actor!r}: role {role!r} may not {op}")
+            if op in self.need_ops or (
+                self.approval_above
+                and op in LARGE_VALUE_OPS
+                and _amount_at_least(cmd, self.approval_above)
+            ):
+                raise _Fail(f"{op} by {actor!r} executed without a checker's approval")
+        else:
+            self._executes(rec, kind, op, cmd, actor, role, executes, ts)
         if kind in ENTRY_KINDS:
-            allowed = {"entries", "reverses"} if kind == "reversed" else {"entries"}
-            if "entries" not in effects or not effects <= allowed:
-                raise _Fail(f"{kind} must carry entries only, has {sorted(effects)}")
-            self._require_open(e[:2] for e in rec["entries"] if type(e) is list)
+            entries = rec["entries"]
+            if op == "transfer" and executes is None and type(entries) is list and entries:
+                self._transfer_role(entries[0][0] if type(entries[0]) is list else None, role)
+            if self.status:
+                self._require_open(e[:2] for e in entries if type(e) is list)
             self._entries(rec)
+            if "tags" in rec:
+                self._tags(rec["tags"])
         elif kind in HOLD_KINDS:
-            if effects != {"hold"}:
-                raise _Fail(f"{kind} must carry a hold only, has {sorted(effects)}")
             hold = rec["hold"]
             if type(hold) is dict:
                 self._require_open([(hold.get("debit"), hold.get("credit"))])
             self._hold(rec)
         elif kind in RESOLVE_KINDS:
-            if effects != {"resolve"}:
-                raise _Fail(f"{kind} must carry resolve only, has {sorted(effects)}")
             if kind == "hold_captured":  # posting new money; releases and payouts may run frozen
                 self._require_open(
                     self.holds[item[0]][:2]
@@ -254,13 +487,11 @@ class _Ledger:
                     if type(item) is list and item and item[0] in self.holds
                 )
             self._resolve(rec)
+            if "tags" in rec:
+                self._tags(rec["tags"])
         elif kind == "account_opened":
-            if effects != {"account"}:
-                raise _Fail(f"{kind} must carry an account only, has {sorted(effects)}")
             self._open(rec["account"])
         elif kind in SUBJECT_KINDS:
-            if effects != {"subject"}:
-                raise _Fail(f"{kind} must carry a subject only, has {sorted(effects)}")
             account = self.accounts.get(rec["subject"])
             if account is None:
                 raise _Fail(f"unknown account {rec['subject']!r}")
@@ -269,9 +500,264 @@ class _Ledger:
             ):
                 raise _Fail(f"account {rec['subject']!r} closed with a balance or holds")
             self._set_status(rec["subject"], kind)
-        elif effects:
-            # a kind this verifier does not know may exist, but it must not move money
+        else:
+            self._governance(rec, kind, op, cmd, executes is None)
+
+    # -- who acted, and under which approval ------------------------------------------------------
+
+    def _role(self, actor: Any) -> str:
+        role, _, name = actor.partition(":") if type(actor) is str else ("", "", "")
+        if role not in ROLE_OPS or not name:
+            raise _Fail(f"actor {actor!r} is not '<role>:<name>' with a known role")
+        if len(self.roles) < MAX_ACTORS:
+            self.roles[actor] = role
+        return role
+
+    def _transfer_role(self, debit_id: Any, role: str) -> None:
+        """Suspense clearing is the operator's; every other transfer is a platform's."""
+        debit = self.accounts.get(debit_id) if type(debit_id) is str else None
+        from_suspense = debit is not None and debit[_KIND] == "suspense"
+        if from_suspense != (role == "operator"):
+            raise _Fail(
+                f"a transfer from {debit_id!r} by role {role!r}: suspense clearing is the "
+                "operator's, other transfers the platform's"
+            )
+
+    def _executes(
+        self,
+        rec: dict[str, Any],
+        kind: str,
+        op: Any,
+        cmd: dict[str, Any],
+        actor: str,
+        role: str,
+        request_id: Any,
+        ts: int,
+    ) -> None:
+        """A checker's approval, recorded under the kind of the operation it executes."""
+        request = self.requests.get(request_id) if type(request_id) is str else None
+        if request is None:
+            raise _Fail(f"executes {request_id!r}, which is not a pending request")
+        maker, expires, asked = request
+        if op != "approve_request" or cmd.get("request_id") != request_id:
+            raise _Fail(f"executes {request_id!r} without an approve_request naming it")
+        if actor == maker:
+            raise _Fail(f"request {request_id!r} approved by its own maker {maker!r}")
+        if role != CHECKER:
+            raise _Fail(f"request {request_id!r} approved by {actor!r}, who is not a checker")
+        if ts > expires:
+            raise _Fail(f"request {request_id!r} approved at {ts}, after it expired at {expires}")
+        if KIND_OF_OP[asked] != kind:
+            raise _Fail(f"request {request_id!r} for {asked} executed as a {kind} record")
+        del self.requests[request_id]
+
+    def _requested(self, rec: dict[str, Any], op: Any, cmd: dict[str, Any]) -> None:
+        spec = rec["request"]
+        if type(spec) is not dict or spec.keys() != {"id", "op", "expires", "why"}:
+            raise _Fail("request must be {id, op, expires, why}")
+        request_id, expires = spec["id"], spec["expires"]
+        if request_id != rec["cid"] or type(request_id) is not str:
+            raise _Fail(f"request id {request_id!r} is not the record's client id")
+        if request_id in self.requests:
+            raise _Fail(f"request {request_id!r} is already pending")
+        if op not in REQUESTABLE_OPS:
+            raise _Fail(f"operation {op!r} cannot be asked of a checker")
+        actor = rec["actor"]
+        role = self.roles.get(actor) or self._role(actor)
+        if op not in ROLE_OPS[role]:
+            raise _Fail(f"actor {actor!r}: role {role!r} may not ask for {op}")
+        named = op
+        if op == "transfer":
+            debit_id = cmd.get("from_account_id")
+            self._transfer_role(debit_id, role)
+            if role == "operator":
+                named = "clear_suspense"
+        if spec["op"] != named:
+            raise _Fail(f"request names operation {spec['op']!r}, its instruction is {named}")
+        if type(expires) is not int or expires != rec["ts"] + self.approval_ttl:
+            raise _Fail(f"request expires at {expires!r}, not after the policy's approval_ttl_ms")
+        if type(spec["why"]) is not str:
+            raise _Fail("request without a reason")
+        self.requests[request_id] = (actor, expires, op)
+
+    def _rejected(self, rec: dict[str, Any], cmd: dict[str, Any]) -> None:
+        request_id = rec["rejects"]
+        request = self.requests.get(request_id) if type(request_id) is str else None
+        if request is None:
+            raise _Fail(f"rejects {request_id!r}, which is not a pending request")
+        if cmd.get("request_id") != request_id:
+            raise _Fail(f"rejects {request_id!r} without a reject_request naming it")
+        if rec["actor"] == request[0]:
+            raise _Fail(f"request {request_id!r} rejected by its own maker")
+        del self.requests[request_id]
+
+    # -- kinds without money --------------------------------------------------------------------
+
+    def _unknown(self, rec: dict[str, Any], kind: str) -> None:
+        # a kind this verifier does not know may exist, but it must not move money
+        effects = EFFECT_KEYS.intersection(rec)
+        if effects:
             raise _Fail(f"unknown record kind {kind!r} carries effects {sorted(effects)}")
+        if not self.created:
+            raise _Fail("record before platform_created")
+
+    def _refusal(self, rec: dict[str, Any], op: Any) -> None:
+        code, control, message = rec["code"], rec["control"], rec["message"]
+        if not (code and type(code) is str and control and type(control) is str):
+            raise _Fail("a refusal must name its code and control")
+        if type(message) is not str or type(op) is not str:
+            raise _Fail("a refusal carries a message and the refused instruction's op")
+        if "linked_to" in rec and type(rec["linked_to"]) is not str:
+            raise _Fail("linked_to must name a client id")
+        if "suppressed" in rec:
+            suppressed = rec["suppressed"]
+            if type(suppressed) is not int or not 1 <= suppressed <= MAX_AMOUNT:
+                raise _Fail(f"suppressed {suppressed!r} is not a positive count")
+        if "auth_failed" in rec:
+            failed = rec["auth_failed"]
+            account = self.accounts.get(failed) if type(failed) is str else None
+            if account is None or account[_KIND] != "customer":
+                raise _Fail(f"auth_failed {failed!r} is not a customer account")
+            if code != AUTH_FAILED_CODE or control != AUTH_CONTROL:
+                raise _Fail(f"auth_failed on a {control} {code} refusal: only bad signatures count")
+        self.refused += 1
+
+    def _created(self, rec: dict[str, Any], pos: int, op: Any, role: str) -> None:
+        if pos != 0 or self.created:
+            raise _Fail("platform_created must be the first record and only once")
+        if op != "create_platform" or op not in ROLE_OPS[role]:
+            raise _Fail(f"platform_created by {rec['actor']!r} from operation {op!r}")
+        if type(rec["name"]) is not str:
+            raise _Fail("platform name must be a string")
+        self._set_policy(rec["policy"], 0)
+        self.created = True
+
+    def _set_policy(self, policy: Any, version: int) -> None:
+        if type(policy) is not dict:
+            raise _Fail("policy must be an object")
+        found = policy.get("version")
+        if found != version or type(found) is not int:
+            raise _Fail(f"policy version {found!r} where version {version} is next")
+        ops = policy.get("approval_ops")
+        above = policy.get("approval_above_minor")
+        ttl = policy.get("approval_ttl_ms")
+        if type(ops) is not list or not all(type(o) is str for o in ops):
+            raise _Fail("policy approval_ops must be a list of operations")
+        if type(above) is not int or not 0 <= above <= MAX_AMOUNT:
+            raise _Fail(f"policy approval_above_minor {above!r} out of range")
+        if type(ttl) is not int or not 0 < ttl <= MAX_AMOUNT:
+            raise _Fail(f"policy approval_ttl_ms {ttl!r} out of range")
+        self.pv = version
+        self.need_ops = ALWAYS_APPROVED_OPS.union(ops)
+        self.approval_above = above
+        self.approval_ttl = ttl
+
+    def _customer(self, account_id: Any, what: str) -> None:
+        account = self.accounts.get(account_id) if type(account_id) is str else None
+        if account is None or account[_KIND] != "customer":
+            raise _Fail(f"{what} names {account_id!r}, which is not a customer account")
+        if self.status.get(account_id) == "closed":
+            raise _Fail(f"{what} on closed account {account_id!r}")
+
+    def _governance(
+        self, rec: dict[str, Any], kind: str, op: Any, cmd: dict[str, Any], direct: bool
+    ) -> None:
+        """Customer keys, payout bindings, standing authorisations, policy, gate, requests.
+        `direct`: the record is the instruction itself (not a checker executing a request), so
+        its `cmd` must agree with its effect."""
+        if kind == "approval_rejected":
+            self._rejected(rec, cmd)
+        elif kind == "key_registered":
+            key = rec["key"]
+            if type(key) is not dict or key.keys() != {"account", "pub"}:
+                raise _Fail("key must be {account, pub}")
+            self._customer(key["account"], "key_registered")
+            if type(key["pub"]) is not str or not key["pub"]:
+                raise _Fail("key_registered without a public key")
+            if direct and (
+                cmd.get("account_id") != key["account"] or cmd.get("public_key") != key["pub"]
+            ):
+                raise _Fail("key_registered differs from its instruction")
+        elif kind == "payee_bound":
+            payee = rec["payee"]
+            if type(payee) is not dict or not (
+                {"account", "ref", "bank"} <= payee.keys() <= {"account", "ref", "bank", "screen"}
+            ):
+                raise _Fail("payee must be {account, ref, bank[, screen]}")
+            self._customer(payee["account"], "payee_bound")
+            if type(payee["ref"]) is not str or type(payee["bank"]) is not dict:
+                raise _Fail("payee_bound needs a reference and the sealed bank account")
+            if direct and (
+                cmd.get("account_id") != payee["account"] or cmd.get("payee_ref") != payee["ref"]
+            ):
+                raise _Fail("payee_bound differs from its instruction")
+        elif kind == "standing_granted":
+            self._standing_granted(rec)
+        elif kind == "standing_revoked":
+            standing_id = rec["revokes"]
+            account = self.standing.pop(standing_id, None) if type(standing_id) is str else None
+            if account is None:
+                raise _Fail(f"revokes {standing_id!r}, which is not a granted authorisation")
+            if direct and cmd.get("account_id") != account:
+                raise _Fail(f"standing authorisation {standing_id!r} revoked for another account")
+        elif kind == "policy_set":
+            self._set_policy(rec["policy"], self.pv + 1)
+        elif kind == "gate_set":
+            gate = rec["gate"]
+            if gate not in GATES or type(gate) is not str:
+                raise _Fail(f"unknown gate {gate!r}")
+            if gate == self.gate:
+                raise _Fail(f"gate set to {gate}, which it already is")
+            self.gate = gate
+        else:  # pragma: no cover - SHAPES and this dispatch list the same kinds
+            raise _Fail(f"kind {kind!r} has no replay rule")
+
+    def _standing_granted(self, rec: dict[str, Any]) -> None:
+        spec = rec["standing"]
+        if type(spec) is not dict or spec.keys() != {
+            "id",
+            "account",
+            "purpose",
+            "payee",
+            "cap",
+            "until",
+        }:
+            raise _Fail("standing must be {id, account, purpose, payee, cap, until}")
+        standing_id = spec["id"]
+        if type(standing_id) is not str or standing_id in self.standing:
+            raise _Fail(f"standing authorisation {standing_id!r} granted twice or without an id")
+        self._customer(spec["account"], "standing_granted")
+        if type(spec["purpose"]) is not str or type(spec["payee"]) is not str:
+            raise _Fail("standing authorisation needs a purpose and a payee ('' for any)")
+        if not _is_amount(spec["cap"]) or type(spec["until"]) is not int:
+            raise _Fail("standing authorisation needs a cap in 1..2^63-1 and an end time")
+        if spec["until"] <= rec["ts"]:
+            raise _Fail("standing authorisation granted already expired")
+        self.standing[standing_id] = spec["account"]
+
+    def _tags(self, tags: Any) -> None:
+        """Large-value tags: on customer accounts, one side each, a day total and a due date."""
+        if type(tags) is not list or not tags:
+            raise _Fail("tags must be a non-empty list")
+        accounts = self.accounts
+        for tag in tags:
+            if type(tag) is not dict or tuple(tag) != TAG_KEYS:
+                raise _Fail("a tag is {account, day_total_minor, due_ms, side, tag}")
+            account_id, total, due, side, name = tag.values()
+            account = accounts.get(account_id) if type(account_id) is str else None
+            if (
+                account is None
+                or account[_KIND] != "customer"
+                or side not in TAG_SIDES
+                or type(name) is not str
+                or type(due) is not int
+                or type(total) is not int
+                or not 0 < total <= MAX_AMOUNT
+            ):
+                raise _Fail(
+                    f"tag {tag!r}: needs a customer account, side 'in' or 'out', the day's "
+                    "total in 1..2^63-1 and a due time"
+                )
 
     def _require_open(self, pairs: Any) -> None:
         status = self.status

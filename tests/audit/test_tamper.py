@@ -18,6 +18,10 @@ from bundle_tools import (
 
 from ledger.checkpoint import NoteSigner, generate_key, sign_checkpoint
 
+# another actor of the same role: a change the replay accepts, only the chain and tree see it
+PLATFORM_ACTOR = b'"actor":"platform:test"'
+OTHER_PLATFORM_ACTOR = b'"actor":"platform:tesX"'
+
 
 def _accept(line, count):
     """The (where, position-or-size) reports that correctly locate damage in `line`."""
@@ -214,8 +218,10 @@ def test_checkpoint_signed_by_another_key(exported, tmp_path):
 def test_two_inconsistent_checkpoints(exported, tmp_path):
     # a checkpoint at 2100 signed by the REAL key over a different history (record 2050 altered)
     forked = list(exported.records)
-    forked[2050] = forked[2050].replace(b'"actor":"platform:p1"', b'"actor":"platform:pX"')
-    assert forked[2050] != exported.records[2050]
+    pos = _find(forked, PLATFORM_ACTOR, 2050)
+    assert pos < 2100
+    forked[pos] = forked[pos].replace(PLATFORM_ACTOR, OTHER_PLATFORM_ACTOR)
+    assert forked[pos] != exported.records[pos]
     from ledger.merkle import MerkleLog
 
     fork_root = MerkleLog.build(forked[:2100]).root()
@@ -243,8 +249,8 @@ def test_rechained_alteration_is_caught_by_the_signed_root(exported):
 
     lines = lines_of(exported.data)
     records = list(exported.records)
-    pos = 1750
-    records[pos] = records[pos].replace(b'"actor":"platform:p1"', b'"actor":"platform:p2"')
+    pos = _find(records, PLATFORM_ACTOR, 1750)
+    records[pos] = records[pos].replace(PLATFORM_ACTOR, OTHER_PLATFORM_ACTOR)
     out = []
     link = b"\x00" * 32
     for ln in lines:
@@ -433,9 +439,10 @@ def test_money_moved_on_a_frozen_account_caught_by_replay(exported):
     )
     payer = json.loads(records[i])["entries"][0][0]
     refusal = json.loads(records[i - 1])
-    for key in ("code", "control", "message", "linked_to"):
+    for key in ("code", "control", "message", "linked_to", "auth_failed", "suppressed"):
         refusal.pop(key, None)
-    refusal.update(kind="account_frozen", subject=payer)
+    cmd = {"op": "freeze_account", "client_id": refusal["cid"], "account_id": payer, "reason": "x"}
+    refusal.update(kind="account_frozen", subject=payer, actor="platform:test", cmd=cmd)
     records[i - 1] = json.dumps(
         refusal, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
