@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root too: otherwise a test folder named like a package (tests/controls,
+# tests/projections) becomes a namespace package that shadows the real one, which the editable
+# install's finder (consulted after sys.path) would have found.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from helpers import (
     FakeClock,
