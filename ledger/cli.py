@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from controls.policy import Policy, decode_policy, policy_problem
 from ledger import commands as c
 from ledger import records
 from ledger.config import Config, ConfigError
@@ -78,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", help="folder of the embedded SQLite store (CUSTODY_DATA_DIR)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--actor", help="who is acting, recorded in the log (default cli:<user>)")
+    parser.add_argument(
+        "--actor",
+        help="who is acting, <role>:<name>, recorded in the log (default operator:<user>); "
+        "movements a platform relays need --actor platform:<name>",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("init", help="create the store and the local master key")
@@ -110,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     pc = psub.add_parser("create", help="create a platform with its own log and chain")
     pc.add_argument("platform_id")
     pc.add_argument("--name", required=True)
+    pc.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the platform's initial policy, a JSON policy document (default: the built-in, "
+        "strict policy)",
+    )
     psub.add_parser("list", help="list platforms")
 
     account = sub.add_parser("account", help="open, freeze, unfreeze, close accounts")
@@ -407,14 +418,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _policy_file(path: str) -> Policy | str:
+    """The policy document in `path`, or a message saying why it cannot be used."""
+    try:
+        policy = decode_policy(Path(path).read_bytes())
+    except (OSError, msgspec.DecodeError) as exc:  # ValidationError is a DecodeError
+        return f"policy {path}: {exc}"
+    problem = policy_problem(policy)
+    return f"policy {path}: {problem}" if problem is not None else policy
+
+
 def cmd_platform(args: argparse.Namespace) -> int:
+    policy: Policy | None = None
+    if args.action == "create" and args.policy is not None:
+        loaded = _policy_file(args.policy)
+        if isinstance(loaded, str):
+            print(loaded, file=sys.stderr)
+            return EXIT_USAGE
+        policy = loaded
     service = _service(args)
     try:
         if args.action == "list":
             ids = service.platform_ids()
             _print(args, ids, "\n".join(ids) if ids else "(no platforms)")
             return EXIT_OK
-        outcome = service.create_platform(args.platform_id, args.name, args.actor)
+        outcome = service.create_platform(args.platform_id, args.name, args.actor, policy)
     finally:
         service.close()
     _print(args, msgspec.to_builtins(outcome), _outcome_text(outcome))
@@ -677,9 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.actor is None:
         try:
-            args.actor = f"cli:{getpass.getuser()}"
+            args.actor = f"operator:{getpass.getuser()}"
         except Exception:
-            args.actor = "cli:unknown"
+            args.actor = "operator:unknown"
     handler = HANDLERS.get(args.command, cmd_write)
     try:
         return handler(args)

@@ -13,9 +13,20 @@ import pytest
 
 from ledger.cli import build_parser
 
+# The platform relays its customers' movements; the CLI's default actor is the custodian's
+# operator (`operator:<user>`), who creates platforms and starts manual operations.
+PLATFORM = "platform:demo"
+OPERATOR = None  # the default actor
+# Customer signatures off: the CLI relays no customer-signed instructions. Everything else
+# (maker-checker for manual operations, limits) stays as in the built-in policy.
+POLICY = {"require_customer_signature": 0}
+
 
 def _run(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    actor: str | None = PLATFORM,
 ) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTODY_", "POSTGRES_"))}
     full_env.update(env or {})  # the store under test; none means the embedded default
@@ -26,8 +37,7 @@ def _run(
             "ledger.cli",
             "--data-dir",
             str(data_dir),
-            "--actor",
-            "cli:test",
+            *(["--actor", actor] if actor is not None else []),
             *args,
         ],
         capture_output=True,
@@ -38,8 +48,10 @@ def _run(
     )
 
 
-def _json(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Any:
-    result = _run(data_dir, "--json", *args, env=env)
+def _json(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, actor: str | None = PLATFORM
+) -> Any:
+    result = _run(data_dir, "--json", *args, env=env, actor=actor)
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
 
@@ -64,13 +76,23 @@ def test_every_subcommand_has_help() -> None:
         assert "usage: custody" in result.stdout
 
 
+def _policy_file(tmp_path: Path, doc: dict[str, Any]) -> str:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _create(d: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
+    return _json(
+        d, "platform", "create", "demo", "--name", "Demo Lending", *extra, env=env, actor=OPERATOR
+    )
+
+
 def test_a_day_at_the_platform(tmp_path: Path, store_env: dict[str, str]) -> None:
     env = store_env
     d = tmp_path / "data"
-    assert (
-        _json(d, "platform", "create", "demo", "--name", "Demo Lending", env=env)["status"]
-        == "accepted"
-    )
+    created = _create(d, "--policy", _policy_file(tmp_path, POLICY), env=env)
+    assert (created["status"], created["seq"]) == ("accepted", 0)
     for args in (
         ["omni", "--kind", "omnibus"],
         ["alice", "--kind", "customer", "--role", "lender", "--holder-name", "Alice Li"],
@@ -129,6 +151,8 @@ def test_a_day_at_the_platform(tmp_path: Path, store_env: dict[str, str]) -> Non
         "CNY",
         "--purpose",
         "disbursement",
+        "--client-id",
+        "t-1",
         env=env,
     )
     assert ok["status"] == "accepted"
@@ -150,6 +174,52 @@ def test_a_day_at_the_platform(tmp_path: Path, store_env: dict[str, str]) -> Non
     )
     assert refused.returncode == 1
     assert json.loads(refused.stdout)["code"] == "INSUFFICIENT_FUNDS"
+    # the operator (the default actor) never moves customer money on a customer's behalf
+    by_operator = _run(
+        d,
+        "--json",
+        "transfer",
+        "--platform",
+        "demo",
+        "--from",
+        "alice",
+        "--to",
+        "bob",
+        "--amount",
+        "1",
+        "--currency",
+        "CNY",
+        env=env,
+        actor=OPERATOR,
+    )
+    assert by_operator.returncode == 1
+    assert json.loads(by_operator.stdout)["code"] == "ROLE_NOT_PERMITTED"
+    # a reversal is a manual operation: the platform may not start it, the operator's waits for
+    # a checker (the policy keeps maker-checker), and nothing moves meanwhile
+    by_platform = _run(
+        d, "--json", "reverse", "--platform", "demo", "t-1", "--reason", "wrong payee", env=env
+    )
+    assert by_platform.returncode == 1
+    assert json.loads(by_platform.stdout)["code"] == "ROLE_NOT_PERMITTED"
+    pending = _json(
+        d,
+        "reverse",
+        "--platform",
+        "demo",
+        "t-1",
+        "--reason",
+        "wrong payee",
+        "--client-id",
+        "rev-1",
+        env=env,
+        actor=OPERATOR,
+    )
+    assert pending == {
+        "client_id": "rev-1",
+        "kind": "approval_requested",
+        "seq": 9,
+        "status": "pending",
+    }
 
     balances = {r["account_id"]: r for r in _json(d, "balance", "--platform", "demo", env=env)}
     assert balances["alice"]["posted_minor"] == 97_500
@@ -161,7 +231,76 @@ def test_a_day_at_the_platform(tmp_path: Path, store_env: dict[str, str]) -> Non
         ("transferred", "debit", 2_500),
     ]
     verified = _json(d, "chain", "verify", "--platform", "demo", env=env)
-    assert verified["ok"] is True and verified["records_checked"] == 7
+    # 0 created, 1-3 opened, 4 deposit, 5 transfer, 6-8 refusals, 9 the pending reversal
+    assert verified["ok"] is True and verified["records_checked"] == 10
+
+
+def test_platform_policy_comes_from_a_file(tmp_path: Path) -> None:
+    """Without --policy the platform runs under the built-in strict policy: a transfer without
+    the customer's signature is refused. A policy file that is not a usable policy creates
+    nothing."""
+    bad = tmp_path / "bad"
+    for doc in ({"require_customer_signature": "no"}, {"no_such_field": 1}, {"auth_ttl_ms": 0}):
+        result = _run(
+            bad,
+            "platform",
+            "create",
+            "demo",
+            "--name",
+            "Demo",
+            "--policy",
+            _policy_file(tmp_path, doc),
+            actor=OPERATOR,
+        )
+        assert result.returncode == 2, (doc, result.stderr)
+        assert "policy" in result.stderr
+    missing = _run(
+        bad, "platform", "create", "demo", "--name", "Demo", "--policy", str(tmp_path / "none")
+    )
+    assert missing.returncode == 2 and "policy" in missing.stderr
+    assert _json(bad, "platform", "list", actor=OPERATOR) == []
+
+    d = tmp_path / "strict"
+    assert _create(d)["status"] == "accepted"
+    for args in (
+        ["omni", "--kind", "omnibus"],
+        ["alice", "--kind", "customer", "--role", "lender"],
+        ["bob", "--kind", "customer", "--role", "borrower"],
+    ):
+        out = _json(d, "account", "open", "--platform", "demo", *args, "--currency", "CNY")
+        assert out["status"] == "accepted"
+    dep = _json(
+        d,
+        "deposit",
+        "--platform",
+        "demo",
+        "--mirror",
+        "omni",
+        "--to",
+        "alice",
+        "--amount",
+        "100",
+        "--currency",
+        "CNY",
+    )
+    assert dep["status"] == "accepted"
+    refused = _run(
+        d,
+        "--json",
+        "transfer",
+        "--platform",
+        "demo",
+        "--from",
+        "alice",
+        "--to",
+        "bob",
+        "--amount",
+        "1",
+        "--currency",
+        "CNY",
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["code"] == "AUTHORISATION_REQUIRED"
 
 
 @pytest.mark.parametrize("amount", ["12.50", "1e3", "-5", "0x10", ""])
