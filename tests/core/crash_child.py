@@ -56,9 +56,13 @@ def main() -> int:
         cids, cmds = _batch(batch, batch_size)
         linked = batch % 2 == 1
         if mode == "execute":
-            _ack(batch, cids, list(service.execute(platform_id, cmds, "crash-child", linked)))
+            _ack(
+                batch,
+                cids,
+                list(service.execute(platform_id, cmds, "platform:crash-child", linked)),
+            )
         else:
-            future = service.submit(platform_id, cmds, "crash-child", linked)
+            future = service.submit(platform_id, cmds, "platform:crash-child", linked)
             in_flight.append((batch, cids, future))  # type: ignore[arg-type]
             while len(in_flight) > 4 or (in_flight and in_flight[0][2].done()):
                 done_batch, done_cids, done_future = in_flight.popleft()

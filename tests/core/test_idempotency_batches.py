@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    OPERATOR,
     START_MS,
     FakeClock,
     Platform,
@@ -283,7 +284,8 @@ def test_linked_batch_failure_changes_nothing(
 def test_linked_batch_rollback_restores_everything(
     service: LedgerService, platform: Platform, clock: FakeClock, config: Config
 ) -> None:
-    """Accounts opened, holds placed/resolved, reversals, freezes: all undone by the savepoint."""
+    """Accounts opened, holds placed/resolved, freezes: all undone by the savepoint. (Reversals
+    are manual operations and cannot be linked: see the next test.)"""
     p = platform
     ok(
         service,
@@ -307,7 +309,6 @@ def test_linked_batch_rollback_restores_everything(
         c.CaptureHold(client_id="cap-dan", hold_id="h-dan", amount_minor=1_500),
         hold(p, "h-new", "alice", "carol", 100, START_MS + 10),
         c.ReleaseHold(client_id="rel-h0", hold_id="h0", reason="in batch"),
-        c.Reverse(client_id="rev-t0", movement_id="t0", reason="in batch"),
         c.FreezeAccount(client_id="fz-bob", account_id="bob", reason="in batch"),
         c.OpenAccount(client_id="open-usd", account_id="usd1", kind="suspense", currency="USD"),
         transfer(p, "boom", "carol", "alice", 1),  # carol has nothing: refused
@@ -321,7 +322,6 @@ def test_linked_batch_rollback_restores_everything(
         assert "dan" not in st.accounts and "usd1" not in st.accounts
         assert set(st.holds) == {"h0"} and str(st.holds["h0"].status) == "pending"
         assert set(st.pending_holds) == {"h0"}
-        assert st.done["t0"].reversed_by is None
         assert "USD" not in st.totals_by_currency
     # the restored pending hold is found by the sweep; the rolled-back ones are not
     clock.now = START_MS + 50
@@ -335,7 +335,7 @@ def test_linked_batch_rollback_restores_everything(
     retry = run(service, PID, *batch[:-1], linked=True)
     assert [o.status for o in retry] == ["accepted"] * len(batch[:-1]), retry
     assert bal(service, PID, "dan") == (3_500, 0, 3_500)
-    assert bal(service, PID, "alice") == (10_000 + 1_500, 100, 11_400)
+    assert bal(service, PID, "alice") == (9_000 + 1_500, 100, 10_400)
     assert_balanced(service, PID)
     with service.reading(PID) as st:
         assert service.vault.open(PID, st.accounts["dan"].holder) == "Dan"
@@ -345,6 +345,32 @@ def test_linked_batch_rollback_restores_everything(
         assert snapshot(fresh, PID) == snap
     finally:
         fresh.close()
+
+
+def test_manual_operations_cannot_be_linked(service: LedgerService, platform: Platform) -> None:
+    """A linked batch holds plain movements and account lifecycle only; a reversal (or any
+    manual operation) stands alone, so a savepoint never has to undo one. The whole batch is
+    answered invalid and nothing is written."""
+    p = platform
+    ok(service, PID, deposit(p, "d1", "alice", 100), transfer(p, "t0", "alice", "bob", 10))
+    before, last = snapshot(service, PID), last_position(service, PID)
+    for manual in (
+        c.Reverse(client_id="rev-t0", movement_id="t0", reason="in batch"),
+        c.UnfreezeAccount(client_id="unfz", account_id="bob", reason="in batch"),
+    ):
+        outcomes = service.execute(
+            PID, [transfer(p, "t1", "alice", "bob", 5), manual], OPERATOR, linked=True
+        )
+        assert [(o.status, o.code) for o in outcomes] == [
+            ("invalid", "LINKED_FAILED"),
+            ("invalid", "INVALID_ARGUMENT"),
+        ], outcomes
+        assert outcomes[1].field == "op"
+        assert snapshot(service, PID) == before and last_position(service, PID) == last
+    # alone, the reversal goes through (as the operator's manual operation)
+    [rev] = ok(service, PID, c.Reverse(client_id="rev-t0", movement_id="t0", reason="alone"))
+    with service.reading(PID) as st:
+        assert st.done["t0"].reversed_by == rev.client_id == "rev-t0"
 
 
 def test_linked_failure_after_a_replayed_item(service: LedgerService, platform: Platform) -> None:
@@ -399,7 +425,7 @@ def test_linked_and_unlinked_requests_in_one_group(
                     transfer(p, f"ok{i}-a", "alice", "bob", 1),
                     transfer(p, f"ok{i}-b", "bob", "carol", 1),
                 ],
-                "client",
+                "platform:client",
                 linked=True,
             )
         )
@@ -410,11 +436,11 @@ def test_linked_and_unlinked_requests_in_one_group(
                     transfer(p, f"bad{i}-a", "alice", "bob", 1),
                     transfer(p, f"bad{i}-b", "carol", "bob", 10**6),
                 ],
-                "client",
+                "platform:client",
                 linked=True,
             )
         )
-        futures.append(service.submit(PID, [deposit(p, f"dep{i}", "carol", 2)], "client"))
+        futures.append(service.submit(PID, [deposit(p, f"dep{i}", "carol", 2)], "platform:client"))
     results = [f.result(timeout=30) for f in futures]
     for i in range(20):
         good, bad, dep = results[3 * i : 3 * i + 3]
@@ -434,10 +460,10 @@ def test_concurrent_clients_never_overdraw(service: LedgerService, platform: Pla
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        outcomes = service.submit(PID, [transfer(p, f"spend{n}", "alice", "bob", 10)], "c").result(
-            30
-        )
-        same = service.execute(PID, [transfer(p, f"spend{n}", "alice", "bob", 10)], "c")
+        outcomes = service.submit(
+            PID, [transfer(p, f"spend{n}", "alice", "bob", 10)], "platform:c"
+        ).result(30)
+        same = service.execute(PID, [transfer(p, f"spend{n}", "alice", "bob", 10)], "platform:c")
         with lock:
             results.append((outcomes[0], same[0]))
 
@@ -466,7 +492,7 @@ def test_same_id_submitted_concurrently_is_written_once(
 ) -> None:
     p = platform
     cmd = deposit(p, "once", "alice", 7)
-    futures = [service.submit(PID, [cmd], "c") for _ in range(30)]
+    futures = [service.submit(PID, [cmd], "platform:c") for _ in range(30)]
     outcomes = [f.result(timeout=30)[0] for f in futures]
     assert sorted(o.status for o in outcomes) == ["accepted"] + ["replayed"] * 29
     assert len({o.seq for o in outcomes}) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from helpers import (
     START_MS,
@@ -14,6 +15,7 @@ from helpers import (
     deposit,
     hold,
     make_platform,
+    money_state,
     ok,
     record_at,
     run1,
@@ -100,7 +102,9 @@ def test_transfer_each_purpose(service: LedgerService, platform: Platform, purpo
     assert omni_posted(service, p) == 10_000
     rec = record_at(service, PID, o.seq)
     assert rec["entries"] == [["alice", "bob", 3_000]]
-    assert rec["cmd"]["purpose"] == purpose
+    # the record keeps the instruction as given; a default field is left out (omit_defaults)
+    assert msgspec.convert(rec["cmd"], c.Transfer).purpose == purpose
+    assert ("purpose" in rec["cmd"]) == (purpose != "transfer")
 
 
 def test_transfer_whole_balance_and_suspense_clearing(
@@ -222,14 +226,31 @@ def test_hold_capture(service: LedgerService, platform: Platform, captured: int)
     assert record_at(service, PID, o.seq)["resolve"] == [["h1", captured, "captured"]]
 
 
-def test_hold_to_fee_income_capture(service: LedgerService, platform: Platform) -> None:
+def test_hold_to_fee_income_is_a_segregation_breach(
+    service: LedgerService, platform: Platform
+) -> None:
+    """A hold is not a fee: reserving customer money for the platform's fee income crosses the
+    customer/platform line outside the whitelisted flows, so segregation refuses it (fees go
+    through ChargeFee and the published schedule)."""
     p = platform
     fund(service, p, "alice", 1_000)
+    before = money_state(snapshot(service, PID))
+    o = run1(service, PID, hold(p, "hf", "alice", p.fee, 100, LATER, reason="fee reserve"))
+    assert (o.status, o.code, o.control) == ("refused", "SEGREGATION_BREACH", "segregation")
+    assert money_state(snapshot(service, PID)) == before
+    check(service, {"alice": (1_000, 0, 1_000), p.fee: (0, 0, 0)})
+    # the fee itself is charged per schedule, and lands in fee income
     ok(
         service,
         PID,
-        hold(p, "hf", "alice", p.fee, 100, LATER, reason="fee reserve"),
-        c.CaptureHold(client_id="capf", hold_id="hf", amount_minor=80),
+        c.ChargeFee(
+            client_id="fee1",
+            from_account_id="alice",
+            to_account_id=p.fee,
+            amount_minor=80,
+            currency="CNY",
+            fee_code="F",
+        ),
     )
     check(service, {"alice": (920, 0, 920), p.fee: (80, 0, 80)})
 

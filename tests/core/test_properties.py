@@ -16,7 +16,9 @@ from typing import Any
 
 import msgspec
 from helpers import (
+    BOOKKEEPING_POLICY,
     FakeClock,
+    actor_for,
     assert_balanced,
     make_platform,
     open_service,
@@ -44,6 +46,9 @@ CUSTOMERS = ("c0", "c1", "c2", "c3")
 OMNI, PBANK, OWN, FEE, SUSP = "omni", "pbank", "own", "fee", "susp"
 NON_NEGATIVE = (*CUSTOMERS, OWN, FEE, SUSP)
 ASSETS = (OMNI, PBANK)
+# The customer side of the customer/platform money line (BRIEF §4, controls/segregation.py).
+CUSTOMER_SIDE = (*CUSTOMERS, SUSP, OMNI)
+FEE_MAX = BOOKKEEPING_POLICY.fees["F"].max_minor
 REVERSIBLE = {"deposited", "transferred", "fee_charged", "shortfall_topped_up", "hold_captured"}
 
 # Mostly ordinary amounts, now and then an out-of-range one (0, negative, 2^63).
@@ -101,6 +106,8 @@ class Model:
     ) -> str | None:
         if expires <= now:
             return "HOLD_EXPIRY_INVALID"
+        if (debit in CUSTOMER_SIDE) != (credit in CUSTOMER_SIDE):
+            return "SEGREGATION_BREACH"  # a hold never crosses the line, not even to fees
         if not 1 <= amount <= 2**63 - 1:
             return "INVALID_AMOUNT"
         if debit == credit:
@@ -206,7 +213,10 @@ class LedgerMachine(RuleBasedStateMachine):
         return f"{prefix}{self.n}"
 
     def execute(self, cmds: list[c.Command], linked: bool = False) -> list[Outcome]:
-        outcomes = self.service.execute(PID, cmds, "prop", linked=linked)
+        # one actor per request: the platform relays movements, an operator gives the manual
+        # operations (reversals, unfreezing, suspense clearing)
+        [actor] = {actor_for(cmd) for cmd in cmds}
+        outcomes = self.service.execute(PID, cmds, actor, linked=linked)
         for cmd, o in zip(cmds, outcomes, strict=True):
             if o.status == "accepted":
                 self.accepted.append((cmd, o))
@@ -290,7 +300,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(src=customers, amount=amounts)
     def fee(self, src: str, amount: int) -> None:
         cid = self.cid("f")
-        expected = self.model.move(cid, "fee_charged", src, FEE, amount)
+        # segregation checks the fee against the published schedule before integrity looks at
+        # the amount, so a fee above the schedule's maximum (2^63 here) is not in the schedule
+        expected = (
+            "FEE_NOT_IN_SCHEDULE"
+            if amount > FEE_MAX
+            else self.model.move(cid, "fee_charged", src, FEE, amount)
+        )
         self.check(
             c.ChargeFee(
                 client_id=cid,
@@ -505,10 +521,10 @@ class LedgerMachine(RuleBasedStateMachine):
         cmd, first = self.accepted[i % len(self.accepted)]
         if conflict and isinstance(cmd, c.Transfer | c.Deposit):
             other = msgspec.structs.replace(cmd, amount_minor=cmd.amount_minor + 1)
-            [o] = self.service.execute(PID, [other], "prop")
+            [o] = self.service.execute(PID, [other], actor_for(other))
             assert (o.status, o.code) == ("refused", "ID_REUSED")
         else:
-            [o] = self.service.execute(PID, [cmd], "prop")
+            [o] = self.service.execute(PID, [cmd], actor_for(cmd))
             assert (o.status, o.seq, o.kind) == ("replayed", first.seq, first.kind)
 
     # -- invariants -----------------------------------------------------------------------------

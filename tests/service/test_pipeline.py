@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import BOOKKEEPING_POLICY
 
 from ledger import commands as c
 from ledger.config import Config
@@ -20,7 +21,8 @@ from ledger.writer import CommitFailed
 def _service(tmp_path: Path) -> LedgerService:
     service = LedgerService(Config.from_env({"CUSTODY_DATA_DIR": str(tmp_path)}))
     service.start()
-    assert service.create_platform("p1", "Platform", "operator:test").ok
+    # bookkeeping policy: these tests are about commits, not customer signatures or limits
+    assert service.create_platform("p1", "Platform", "operator:test", BOOKKEEPING_POLICY).ok
     opened = service.execute(
         "p1",
         [

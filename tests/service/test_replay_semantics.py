@@ -12,18 +12,27 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import ACTOR, BOOKKEEPING_POLICY, CHECKER, OPERATOR
 
+from controls.policy import DEFAULT_POLICY, Policy
 from ledger import commands as c
 from ledger.config import Config
 from ledger.domain import StateError
 from ledger.service import LedgerService
 
 
-def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "policy",
+    [BOOKKEEPING_POLICY, DEFAULT_POLICY],
+    ids=["reversal-by-operator", "reversal-approved-by-checker"],
+)
+def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path, policy: Policy) -> None:
+    """Under the bookkeeping policy the operator's reversal is recorded at once; under the
+    default policy it is a request and the checker's approval records it (`executes`)."""
     config = Config.from_env({"CUSTODY_DATA_DIR": str(tmp_path), "CUSTODY_CHECKPOINT_EVERY": "0"})
     service = LedgerService(config)
     service.start()
-    assert service.create_platform("p1", "P", "operator:test").ok
+    assert service.create_platform("p1", "P", "operator:test", policy).ok
     steps = [
         c.OpenAccount(client_id="o1", account_id="omni", kind="omnibus", currency="CNY"),
         c.OpenAccount(
@@ -46,9 +55,17 @@ def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path) -> Non
             amount_minor=100,
             currency="CNY",
         ),
-        c.Reverse(client_id="r1", movement_id="d1", reason="sent twice"),
     ]
-    assert all(o.ok for o in service.execute("p1", steps, "operator:test"))
+    outcomes = service.execute("p1", steps, ACTOR)
+    assert [o.status for o in outcomes] == ["accepted"] * len(steps), outcomes
+    reverse = c.Reverse(client_id="r1", movement_id="d1", reason="sent twice")
+    [rev] = service.execute("p1", [reverse], OPERATOR)
+    if policy is DEFAULT_POLICY:
+        assert rev.status == "pending", rev
+        [rev] = service.execute(
+            "p1", [c.ApproveRequest(client_id="ok-r1", request_id="r1")], CHECKER
+        )
+    assert (rev.status, rev.kind) == ("accepted", "reversed"), rev
     service.close()
 
     db = sqlite3.connect(config.sqlite_path)
@@ -57,11 +74,15 @@ def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path) -> Non
         "ORDER BY originator_version"
     ).fetchall()
     head = b"\x00" * 32
+    forged_records = 0
     for seq, state in rows:
         data = bytes(state)[32:]
         rec = json.loads(data)
         if rec["kind"] == "reversed":  # reverse d1 but take the money from b instead of a
+            assert rec["entries"] == [["a", "omni", 100]]
+            assert ("executes" in rec) == (policy is DEFAULT_POLICY)
             rec["entries"] = [["b", "omni", 100]]
+            forged_records += 1
             data = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
         head = hashlib.sha256(head + data).digest()
         db.execute(
@@ -71,6 +92,7 @@ def test_forged_reversal_fails_replay_even_when_rechained(tmp_path: Path) -> Non
         )
     db.commit()
     db.close()
+    assert forged_records == 1
 
     forged = LedgerService(config)
     with pytest.raises(StateError, match="mirror"):
