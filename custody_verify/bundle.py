@@ -280,6 +280,10 @@ class Summary:
     chain_head: str = ""
     accounts: int = 0
     pending_holds: int = 0
+    pending_requests: int = 0  # maker-checker requests neither executed nor rejected
+    standing: int = 0  # standing authorisations granted and not revoked
+    policy_version: int = 0
+    gate: str = "NORMAL"
     kinds: dict[str, int] = field(default_factory=dict)
     # currency -> account kind -> sum of posted balances in the kind's normal direction
     balances: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -316,6 +320,11 @@ _SCAN = json.JSONDecoder(
 
 def _is_amount(x: object) -> bool:
     return type(x) is int and 1 <= x <= MAX_AMOUNT
+
+
+def _person(actor: str) -> str:
+    """Who acted, whatever the role: `operator:alice` and `checker:alice` are one person."""
+    return actor.partition(":")[2]
 
 
 def _amount_at_least(cmd: dict[str, Any], threshold: int) -> bool:
@@ -541,7 +550,7 @@ class _Ledger:
         maker, expires, asked = request
         if op != "approve_request" or cmd.get("request_id") != request_id:
             raise _Fail(f"executes {request_id!r} without an approve_request naming it")
-        if actor == maker:
+        if _person(actor) == _person(maker):
             raise _Fail(f"request {request_id!r} approved by its own maker {maker!r}")
         if role != CHECKER:
             raise _Fail(f"request {request_id!r} approved by {actor!r}, who is not a checker")
@@ -587,7 +596,7 @@ class _Ledger:
             raise _Fail(f"rejects {request_id!r}, which is not a pending request")
         if cmd.get("request_id") != request_id:
             raise _Fail(f"rejects {request_id!r} without a reject_request naming it")
-        if rec["actor"] == request[0]:
+        if _person(rec["actor"]) == _person(request[0]):
             raise _Fail(f"request {request_id!r} rejected by its own maker")
         del self.requests[request_id]
 
@@ -887,6 +896,10 @@ class _Ledger:
     def fill(self, summary: Summary) -> None:
         summary.accounts = len(self.accounts)
         summary.pending_holds = len(self.holds)
+        summary.pending_requests = len(self.requests)
+        summary.standing = len(self.standing)
+        summary.policy_version = self.pv
+        summary.gate = self.gate
         summary.refused = self.refused
         summary.kinds = dict(sorted(self.kinds.items()))
         balances: dict[str, dict[str, int]] = {}

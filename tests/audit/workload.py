@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import CHECKER, START_MS, FakeClock, actor_for
+from helpers import START_MS, FakeClock, actor_for
 
 from controls.customer_authorisation import b64url_encode, payload
 from controls.policy import DAY_MS, FeeRule, LvtThresholds, Policy
@@ -25,6 +25,8 @@ from ledger.config import Config
 from ledger.service import LedgerService
 
 PLATFORM = "p1"
+# not `checker:test`: the platform acts as `platform:test`, and a checker must be another person
+CHECKER = "checker:carol"
 CCY = "CNY"
 FAR = START_MS + 9 * 365 * DAY_MS  # holds and standing authorisations outlive the test
 APPROVAL_ABOVE = 40_000  # transfers from this amount on need a checker
@@ -385,6 +387,10 @@ class Workload:
                 for k in range(200)
             ]
             self.run(burst, "auditor:eve")
+        if b == 17:  # a minute later: the next refusal record counts the suppressed ones
+            self.run(
+                [c.FreezeAccount(client_id="spam-late", account_id="c0", reason="x")], "auditor:eve"
+            )
         self.check(b)
 
     def check(self, b: int) -> None:
