@@ -31,10 +31,10 @@ from ledger.service import LedgerService
 from ledger.writer import Outcome
 
 PLATFORM = "platform:test"
-OPERATOR = "operator:test"
-OPERATOR2 = "operator:other"
-CHECKER = "checker:test"
-CHECKER2 = "checker:second"
+OPERATOR = "operator:oscar"
+OPERATOR2 = "operator:olga"
+CHECKER = "checker:carla"
+CHECKER2 = "checker:dmitri"
 ROOT = "operator:root"
 SYSTEM = "system:sweeper"
 CCY = "CNY"
@@ -393,7 +393,17 @@ def controls_snapshot(service: LedgerService, platform_id: str) -> dict[str, Any
             "policy": msgspec.to_builtins(st.policy, order="sorted"),
             "gate": st.gate,
             "requests": {
-                r.id: (r.op, r.cmd, r.maker, r.expires_at_ms, r.seq, r.status, r.executed_by)
+                # as the command it executes: the writer keeps set fields in iteration order,
+                # replay in the record's sorted order; both convert to the same command
+                r.id: (
+                    r.op,
+                    msgspec.convert(r.cmd, c.AnyCommand),  # type: ignore[arg-type]
+                    r.maker,
+                    r.expires_at_ms,
+                    r.seq,
+                    r.status,
+                    r.executed_by,
+                )
                 for r in st.requests.values()
             },
             "standing": {

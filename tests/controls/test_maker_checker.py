@@ -130,12 +130,6 @@ def test_approval_refusals(
         assert st.requests["rev3"].status == "pending"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: maker_checker.check compares whole actor strings; a maker is never a checker "
-    "by role, so SELF_APPROVAL is unreachable and one person holding operator and checker "
-    "identities (operator:alice, checker:alice) approves their own request; compare the names",
-)
 def test_same_person_cannot_check_their_own_request(
     service: LedgerService, funded: CtlPlatform
 ) -> None:

@@ -268,3 +268,23 @@ def test_same_signed_authorisation_under_a_new_client_id_is_refused(
     again = msgspec.structs.replace(signed, client_id="wd-2")
     assert_refused(service, p, again, "REPLAYED", "customer_authorisation")
     assert available(service, p, "alice") == 50_000_000 - 1_000
+
+
+def test_platform_cannot_give_a_funded_keyless_account_its_own_key(
+    service: LedgerService, p: CtlPlatform
+) -> None:
+    """Trust on first use ends once money arrived: otherwise a platform could register its
+    own key on a funded keyless account, bind a same-name bank account and pay itself out."""
+    fund(service, p, "dave", 10_000)
+    platform_key = new_key()
+    grab = c.RegisterKey(client_id="k", account_id="dave", public_key=pub_b64(platform_key))
+    assert_refused(service, p, grab, "AUTHORISATION_REQUIRED", "customer_authorisation")
+    # a first key for a funded account is a manual reset: an operator and a checker
+    reset = c.ResetKey(
+        client_id="reset",
+        account_id="dave",
+        public_key=pub_b64(platform_key),
+        reason="customer identified at the branch",
+    )
+    pending(service, p, reset)
+    assert approve(service, p, "reset").kind == "key_registered"
