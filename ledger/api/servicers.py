@@ -317,7 +317,8 @@ class PlatformServicer:
     async def CreatePlatform(
         self, request: platform_pb.CreatePlatformRequest, context: Context, identity: Identity
     ) -> platform_pb.CreatePlatformResponse:
-        policy = translate.policy_from_json(request.policy_json) if request.policy_json else None
+        policy_json = request.policy_json
+        policy = translate.initial_policy_from_json(policy_json) if policy_json else None
         outcome = await self.core.run(
             self.core.service.create_platform,
             request.platform_id,

@@ -16,7 +16,7 @@ import msgspec
 from google.protobuf.message import Message
 
 from controls.codes import Code
-from controls.policy import Policy, decode_policy, encode_policy
+from controls.policy import Policy, decode_policy, encode_policy, policy_problem
 from ledger import commands as c
 from ledger.api.pb import approval_pb, common_pb, movement_pb
 from ledger.domain import Account, PendingRequest
@@ -162,6 +162,18 @@ def policy_from_json(data: bytes, field: str = "policy_json") -> Policy:
         return decode_policy(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise WireError(field, f"not a policy document: {exc}", Code.POLICY_INVALID) from None
+
+
+def initial_policy_from_json(data: bytes) -> Policy:
+    """A new platform's policy (version 0) from the wire, checked whole before the platform
+    exists: a refused creation must leave nothing behind that blocks a corrected retry."""
+    policy = policy_from_json(data)
+    problem = policy_problem(policy)
+    if problem is None and policy.version != 0:
+        problem = "a platform starts at policy version 0"
+    if problem is not None:
+        raise WireError("policy_json", problem, Code.POLICY_INVALID)
+    return policy
 
 
 def policy_json(policy: Policy) -> bytes:
