@@ -76,6 +76,11 @@ def _refuse(code: Code, message: str) -> Refusal:
     return Refusal(code, NAME, message)
 
 
+BAD_SIGNATURE: Final = Refusal(
+    Code.AUTHORISATION_INVALID, NAME, "the customer's signature does not verify"
+)
+
+
 def signer_account(proposal: Proposal) -> str | None:
     """The customer account whose key must have signed this proposal, if any."""
     if proposal.op in KEY_SIGNED_OPS:
@@ -93,12 +98,8 @@ def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | No
     if account is None or account.kind != "customer":
         return None  # not a customer debit; integrity reports unknown accounts
     if proposal.op == "register_key" and not account.public_key:
-        return None  # first key: registered by the platform at onboarding (trust on first use)
-    failures = state.recent_failures(account.id, proposal.ts)
-    if (
-        len(failures) >= policy.auth_max_failures
-        and proposal.ts < failures[-1] + policy.auth_lock_ms
-    ):
+        return _first_key_refusal(account)
+    if _locked(state, account.id, proposal.ts, policy):
         return _refuse(Code.AUTHORISATION_LOCKED, f"authorisations for {account.id!r} are locked")
     auth = proposal.cmd.auth
     if auth is None:
@@ -106,6 +107,19 @@ def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | No
     if auth.standing_id:
         return _standing_refusal(state, proposal, account.id, auth.standing_id)
     return _signature_refusal(state, proposal, policy, account, auth)
+
+
+def _first_key_refusal(account: Any) -> Refusal | None:
+    """The first key comes from the platform at onboarding (trust on first use), but only
+    while the account has never held money: otherwise a platform could give a funded,
+    keyless account its own key and sign for it. Later, a first key needs `reset_key`
+    (an operator and a checker)."""
+    if account.credits_posted_minor == 0 and account.credits_pending_minor == 0:
+        return None
+    return _refuse(
+        Code.AUTHORISATION_REQUIRED,
+        f"account {account.id!r} has held money: its first key needs reset_key (maker-checker)",
+    )
 
 
 def _locked(state: LedgerView, account_id: str, now_ms: int, policy: Policy) -> bool:
@@ -132,7 +146,7 @@ def _signature_refusal(
         return _refuse(Code.REPLAYED, "this authorisation nonce was already used")
     assert proposal.auth_payload is not None, "the writer computes the signed payload"
     if not signature_valid(account.public_key, proposal.auth_payload, auth.signature):
-        return _refuse(Code.AUTHORISATION_INVALID, "the customer's signature does not verify")
+        return BAD_SIGNATURE
     return None
 
 
@@ -157,8 +171,9 @@ def _standing_refusal(
 
 
 def is_signature_failure(refusal: Refusal) -> bool:
-    """Refusals that count towards the lock: a bad signature, nothing else."""
-    return refusal.control == NAME and refusal.code is Code.AUTHORISATION_INVALID
+    """Refusals that count towards the lock: a signature that does not verify, nothing else
+    (a standing authorisation used outside its terms is the platform's fault, not a guess)."""
+    return refusal is BAD_SIGNATURE
 
 
 CONTROL = Control(name=NAME, priority=40, ops=None, check=check)

@@ -23,7 +23,7 @@ ALLOWED_FLOWS: Final[dict[str, frozenset[tuple[str, str]]]] = {
     "transfer": frozenset({(CUST, CUST), (SUSP, CUST)}),
     "charge_fee": frozenset({(CUST, FEE)}),
     "top_up_shortfall": frozenset({(OWN, CUST), (OWN, SUSP)}),
-    "place_hold": frozenset({(CUST, CUST), (CUST, FEE)}),
+    "place_hold": frozenset({(CUST, CUST)}),  # fees are charged per schedule, never held
     "request_withdrawal": frozenset({(CUST, OMNI), (OWN, PBANK), (FEE, PBANK)}),
 }
 # A reversal posts the mirror image of a deposit, transfer, fee, top-up or captured hold.

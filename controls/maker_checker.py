@@ -38,6 +38,11 @@ def needs_approval(state: LedgerView, proposal: Proposal, policy: Policy) -> str
     return None
 
 
+def _person(actor: str) -> str:
+    """`operator:alice` and `checker:alice` are the same person."""
+    return actor.partition(":")[2]
+
+
 def _refuse(code: Code, message: str) -> Refusal:
     return Refusal(code, NAME, message)
 
@@ -48,7 +53,8 @@ def check(state: LedgerView, proposal: Proposal, policy: Policy) -> Refusal | No
         return _refuse(Code.APPROVAL_NOT_FOUND, f"no request {proposal.cmd.request_id!r}")
     if request.status != "pending":
         return _refuse(Code.APPROVAL_NOT_PENDING, f"request {request.id!r} is {request.status}")
-    if request.maker == proposal.actor:
+    if _person(request.maker) == _person(proposal.actor):
+        # one person may hold an operator and a checker identity: compare who, not the role
         return _refuse(Code.SELF_APPROVAL, "the maker of a request cannot also check it")
     if proposal.op == "approve_request" and request.expires_at_ms < proposal.ts:
         return _refuse(Code.APPROVAL_EXPIRED, f"request {request.id!r} expired")

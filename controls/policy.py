@@ -19,7 +19,7 @@ DAY_MS: Final = 24 * HOUR_MS
 MAX_POLICY_ENTRIES: Final = 1024  # per table (limits, fee codes, blocklist, thresholds)
 AMOUNT_CAP_MINOR: Final = 2**63 - 1
 
-# Operations that only a custodian operator may start and a different checker must approve.
+# Manual operations: whoever may start them (controls/roles.py), a different checker approves.
 MANUAL_OPS: Final = frozenset(
     {
         "reverse",

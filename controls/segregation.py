@@ -56,6 +56,8 @@ def _fee_refusal(proposal: Proposal, policy: Policy) -> Refusal | None:
     cmd = proposal.cmd
     rule = policy.fees.get(cmd.fee_code)
     amount = cmd.amount_minor
+    if type(amount) is not int or amount < 1:
+        return None  # integrity reports a malformed amount with its own code
     if rule is None:
         return Refusal(Code.FEE_NOT_IN_SCHEDULE, NAME, f"fee {cmd.fee_code!r} is not published")
     if rule.fixed_minor and amount != rule.fixed_minor:

@@ -20,10 +20,13 @@ from typing import Any
 import msgspec
 
 from controls.policy import Policy, decode_policy, policy_problem
+from controls.roles import ROLES
+from ledger import cli_controls, records
 from ledger import commands as c
-from ledger import records
 from ledger.config import Config, ConfigError
 from ledger.store import log_stream
+from ledger.validate import is_actor
+from projections import cli as project_cli
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -31,12 +34,18 @@ EXIT_USAGE = 2
 EXIT_ERROR = 3
 
 EPILOG = """\
-examples:
-  custody platform create demo --name "Demo Lending"
+examples (an operator sets up; the platform relays customers' signed instructions):
+  custody platform create demo --name "Demo Lending"          # strict default policy
   custody account open --platform demo omni --kind omnibus --currency CNY
-  custody account open --platform demo alice --kind customer --role lender --currency CNY
-  custody deposit --platform demo --mirror omni --to alice --amount 100000 --currency CNY
-  custody transfer --platform demo --from alice --to bob --amount 2500 --currency CNY
+  custody customer keygen --out alice.pem                     # the customer's device
+  custody --actor platform:demo account open --platform demo alice --kind customer \\
+      --role lender --currency CNY --public-key <printed key>
+  custody --actor platform:demo deposit --platform demo --mirror omni --to alice \\
+      --amount 100000 --currency CNY
+  custody customer sign --platform demo --key alice.pem transfer.json > signed.json
+  custody --actor platform:demo submit --platform demo signed.json
+  custody --actor operator:olga reverse --platform demo <movement id> --reason typo
+  custody --actor checker:chen requests approve --platform demo <request id>
   custody balance --platform demo
   custody chain verify --platform demo
 
@@ -136,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     ao.add_argument("--currency", required=True)
     ao.add_argument("--role", choices=["lender", "borrower", "guarantor", "other"])
     ao.add_argument("--holder-name", help="account holder (stored encrypted)")
+    ao.add_argument(
+        "--holder-type",
+        choices=sorted(c.HOLDER_TYPES),
+        default="individual",
+        help="large-value reporting thresholds differ (default individual)",
+    )
+    ao.add_argument(
+        "--public-key",
+        default="",
+        help="the customer's Ed25519 key (base64url, from `custody customer keygen`)",
+    )
     for name in ("freeze", "unfreeze"):
         a = asub.add_parser(name, help=f"{name} an account")
         _add_common_write(a)
@@ -258,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv = chsub.add_parser("verify", help="walk the stored chain; report the first broken link")
     cv.add_argument("--platform", required=True)
     _accept_json_anywhere(parser)
+    HANDLERS.update(cli_controls.register(sub, _service))
+    project_cli.register(sub)
+    HANDLERS["project"] = project_cli.cmd_project
     return parser
 
 
@@ -289,6 +312,8 @@ def _command_from_args(args: argparse.Namespace) -> c.Command:
                 currency=args.currency,
                 role=args.role,
                 holder_name=args.holder_name,
+                holder_type=args.holder_type,
+                public_key=args.public_key,
             )
         if action == "freeze":
             return c.FreezeAccount(client_id=cid, account_id=args.account_id, reason=args.reason)
@@ -394,6 +419,12 @@ def _config(args: argparse.Namespace) -> Config:
 def _outcome_text(o: Any) -> str:
     if o.status in ("accepted", "replayed"):
         return f"{o.status}: {o.kind} at log position {o.seq} (client id {o.client_id})"
+    if o.status == "pending":
+        return (
+            f"pending: request {o.client_id} waits for a checker (log position {o.seq}); "
+            "approve with: custody --actor checker:NAME requests approve --platform P "
+            f"{o.client_id}"
+        )
     where = f" [{o.field}]" if o.field else ""
     return f"{o.status}: {o.code}{where} — {o.message} (client id {o.client_id})"
 
@@ -708,6 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.actor = f"operator:{getpass.getuser()}"
         except Exception:
             args.actor = "operator:unknown"
+    if not is_actor(args.actor):
+        parser.error(
+            f"--actor {args.actor!r}: give ROLE:NAME with ROLE one of {', '.join(sorted(ROLES))}"
+        )
     handler = HANDLERS.get(args.command, cmd_write)
     try:
         return handler(args)

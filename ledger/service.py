@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Final
 
+import msgspec
+
 from controls.codes import Code
 from controls.policy import Policy
 from ledger import commands as c
@@ -199,9 +201,15 @@ class LedgerService:
                 # content); another name is ID_REUSED; either way the attempt is recorded.
                 return self.execute(platform_id, [cmd], actor)[0]
             writer = self._new_writer(platform_id)
-            [[outcome]] = writer.execute([Request([cmd], actor)])
-            if outcome.status == "accepted":
-                self._platforms[platform_id] = self._new_platform(writer)
+            prepared = writer.prepare([Request([cmd], actor)])
+            [[outcome]] = prepared.answers
+            if outcome.status != "accepted":
+                # A platform that does not exist has no log to record the refusal in: writing
+                # it at position 0 would block the id forever. Answer, record nothing.
+                return msgspec.structs.replace(outcome, seq=-1)
+            writer.commit(prepared)  # CommitFailed propagates: nothing was created
+            writer.mark_committed(prepared)
+            self._platforms[platform_id] = self._new_platform(writer)
             return outcome
 
     def platform_ids(self) -> list[str]:

@@ -509,7 +509,11 @@ class PlatformWriter:
     ) -> Outcome:
         state = self.state
         suppressed = 0
-        if linked_to is None and state._sp is None:
+        auth_failed = None
+        if proposal is not None and is_signature_failure(refusal):
+            auth_failed = signer_account(proposal)
+        # a bad signature is always recorded: it counts towards the lock, which bounds them
+        if linked_to is None and state._sp is None and auth_failed is None:
             suppressed = self._refusal_budget(actor, ts)
             if suppressed < 0:  # over the actor's budget: answered, counted, not recorded
                 return Outcome(
@@ -538,8 +542,8 @@ class PlatformWriter:
             rec["linked_to"] = linked_to
         if suppressed:
             rec["suppressed"] = suppressed
-        if proposal is not None and is_signature_failure(refusal):
-            rec["auth_failed"] = signer_account(proposal)
+        if auth_failed is not None:
+            rec["auth_failed"] = auth_failed
         self._append(rec, _REFUSED, rows)
         apply_record(state, rec, None)
         return Outcome(
@@ -559,13 +563,15 @@ class PlatformWriter:
         window = ts // 60_000
         if window != self._refusal_window:
             self._refusal_window = window
-            self._refusals = {}
-        written, suppressed = self._refusals.get(actor, (0, 0))
-        if written >= self.state.policy.refusal_records_per_min:
-            if len(self._refusals) < _MAX_TRACKED_ACTORS or actor in self._refusals:
-                self._refusals[actor] = (written, suppressed + 1)
-                return -1
+            # a new minute: budgets restart, but suppressed counts wait for the next record
+            self._refusals = {a: (0, n) for a, (_, n) in self._refusals.items() if n}
+        known = self._refusals.get(actor)
+        if known is None and len(self._refusals) >= _MAX_TRACKED_ACTORS:
             return 0  # cannot track more actors this minute: record rather than lose count
+        written, suppressed = known or (0, 0)
+        if written >= self.state.policy.refusal_records_per_min:
+            self._refusals[actor] = (written, suppressed + 1)
+            return -1
         self._refusals[actor] = (written + 1, 0)
         return suppressed
 

@@ -27,7 +27,7 @@ PG_CONNINFO = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeou
 START_MS = 1_700_000_000_000  # the fake clock's starting time (2023-11-14)
 ACTOR = "platform:test"
 OPERATOR = "operator:test"
-CHECKER = "checker:test"
+CHECKER = "checker:reviewer"  # a different person from operator:test
 
 # Tests of bookkeeping (movements, holds, replay, storage) run under this policy: it switches
 # off the controls that need customer keys, bound payees, a checker or a fee schedule, so each

@@ -931,12 +931,6 @@ def test_create_platform_with_another_name_is_refused_and_recorded(
     assert service.platform_ids() == [PID]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: LedgerService.create_platform commits the refusal of a new platform's creation "
-    "(e.g. ROLE_NOT_PERMITTED) at log position 0, so the id can never be created afterwards "
-    "(CommitFailed: position 0 taken)",
-)
 def test_refused_creation_leaves_the_platform_id_free(service: LedgerService) -> None:
     """Only an operator creates platforms; a refused attempt must not claim the id."""
     refused = service.create_platform("p9", "Platform p9", ACTOR)
