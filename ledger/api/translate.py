@@ -1,7 +1,10 @@
 """Wire <-> domain: protobuf instruction messages to `ledger.commands`, and answers back.
 
 Proto instruction fields carry the same names as the domain's command fields, so the mapping
-is generic; only enums, optional text and defaults need a converter. A message that cannot
+is generic; only enums, optional text, defaults, the customer's `authorisation` (the domain's
+`auth`) and policy documents (`policy_json`) need a converter. The Python client signs customer
+instructions through this same translation (`ledger.api.client.authorisation_payload`), so the
+bytes a customer signs are the bytes the ledger verifies. A message that cannot
 become a command (unknown enum value, missing instruction) raises `WireError`; everything else
 (lengths, character sets, currencies, ranges) is the domain's validation, reported with the
 field path as the caller sent it.
