@@ -438,6 +438,54 @@ def _fails_once(append: Callable[..., Any]) -> Callable[..., Any]:
     return failing_append
 
 
+# -- each control alone -------------------------------------------------------------------------
+
+
+def per_control(accounts: int, transfers: int, keys: Keys, seed: int) -> dict[str, float]:
+    """µs per transfer of each check (and the annotator and maker-checker question) on the
+    `standing` path, timed alone on a live state with `transfers` transfers already in it."""
+    from controls.maker_checker import needs_approval
+    from controls.roles import role_of
+    from ledger.decide import plan
+
+    out: dict[str, float] = {}
+    with tb.fresh_config("sqlite") as cfg:
+        svc = LedgerService(cfg)
+        svc.start()
+        try:
+            seed_platform(svc, accounts, DEFAULT_POLICY, keys, grants=True)
+            work = tb.make_workload(transfers, accounts, seed)
+            cmds = transfer_cmds(work, "pc", "standing", keys)
+            for start in range(0, len(cmds), 1000):
+                svc.execute(PLATFORM, cmds[start : start + 1000], ACTOR)
+            state = svc._platforms[PLATFORM].writer.state  # the live state (benchmark only)
+            probe = transfer_cmds(
+                tb.make_workload(5000, accounts, seed + 7), "pp", "standing", keys
+            )
+            ts = now_ms()
+            proposals = []
+            for cmd in probe:
+                proposal, _ = plan(state, cmd, ts)  # type: ignore[misc]
+                proposal.actor, proposal.role, proposal.ts = ACTOR, role_of(ACTOR), ts
+                proposals.append(proposal)
+            policy = state.policy
+            steps: list[tuple[str, Callable[..., Any]]] = list(registry.checks_for("transfer"))
+            steps += [("large_value (annotate)", a) for a in registry.annotators_for("transfer")]
+            steps.append(("maker_checker (needs_approval)", needs_approval))
+            for name, fn in steps:
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for proposal in proposals:
+                        fn(state, proposal, policy)
+                    best = min(best, time.perf_counter() - t0)
+                out[name] = round(1e6 * best / len(proposals), 3)
+            out["sum"] = round(sum(out.values()), 3)
+        finally:
+            svc.close()
+    return out
+
+
 # -- unit costs ---------------------------------------------------------------------------------
 
 
@@ -523,6 +571,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retry", action="store_true", help="also measure retried batches (memo)")
     p.add_argument("--retry-pairs", type=int, default=5, help="warm/cold retry pairs")
     p.add_argument("--micro", action="store_true", help="also print the signature unit costs")
+    p.add_argument(
+        "--per-control", action="store_true", help="also time each control alone (standing path)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     args = p.parse_args(argv)
     args.configs = [x for x in args.configs.split(",") if x]
@@ -592,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.micro:
         doc["micro_us"] = micro(keys)
+    if args.per_control:
+        doc["per_control_us"] = per_control(args.accounts, 20_000, keys, args.seed)
 
     summary: dict[str, Any] = {}
     for name, rs in runs.items():
@@ -659,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label}: {cost['wall_us']:.2f} µs wall, {cost['cpu_us']:.2f} µs cpu per transfer")
     if "micro_us" in doc:
         print("  unit costs (µs): " + json.dumps(doc["micro_us"]))
+    if "per_control_us" in doc:
+        print("  each control alone, standing path (µs per transfer, best of 5):")
+        for name, us in doc["per_control_us"].items():
+            print(f"    {name:32s} {us:6.3f}")
     return 0
 
 
