@@ -6,8 +6,10 @@ read, and decides the next instructions exactly as a service that never stopped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ctl_helpers import (
     CHECKER,
     MINUTE_MS,
@@ -36,13 +38,15 @@ M = 1_000_000
 Step = tuple[c.Command, str]
 
 
-def _workload(p: CtlPlatform, keys: dict[str, object]) -> list[Callable[[], Step] | str]:
+def _workload(p: CtlPlatform, keys: dict[str, Ed25519PrivateKey]) -> list[Callable[[], Step] | str]:
     """Steps built lazily (signatures use the clock of their moment); strings move the clock."""
 
     def s(cmd: Callable[[], c.Command], actor: str = PLATFORM) -> Callable[[], Step]:
         return lambda: (cmd(), actor)
 
-    exp = lambda: p.clock.now + HOUR_MS  # noqa: E731
+    def exp() -> int:
+        return p.clock.now + HOUR_MS
+
     rotated = keys["rotated"]
     steps: list[Callable[[], Step] | str] = [
         s(
@@ -103,13 +107,13 @@ def _workload(p: CtlPlatform, keys: dict[str, object]) -> list[Callable[[], Step
             lambda: c.RegisterKey(
                 client_id="k-dave", account_id="dave", public_key=pub_b64(keys["dave"])
             )
-        ),  # type: ignore[arg-type]
+        ),
         s(
             lambda: p.sign(
                 c.RegisterKey(client_id="k-carol", account_id="carol", public_key=pub_b64(rotated)),
                 "carol",
             )
-        ),  # type: ignore[arg-type]
+        ),
         s(lambda: p.sign(transfer("big", "alice", "bob", 15 * M), "alice")),  # pending
         s(lambda: c.ApproveRequest(client_id="ok-big", request_id="big"), CHECKER),  # tagged
         s(lambda: c.Reverse(client_id="rev-d2", movement_id="d2", reason="dup"), OPERATOR),
@@ -184,9 +188,9 @@ def test_restart_gives_identical_state_and_decisions(config: Config) -> None:
     service = open_service(config, clock)
     try:
         p1 = make_ctl_platform(service, clock, "p1")
-        keys: dict[str, object] = {"dave": new_key(), "rotated": new_key()}
+        keys: dict[str, Ed25519PrivateKey] = {"dave": new_key(), "rotated": new_key()}
         _run(service, p1, _workload(p1, keys))
-        p1.customers["carol"].key = keys["rotated"]  # type: ignore[assignment]
+        p1.customers["carol"].key = keys["rotated"]
         before = controls_snapshot(service, "p1")
         kinds = {k for (_, k, *_rest) in before["done"].values()}
     finally:
@@ -220,9 +224,9 @@ def test_restart_gives_identical_state_and_decisions(config: Config) -> None:
     live_service = open_service(config, clock2)
     try:
         p2 = make_ctl_platform(live_service, clock2, "p2")
-        keys2: dict[str, object] = {"dave": new_key(), "rotated": new_key()}
+        keys2: dict[str, Ed25519PrivateKey] = {"dave": new_key(), "rotated": new_key()}
         _run(live_service, p2, _workload(p2, keys2))
-        p2.customers["carol"].key = keys2["rotated"]  # type: ignore[assignment]
+        p2.customers["carol"].key = keys2["rotated"]
         live_before = controls_snapshot(live_service, "p2")
         decided_live = _decide(live_service, p2)
     finally:
@@ -239,7 +243,7 @@ def test_restart_gives_identical_state_and_decisions(config: Config) -> None:
     }
 
     # everything but keys, blinds and sealed data (per customer) is the same on both platforms
-    def comparable(snap: dict[str, object]) -> dict[str, object]:
+    def comparable(snap: dict[str, Any]) -> dict[str, Any]:
         out = dict(snap)
         out["accounts"] = {
             k: {
@@ -247,13 +251,13 @@ def test_restart_gives_identical_state_and_decisions(config: Config) -> None:
                 for f, v in a.items()
                 if f not in ("public_key", "holder_blind", "payee_bank", "tokens")
             }
-            for k, a in snap["accounts"].items()  # type: ignore[attr-defined]
+            for k, a in snap["accounts"].items()
         }
         out["requests"] = {
             k: (r[0], r[2], r[3], r[4], r[5], r[6]) for k, r in snap["requests"].items()
-        }  # type: ignore[attr-defined]
-        out["done"] = {k: v for k, v in snap["done"].items() if not k.startswith("create:")}  # type: ignore[attr-defined]
-        out["nonces"] = sorted(acc for acc, _n in snap["nonces"])  # type: ignore[attr-defined]
+        }
+        out["done"] = {k: v for k, v in snap["done"].items() if not k.startswith("create:")}
+        out["nonces"] = sorted(acc for acc, _n in snap["nonces"])
         return out
 
     assert comparable(before) == comparable(live_before)
