@@ -348,7 +348,7 @@ def serve(
         tls_dir = dev_tls_dir(config)
     service = LedgerService(config)
     try:
-        service.start()
+        service.start(sweep=True)  # the server releases expired holds on schedule
         srv = build_server(
             service,
             host=host,
