@@ -237,12 +237,13 @@ def latencies(runner: ProjectionRunner, n_log: int, queries: int) -> None:
             f"  {label:<48} p50 {statistics.median(times):6.3f} ms   "
             f"p99 {pct(times, 0.99):6.3f} ms   ({queries} queries)"
         )
-    # the deepest pages: walk 5 consecutive pages at the end of a million-line statement
-    page = st.statement(db, PLATFORM, "hot", 1000, from_ms=hi_ms - 1)
+    # deep pages: walk 5 consecutive pages from the middle of a million-line statement
+    mid_ms = (lo_ms + hi_ms) // 2
+    page = st.statement(db, PLATFORM, "hot", 1000, from_ms=mid_ms)
     t0 = time.perf_counter()
     pages = 0
     while page.next_page_token and pages < 5:
-        page = st.statement(db, PLATFORM, "hot", 1000, page.next_page_token, from_ms=hi_ms - 1)
+        page = st.statement(db, PLATFORM, "hot", 1000, page.next_page_token, from_ms=mid_ms)
         pages += 1
     if pages:
         print(f"  next page (1000 lines, deep)  {(time.perf_counter() - t0) * 1000 / pages:.3f} ms")

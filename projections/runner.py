@@ -208,6 +208,8 @@ class ProjectionRunner:
 
         Read-only and paged by position like `LedgerStore.read`, but without building one
         eventsourcing `StoredEvent` per row, which costs more than projecting the record.
+        Positions have no gaps, so the page is also bounded above: with stale statistics
+        after a bulk load PostgreSQL otherwise sorts every remaining row for each page.
         The table layout is the documented one (docs/FORMAT.md §1); if the recorder does not
         expose its table, fall back to `LedgerStore.read`.
         """
@@ -220,8 +222,9 @@ class ProjectionRunner:
             cur.execute(
                 f"SELECT originator_version, topic, state FROM {name} "
                 f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} "
+                f"AND originator_version <= {db.ph} "
                 f"ORDER BY originator_version LIMIT {int(self.batch_size)}",
-                (log_stream(platform), after),
+                (log_stream(platform), after, after + self.batch_size),
             )
             rows = cur.fetchall()
         if db.is_pg:
