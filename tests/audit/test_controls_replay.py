@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_tools import lines_of, rebuild, verify_bytes
-from workload import PLATFORM, build_log
+from bundle_tools import lines_of, rebuild, verify_bytes  # type: ignore[import-not-found]
+from workload import PLATFORM, build_log  # type: ignore[import-not-found]
 
 from ledger.checkpoint import NoteSigner, generate_key, origin_for
 from ledger.export import export_bundle
@@ -36,15 +37,15 @@ def _dump(rec: dict[str, Any]) -> bytes:
     return json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _decoded(exported) -> list[dict[str, Any]]:
+def _decoded(exported: Any) -> list[dict[str, Any]]:
     return [json.loads(data) for data in exported.records]
 
 
-def _header(exported) -> bytes:
+def _header(exported: Any) -> bytes:
     return b"".join(ln.raw for ln in lines_of(exported.data) if ln.kind == "header")
 
 
-def _verify_forged(exported, recs: list[dict[str, Any]], changed: set[int]):
+def _verify_forged(exported: Any, recs: list[dict[str, Any]], changed: set[int]) -> Any:
     """Re-chain and re-sign the log with the records at `changed` re-encoded (what an operator
     with the signing key could publish); the verifier's failure, or None."""
     records = [
@@ -55,7 +56,9 @@ def _verify_forged(exported, recs: list[dict[str, Any]], changed: set[int]):
     return verify_bytes(bundle, exported.vkey)[0]
 
 
-def _first(recs: list[dict[str, Any]], pred, start: int = 1) -> int:
+def _first(
+    recs: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool], start: int = 1
+) -> int:
     return next(i for i in range(start, len(recs)) if pred(recs[i]))
 
 
@@ -65,13 +68,13 @@ def _request_of(recs: list[dict[str, Any]], i: int) -> dict[str, Any]:
     return next(r for r in recs[:i] if r["kind"] == "approval_requested" and r["cid"] == rid)
 
 
-def _assert_at(failure, pos: int, words: str) -> None:
+def _assert_at(failure: Any, pos: int, words: str) -> None:
     assert failure is not None, "forgery not detected"
     assert (failure.where, failure.position) == ("record", pos), failure.describe()
     assert words in failure.reason, failure.reason
 
 
-def test_workload_covers_every_new_kind_and_field(exported):
+def test_workload_covers_every_new_kind_and_field(exported: Any) -> None:
     failure, summary = verify_bytes(exported.data, exported.vkey)
     assert failure is None, failure.describe()
     assert set(summary.kinds) >= NEW_KINDS, summary.kinds
@@ -86,14 +89,14 @@ def test_workload_covers_every_new_kind_and_field(exported):
     assert any(r["kind"] == "transferred" and "auth" in r["cmd"] for r in recs)
 
 
-def test_approval_by_the_maker_is_caught(exported):
+def test_approval_by_the_maker_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: "executes" in r)
     recs[i]["actor"] = _request_of(recs, i)["actor"]
     _assert_at(_verify_forged(exported, recs, {i}), i, "approved by its own maker")
 
 
-def test_approval_by_a_non_checker_is_caught(exported):
+def test_approval_by_a_non_checker_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "policy_set")
     assert _request_of(recs, i)["actor"] != "operator:bob"
@@ -101,7 +104,7 @@ def test_approval_by_a_non_checker_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "not a checker")
 
 
-def test_manual_operation_without_approval_is_caught(exported):
+def test_manual_operation_without_approval_is_caught(exported: Any) -> None:
     """A policy change recorded as the operator's own act, with no checker: the request it
     should have executed is left pending and the change itself is refused by the replay."""
     recs = _decoded(exported)
@@ -112,7 +115,7 @@ def test_manual_operation_without_approval_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "without a checker's approval")
 
 
-def test_large_transfer_without_approval_is_caught(exported):
+def test_large_transfer_without_approval_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "transferred" and "executes" in r)
     request = _request_of(recs, i)
@@ -121,7 +124,7 @@ def test_large_transfer_without_approval_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "without a checker's approval")
 
 
-def test_request_executed_twice_is_caught(exported):
+def test_request_executed_twice_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "transferred" and "executes" in r)
     j = _first(recs, lambda r: r["kind"] == "transferred" and "executes" in r, i + 1)
@@ -130,7 +133,7 @@ def test_request_executed_twice_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {j}), j, "not a pending request")
 
 
-def test_approval_after_expiry_is_caught(exported):
+def test_approval_after_expiry_is_caught(exported: Any) -> None:
     """Shorten the first policy's approval window to 1 ms (and every request made under it, so
     they stay consistent): the first approval that came later than that is caught."""
     recs = _decoded(exported)
@@ -147,7 +150,7 @@ def test_approval_after_expiry_is_caught(exported):
 
 
 @pytest.mark.parametrize("delta", [-1, 1])
-def test_policy_version_that_is_not_in_force_is_caught(exported, delta):
+def test_policy_version_that_is_not_in_force_is_caught(exported: Any, delta: int) -> None:
     recs = _decoded(exported)
     first_change = _first(recs, lambda r: r["kind"] == "policy_set")
     i = _first(recs, lambda r: r["kind"] == "transferred", first_change + 1)
@@ -155,14 +158,14 @@ def test_policy_version_that_is_not_in_force_is_caught(exported, delta):
     _assert_at(_verify_forged(exported, recs, {i}), i, "policy version in force")
 
 
-def test_policy_version_skipped_is_caught(exported):
+def test_policy_version_skipped_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "policy_set")
     recs[i]["policy"]["version"] += 1
     _assert_at(_verify_forged(exported, recs, {i}), i, "policy version")
 
 
-def test_actor_beyond_its_role_is_caught(exported):
+def test_actor_beyond_its_role_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "transferred" and "executes" not in r)
     recs[i]["actor"] = "auditor:mallory"
@@ -172,7 +175,7 @@ def test_actor_beyond_its_role_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "suspense clearing is the operator's")
 
 
-def test_new_kind_carrying_money_is_caught(exported):
+def test_new_kind_carrying_money_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "key_registered")
     recs[i]["entries"] = [["omni", recs[i]["key"]["account"], 5]]
@@ -180,7 +183,7 @@ def test_new_kind_carrying_money_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "carries unexpected")
 
 
-def test_unknown_kind_may_not_execute_a_request(exported):
+def test_unknown_kind_may_not_execute_a_request(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "transferred" and "executes" in r)
     recs[i] = {k: v for k, v in recs[i].items() if k not in ("entries", "ccy", "tags")}
@@ -188,7 +191,7 @@ def test_unknown_kind_may_not_execute_a_request(exported):
     _assert_at(_verify_forged(exported, recs, {i}), i, "unknown record kind")
 
 
-def test_unknown_kind_without_effects_is_counted(exported):
+def test_unknown_kind_without_effects_is_counted(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "command_refused" and "auth_failed" not in r)
     recs[i] = {k: v for k, v in recs[i].items() if k not in ("code", "control", "message")}
@@ -198,7 +201,7 @@ def test_unknown_kind_without_effects_is_counted(exported):
     assert failure is None, failure.describe()
 
 
-def test_refusal_fields_are_checked(exported):
+def test_refusal_fields_are_checked(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "command_refused" and "auth_failed" not in r)
     recs[i]["suppressed"] = 12  # twelve refusals of this actor were not recorded before it
@@ -211,7 +214,7 @@ def test_refusal_fields_are_checked(exported):
     _assert_at(_verify_forged(exported, recs, {j}), j, "only bad signatures count")
 
 
-def test_keys_out_of_canonical_order_are_caught(exported):
+def test_keys_out_of_canonical_order_are_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "gate_set")
     rec = recs[i]
@@ -223,7 +226,7 @@ def test_keys_out_of_canonical_order_are_caught(exported):
     _assert_at(failure, i, "canonical")
 
 
-def test_standing_revoked_twice_is_caught(exported):
+def test_standing_revoked_twice_is_caught(exported: Any) -> None:
     recs = _decoded(exported)
     i = _first(recs, lambda r: r["kind"] == "standing_revoked")
     j = _first(recs, lambda r: r["kind"] == "command_refused" and r["actor"] == recs[i]["actor"], i)
@@ -233,7 +236,9 @@ def test_standing_revoked_twice_is_caught(exported):
     _assert_at(_verify_forged(exported, recs, {j}), j, "not a granted authorisation")
 
 
-def test_controls_workload_verifies_on_both_stores(store_env: dict[str, str], tmp_path: Path):
+def test_controls_workload_verifies_on_both_stores(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
     """The same mixed workload written to SQLite and to PostgreSQL exports a bundle that
     verifies, and a forged self-approval in it is named at its position."""
     config = build_log(tmp_path / "data", n_batches=8, per_batch=60, store_env=store_env)

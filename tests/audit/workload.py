@@ -8,15 +8,16 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import START_MS, FakeClock, actor_for
+from helpers import START_MS, FakeClock, actor_for  # type: ignore[import-not-found]
 
 from controls.customer_authorisation import b64url_encode, payload
 from controls.policy import DAY_MS, FeeRule, LvtThresholds, Policy
@@ -72,7 +73,18 @@ def public_key(key: Ed25519PrivateKey) -> str:
     return b64url_encode(key.public_key().public_bytes_raw())
 
 
-def signed(cmd: Any, key: Ed25519PrivateKey, nonce: str, expires_ms: int) -> Any:
+Signed = TypeVar(
+    "Signed",
+    c.Transfer,
+    c.PlaceHold,
+    c.RequestWithdrawal,
+    c.RegisterKey,
+    c.BindPayee,
+    c.GrantStanding,
+)
+
+
+def signed(cmd: Signed, key: Ed25519PrivateKey, nonce: str, expires_ms: int) -> Signed:
     """`cmd` with the customer's authorisation: an Ed25519 signature over the payload the
     ledger recomputes (controls.customer_authorisation.payload)."""
     unsigned = msgspec.structs.replace(
@@ -107,7 +119,7 @@ class Workload:
         self.n += 1
         return f"{prefix}{self.n}"
 
-    def run(self, cmds: list[c.Command], actor: str | None = None) -> None:
+    def run(self, cmds: Sequence[c.Command], actor: str | None = None) -> None:
         """Each actor's instructions as one request, platform first, then operator."""
         groups: dict[str, list[c.Command]] = {}
         for cmd in cmds:
@@ -116,7 +128,7 @@ class Workload:
             for outcome in self.svc.execute(PLATFORM, group, who):
                 self.outcomes[outcome.client_id] = outcome.status
 
-    def sign(self, cmd: Any, who: Customer, key: Ed25519PrivateKey | None = None) -> Any:
+    def sign(self, cmd: Signed, who: Customer, key: Ed25519PrivateKey | None = None) -> Signed:
         expires = self.clock.now + 60_000
         self.n += 1
         return signed(cmd, key or who.key, f"nonce-{self.n:06d}", expires)
