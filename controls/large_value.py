@@ -36,31 +36,30 @@ def _threshold(account: Any, policy: Policy) -> int | None:
 
 
 def annotate(state: LedgerView, proposal: Proposal, policy: Policy) -> list[dict[str, Any]] | None:
-    tags: list[dict[str, Any]] = []
-    seen: dict[tuple[str, str], int] = {}
+    tags: list[dict[str, Any]] | None = None
+    seen: dict[tuple[str, str], int] = {}  # running totals when one record posts several legs
     accounts = state.accounts
+    day_lvt = state.day_lvt
     for debit_id, credit_id, amount in proposal.entries:
         for account_id, side in ((debit_id, "out"), (credit_id, "in")):
             account = accounts.get(account_id)
             if account is None or account.kind != "customer":
                 continue
-            threshold = _threshold(account, policy)
             key = (account_id, side)
-            total = seen.get(key, state.day_lvt.get(key, 0)) + amount
+            total = seen.get(key) or day_lvt.get(key, 0)
+            total += amount
             seen[key] = total
+            threshold = _threshold(account, policy)
             if threshold is not None and total >= threshold:
-                tags.append(
-                    {
-                        "tag": TAG,
-                        "account": account_id,
-                        "side": side,
-                        "day_total_minor": total,
-                        "due_ms": due_ms(
-                            state.day, policy.lvt_due_working_days, policy.day_offset_ms
-                        ),
-                    }
-                )
-    return tags or None
+                tag = {
+                    "tag": TAG,
+                    "account": account_id,
+                    "side": side,
+                    "day_total_minor": total,
+                    "due_ms": due_ms(state.day, policy.lvt_due_working_days, policy.day_offset_ms),
+                }
+                tags = [*tags, tag] if tags else [tag]
+    return tags
 
 
 CONTROL = Control(name=NAME, priority=1000, ops=None, annotate=annotate)

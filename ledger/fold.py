@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from controls.policy import policy_from_record
@@ -79,6 +80,10 @@ def _note_activity(
 ) -> None:
     """Per-day tables the limits, outflow and large-value controls read; nonces consumed."""
     accounts = state.accounts
+    # outside a linked batch nothing needs undoing: a plain dict store (this runs per movement)
+    put: Callable[[dict[Any, Any], Any, Any], None] = (
+        dict.__setitem__ if state._sp is None else state.put
+    )
     op = COUNTED_KINDS.get(kind)
     if op is not None:
         hold = rec.get("hold")
@@ -89,28 +94,31 @@ def _note_activity(
         if debit.kind is _CUSTOMER:
             key = (debit_id, op)
             total, count = state.day_counters.get(key, (0, 0))
-            state.put(state.day_counters, key, (total + amount, count + 1))
+            put(state.day_counters, key, (total + amount, count + 1))
             if op == "request_withdrawal":
                 ccy = debit.currency
-                state.put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) + amount)
+                put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) + amount)
     if posted:
         lvt = state.day_lvt
         for debit_id, credit_id, amount in posted:
             if accounts[debit_id].kind is _CUSTOMER:
-                state.put(lvt, (debit_id, "out"), lvt.get((debit_id, "out"), 0) + amount)
+                key = (debit_id, "out")
+                put(lvt, key, lvt.get(key, 0) + amount)
             credit = accounts[credit_id]
             if credit.kind is _CUSTOMER:
-                state.put(lvt, (credit_id, "in"), lvt.get((credit_id, "in"), 0) + amount)
+                key = (credit_id, "in")
+                put(lvt, key, lvt.get(key, 0) + amount)
                 if kind == "deposited":
                     ccy = credit.currency
-                    state.put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) - amount)
+                    put(state.day_outflow, ccy, state.day_outflow.get(ccy, 0) - amount)
     cmd = rec["cmd"]
     # The writer hands over the command as raw canonical bytes unless it carries something the
     # state keeps (an authorisation nonce, account facts, a request); replay always decodes it.
-    auth = cmd.get("auth") if type(cmd) is dict else None
-    if auth is not None and auth.get("nonce"):
-        account_id = cmd.get("from_account_id") or cmd.get("account_id")
-        state.put(state.nonces, (account_id, auth["nonce"]), auth["expires_at_ms"])
+    if type(cmd) is dict:
+        auth = cmd.get("auth")
+        if auth is not None and auth.get("nonce"):
+            account_id = cmd.get("from_account_id") or cmd.get("account_id")
+            put(state.nonces, (account_id, auth["nonce"]), auth["expires_at_ms"])
 
 
 def _executed(state: PlatformState, request_id: str, by_cid: str, seq: int) -> None:

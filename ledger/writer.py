@@ -427,7 +427,7 @@ class PlatformWriter:
         rows.append((self.stream, seq, kind, head + data))
         self.head = head
         if type(cmd) is c.OpenAccount or getattr(cmd, "auth", None) is not None:
-            rec["cmd"] = msgspec.to_builtins(cmd)  # the state keeps facts from it (fold)
+            rec["cmd"] = msgspec.to_builtins(cmd, order="sorted")  # the state keeps facts (fold)
         apply_record(state, rec, fp)
         return Outcome(cmd.client_id, "accepted", seq, kind)
 
@@ -463,7 +463,7 @@ class PlatformWriter:
             },
         }
         self._append(rec, records.REQUESTED_KIND, rows)
-        rec["cmd"] = msgspec.to_builtins(cmd)
+        rec["cmd"] = msgspec.to_builtins(cmd, order="sorted")
         apply_record(state, rec, fp)
         return Outcome(cmd.client_id, "pending", seq, records.REQUESTED_KIND)
 
