@@ -38,6 +38,7 @@ GOVERNANCE_OPS: Final = frozenset(
         "reject_request",
         "create_platform",
         "freeze_account",
+        "publish_liabilities",  # disclosure matters most when a platform is in trouble
     }
 )
 

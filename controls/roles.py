@@ -61,6 +61,7 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
             "set_policy",
             "set_gate",
             "reset_key",
+            "publish_liabilities",
         }
     ),
     "checker": frozenset({"approve_request", "reject_request"}),

@@ -227,6 +227,17 @@ class RejectRequest(Command, tag="reject_request", frozen=True, kw_only=True):
     reason: str
 
 
+class PublishLiabilities(Command, tag="publish_liabilities", frozen=True, kw_only=True):
+    """Publish the root and total of a proof-of-liabilities tree (`custody-pol/v1`) over the
+    customer balances at log size `snapshot_size`, so checkpoints cover the statement."""
+
+    snapshot_size: int
+    currency: str
+    depth: int
+    root: str  # base64 (standard, padded) of the 32-byte root hash
+    total_minor: int
+
+
 AnyCommand = (
     CreatePlatform
     | OpenAccount
@@ -254,6 +265,7 @@ AnyCommand = (
     | SetGate
     | ApproveRequest
     | RejectRequest
+    | PublishLiabilities
 )
 
 COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
@@ -283,6 +295,7 @@ COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     SetGate,
     ApproveRequest,
     RejectRequest,
+    PublishLiabilities,
 )
 GATES: Final = ("NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN")
 HOLDER_TYPES: Final = frozenset({"individual", "corporate"})

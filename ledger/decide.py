@@ -293,6 +293,19 @@ def plan_set_gate(state: PlatformState, cmd: c.SetGate) -> Plan:
     return Proposal("set_gate", cmd), {"gate": cmd.gate}
 
 
+def plan_publish_liabilities(state: PlatformState, cmd: c.PublishLiabilities) -> Plan:
+    if cmd.snapshot_size > state.next_seq:
+        return _refuse(Code.INVALID_ARGUMENT, "the snapshot cannot be after the log's end")
+    spec = {
+        "snapshot": cmd.snapshot_size,
+        "asset": cmd.currency,
+        "depth": cmd.depth,
+        "root": cmd.root,
+        "total": cmd.total_minor,
+    }
+    return Proposal("publish_liabilities", cmd), {"liabilities": spec}
+
+
 def plan_approve(state: PlatformState, cmd: c.ApproveRequest) -> Plan:
     """The approval's own checks; the writer then plans and checks the request's command."""
     proposal = Proposal("approve_request", cmd)
@@ -328,6 +341,7 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
     c.SetGate: plan_set_gate,
     c.ApproveRequest: plan_approve,
     c.RejectRequest: plan_reject,
+    c.PublishLiabilities: plan_publish_liabilities,
 }
 _TIMED_PLANNERS: dict[type, Callable[[PlatformState, Any, int], Plan]] = {
     c.PlaceHold: plan_place_hold,

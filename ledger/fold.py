@@ -289,6 +289,12 @@ def _approval_rejected(state: PlatformState, rec: dict[str, Any], seq: int) -> N
     request.status = "rejected"
 
 
+def _liabilities_published(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    """A statement only: the tree is checked by customers and auditors, not by the state."""
+    if rec["liabilities"]["snapshot"] > seq:
+        raise StateError(f"record {seq}: a liabilities snapshot after its own record")
+
+
 _GOVERNANCE = {
     "policy_set": _policy_set,
     "gate_set": _gate_set,
@@ -298,4 +304,5 @@ _GOVERNANCE = {
     "standing_revoked": _standing_revoked,
     "approval_requested": _approval_requested,
     "approval_rejected": _approval_rejected,
+    "liabilities_published": _liabilities_published,
 }

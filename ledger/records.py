@@ -45,6 +45,7 @@ KIND_BY_OP: Final[dict[str, str]] = {
     "set_policy": "policy_set",
     "set_gate": "gate_set",
     "reject_request": "approval_rejected",
+    "publish_liabilities": "liabilities_published",
 }
 REFUSED_KIND: Final = "command_refused"
 # A manual operation waiting for a checker; the checker's approval is recorded under the kind

@@ -134,6 +134,13 @@ def _is_auth(v: Any) -> bool:
     )
 
 
+_ROOT_MATCH: Final = re.compile(r"[A-Za-z0-9+/]{43}=").fullmatch
+
+
+def _is_root_b64(v: Any) -> bool:
+    return type(v) is str and _ROOT_MATCH(v) is not None
+
+
 def _is_request_id(v: Any) -> bool:
     return type(v) is str and _CLIENT_ID_MATCH(v) is not None
 
@@ -168,6 +175,13 @@ _FIELD_CHECKS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "per_txn_max_minor": (_is_positive_amount, "must be an integer in 1..2^63-1"),
     "holder_type": (lambda v: v in c.HOLDER_TYPES, f"must be one of {sorted(c.HOLDER_TYPES)}"),
     "gate": (lambda v: v in c.GATES, f"must be one of {list(c.GATES)}"),
+    "snapshot_size": (_is_positive_amount, "must be a log size of at least 1"),
+    "depth": (lambda v: type(v) is int and 1 <= v <= 40, "must be in 1..40"),
+    "root": (_is_root_b64, "must be a 32-byte hash in standard base64 (44 characters)"),
+    "total_minor": (
+        lambda v: type(v) is int and 0 <= v <= 2**63 - 1,
+        "must be an integer in 0..2^63-1",
+    ),
     "policy": (
         lambda v: v is None or type(v) is Policy,
         "must be a policy document",
