@@ -14,6 +14,8 @@ CUSTODY_CHECKPOINT_EVERY sign a checkpoint after this many new records (default 
 CUSTODY_CHECKPOINT_INTERVAL_S  ... or after this many seconds with new records (default 60)
 CUSTODY_SWEEP_INTERVAL_S release expired holds every this many seconds in `custody serve`
                          (default 60, 0 = never; the sweep is an `expire_holds` record)
+CUSTODY_PROJECTIONS      embedded (default: `custody serve` keeps the read models current) | off
+                         (run `custody project run --follow` as separate workers instead)
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
 """
@@ -44,6 +46,13 @@ _PG_KEYS: Final = (
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+    return value
 
 
 def _ledger_id(value: str) -> str:
@@ -79,6 +88,7 @@ class Config:
     checkpoint_every: int = 10_000
     checkpoint_interval_s: int = 60
     sweep_interval_s: int = 60
+    projections: str = "embedded"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -110,4 +120,5 @@ class Config:
             checkpoint_every=_int(env, "CUSTODY_CHECKPOINT_EVERY", 10_000, 0, 10_000_000),
             checkpoint_interval_s=_int(env, "CUSTODY_CHECKPOINT_INTERVAL_S", 60, 1, 86_400),
             sweep_interval_s=_int(env, "CUSTODY_SWEEP_INTERVAL_S", 60, 0, 86_400),
+            projections=_choice(env, "CUSTODY_PROJECTIONS", ("embedded", "off")),
         )

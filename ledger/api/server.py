@@ -39,6 +39,7 @@ from ledger.api.pb import SERVICE_NAMES
 from ledger.api.servicers import Core, add_servicers
 from ledger.config import Config
 from ledger.service import LedgerService
+from projections.runner import EmbeddedRunner
 
 log = logging.getLogger("ledger.api.server")
 
@@ -347,8 +348,12 @@ def serve(
             raise ServeError(f"serving on {host!r} needs a TLS folder (mutual TLS)")
         tls_dir = dev_tls_dir(config)
     service = LedgerService(config)
+    projector: EmbeddedRunner | None = None
     try:
         service.start(sweep=True)  # the server releases expired holds on schedule
+        if config.projections == "embedded":
+            # small batches: on SQLite the read models share the ledger's write lock
+            projector = EmbeddedRunner(service.store, batch_size=2000).start()
         srv = build_server(
             service,
             host=host,
@@ -379,5 +384,7 @@ def serve(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
+        if projector is not None:
+            projector.close()
         service.close()
     return 0
