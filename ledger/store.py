@@ -138,7 +138,9 @@ class LedgerStore:
 
     def read(self, stream: str, after: int = -1, limit: int = READ_PAGE_MAX) -> list[Row]:
         assert 1 <= limit <= READ_PAGE_MAX
-        events = self.recorder.select_events(stream, gt=after, limit=limit)
+        # Positions have no gaps, so an upper bound is free and keeps PostgreSQL on the primary
+        # key index even when its statistics are stale (after a bulk load it sorted every row).
+        events = self.recorder.select_events(stream, gt=after, lte=after + limit, limit=limit)
         return [(e.originator_version, e.topic, bytes(e.state)) for e in events]
 
     def iter_rows(self, stream: str, after: int = -1, stop: int | None = None) -> Iterator[Row]:
@@ -149,9 +151,20 @@ class LedgerStore:
                 if stop is not None and row[0] > stop:
                     return
                 yield row
-            if len(page) < READ_PAGE_MAX:
+            if len(page) == READ_PAGE_MAX:
+                after = page[-1][0]
+                continue
+            # A short page (bounded by position) ends the stream unless rows follow a gap, a
+            # deleted row: hand on the next one, so the reader sees the gap and stops there.
+            last = page[-1][0] if page else after
+            tail = self.recorder.select_events(stream, gt=last, limit=1)
+            if not tail:
                 return
-            after = page[-1][0]
+            row = (tail[0].originator_version, tail[0].topic, bytes(tail[0].state))
+            if stop is not None and row[0] > stop:
+                return
+            yield row
+            after = row[0]
 
     def last_row(self, stream: str) -> Row | None:
         events = self.recorder.select_events(stream, desc=True, limit=1)
