@@ -79,6 +79,7 @@ EFFECT_KEYS = frozenset(
         "revokes",
         "request",
         "rejects",
+        "liabilities",
     }
 )
 ENTRY_KINDS = frozenset(
@@ -119,12 +120,16 @@ SHAPES: dict[str, tuple[frozenset[str], ...]] = {
     "gate_set": _shape({"gate"}, _EXEC),
     REQUESTED: _shape({"request"}),
     "approval_rejected": _shape({"rejects"}),
+    "liabilities_published": _shape({"liabilities"}, _EXEC),
     REFUSED: _shape({"code", "control", "message"}, ("linked_to", "suppressed", "auth_failed")),
 }
 # the keys of a large-value tag, in canonical (sorted) order
 TAG_KEYS = ("account", "day_total_minor", "due_ms", "side", "tag")
 TAG_SIDES = frozenset({"in", "out"})
 GATES = frozenset({"NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN"})
+# a proof-of-liabilities statement (custody-pol/v1): its keys in canonical order, its limits
+LIABILITIES_KEYS = ("asset", "depth", "root", "snapshot", "total")
+POL_MAX_DEPTH = 40
 
 # The operation (`cmd.op`) that produces each kind (docs/FORMAT.md §3.3). An approval is
 # recorded under the kind of the operation it executes, with the checker's `approve_request`.
@@ -154,6 +159,7 @@ KIND_OF_OP: dict[str, str] = {
     "set_policy": "policy_set",
     "set_gate": "gate_set",
     "reject_request": "approval_rejected",
+    "publish_liabilities": "liabilities_published",
 }
 OPS_OF_KIND: dict[str, frozenset[str]] = {
     kind: frozenset(op for op, k in KIND_OF_OP.items() if k == kind)
@@ -207,6 +213,7 @@ ROLE_OPS: dict[str, frozenset[str]] = {
             "set_policy",
             "set_gate",
             "reset_key",
+            "publish_liabilities",
         }
     ),
     "checker": frozenset({"approve_request", "reject_request"}),
@@ -370,6 +377,7 @@ class _Ledger:
         "approval_above",
         "approval_ttl",
         "created",
+        "currencies",
         "gate",
         "holds",
         "kinds",
@@ -402,6 +410,7 @@ class _Ledger:
         self.approval_above = 0
         self.approval_ttl = 0
         self.gate = "NORMAL"
+        self.currencies: set[str] = set()  # of the accounts opened so far
         # request id -> (maker, expires ms, the operation asked for): waiting for a checker
         self.requests: dict[str, tuple[str, int, str]] = {}
         # standing authorisation id -> customer account, while granted and not revoked
@@ -718,6 +727,8 @@ class _Ledger:
             if gate == self.gate:
                 raise _Fail(f"gate set to {gate}, which it already is")
             self.gate = gate
+        elif kind == "liabilities_published":
+            self._liabilities(rec, cmd, direct)
         else:  # pragma: no cover - SHAPES and this dispatch list the same kinds
             raise _Fail(f"kind {kind!r} has no replay rule")
 
@@ -743,6 +754,36 @@ class _Ledger:
         if spec["until"] <= rec["ts"]:
             raise _Fail("standing authorisation granted already expired")
         self.standing[standing_id] = spec["account"]
+
+    def _liabilities(self, rec: dict[str, Any], cmd: dict[str, Any], direct: bool) -> None:
+        """A proof-of-liabilities statement: an operator's, about a snapshot no later than itself,
+        in a currency of the platform's accounts, with a 32-byte root in canonical base64."""
+        spec = rec["liabilities"]
+        if type(spec) is not dict or tuple(spec) != LIABILITIES_KEYS:
+            raise _Fail("liabilities must be {asset, depth, root, snapshot, total}")
+        asset, depth, root, snapshot, total = spec.values()
+        if type(snapshot) is not int or not 1 <= snapshot <= rec["seq"]:
+            raise _Fail(f"liabilities snapshot {snapshot!r} is not a log size up to its own record")
+        if type(asset) is not str or asset not in self.currencies:
+            raise _Fail(f"liabilities asset {asset!r} is not a currency of the platform's accounts")
+        if type(depth) is not int or not 1 <= depth <= POL_MAX_DEPTH:
+            raise _Fail(f"liabilities depth {depth!r} is not in 1..{POL_MAX_DEPTH}")
+        if type(total) is not int or not 0 <= total <= MAX_AMOUNT:
+            raise _Fail(f"liabilities total {total!r} is not in 0..2^63-1")
+        try:
+            raw = b64decode_strict(root) if type(root) is str and len(root) == 44 else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise _Fail("liabilities root is not a 32-byte hash in canonical base64 (44 chars)")
+        if direct and (
+            cmd.get("snapshot_size") != snapshot
+            or cmd.get("currency") != asset
+            or cmd.get("depth") != depth
+            or cmd.get("root") != root
+            or cmd.get("total_minor") != total
+        ):
+            raise _Fail("liabilities_published differs from its instruction")
 
     def _tags(self, tags: Any) -> None:
         """Large-value tags: on customer accounts, one side each, a day total and a due date."""
@@ -892,6 +933,7 @@ class _Ledger:
         if type(ccy) is not str or len(ccy) != 3 or not ccy.isascii() or not ccy.isupper():
             raise _Fail(f"currency {ccy!r} is not an ISO 4217 code")
         self.accounts[account_id] = [kind, ccy, kind in NON_NEGATIVE_KINDS, 0, 0, 0, 0]
+        self.currencies.add(ccy)
 
     def fill(self, summary: Summary) -> None:
         summary.accounts = len(self.accounts)
