@@ -290,20 +290,12 @@ def verify_customer_proof(
     cur_h = pol_leaf(tag_for(stmt.snapshot, stmt.asset, own_account_id, salt), balance)
     cur_s = balance
     # 5. up the path, with range checks at every level
+    pairs = []
     for i, pair in enumerate(siblings):
         if type(pair) is not list or len(pair) != 2:
             raise PolFailure("format", f"sibling {i} is not [hash, sum]")
-        h = _b64(pair[0], f"sibling {i} hash")
-        s = pair[1]
-        if not _is_int(s) or not 0 <= s < MAX_SUM:
-            raise PolFailure("range", f"sibling {i} sum is not in [0, 2^128)")
-        if i == 0 and s >= MAX_LEAF:
-            raise PolFailure("range", "the sibling leaf's sum is not in [0, 2^64)")
-        right = (index >> i) & 1  # our node is the right child
-        cur_h = pol_node(h, s, cur_h, cur_s) if right else pol_node(cur_h, cur_s, h, s)
-        cur_s += s
-        if cur_s >= MAX_SUM:
-            raise PolFailure("range", f"the sum at level {i + 1} reaches 2^128")
+        pairs.append((_b64(pair[0], f"sibling {i} hash"), pair[1]))
+    cur_h, cur_s = climb(cur_h, cur_s, index, pairs)
     # 6. the published root and total
     if cur_h != stmt.root:
         raise PolFailure(
@@ -314,6 +306,26 @@ def verify_customer_proof(
     if cur_s != stmt.total:
         raise PolFailure("total", f"the path sums to {cur_s}, the published total is {stmt.total}")
     return CustomerResult(platform, own_account_id, balance, stmt, cp_size)
+
+
+def climb(
+    leaf: bytes, balance: int, index: int, siblings: Sequence[tuple[bytes, Any]]
+) -> tuple[bytes, int]:
+    """Step 5: from a leaf (hash, balance) at `index` up through its (hash, sum) siblings, bottom
+    first; every sibling sum in [0, 2^128), the first (a leaf) in [0, 2^64), every running sum
+    below 2^128. Returns the (hash, sum) reached."""
+    cur_h, cur_s = leaf, balance
+    for i, (h, s) in enumerate(siblings):
+        if not _is_int(s) or not 0 <= s < MAX_SUM:
+            raise PolFailure("range", f"sibling {i} sum is not in [0, 2^128)")
+        if i == 0 and s >= MAX_LEAF:
+            raise PolFailure("range", "the sibling leaf's sum is not in [0, 2^64)")
+        right = (index >> i) & 1  # our node is the right child
+        cur_h = pol_node(h, s, cur_h, cur_s) if right else pol_node(cur_h, cur_s, h, s)
+        cur_s += s
+        if cur_s >= MAX_SUM:
+            raise PolFailure("range", f"the sum at level {i + 1} reaches 2^128")
+    return cur_h, cur_s
 
 
 def _statement_json(stmt: Statement) -> dict[str, Any]:

@@ -306,6 +306,14 @@ def build_tree(
         tag = token(32)
         leaves.append(Leaf(_sha256(LEAF_PREFIX + tag + zero_suffix).digest(), 0, tag))
     secrets.SystemRandom().shuffle(leaves)
+    return assemble(platform, snapshot, asset, leaves)
+
+
+def assemble(platform: str, snapshot: int, asset: str, leaves: list[Leaf]) -> Tree:
+    """The Merkle-sum tree over `leaves` in the given order (a power of two of them)."""
+    depth = (len(leaves) - 1).bit_length()
+    if len(leaves) != 1 << depth or depth < 1:
+        raise LiabilitiesError("a tree needs a power of two (at least 2) of leaves")
     levels = [b"".join(leaf.hash for leaf in leaves)]
     sums = [[leaf.sum for leaf in leaves]]
     for _ in range(depth):
