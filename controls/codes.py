@@ -84,6 +84,11 @@ class Code(enum.StrEnum):
     # platform gate
     PLATFORM_RESTRICTED = "PLATFORM_RESTRICTED"
     GATE_UNCHANGED = "GATE_UNCHANGED"
+    # early warning
+    ALERT_EXISTS = "ALERT_EXISTS"
+    ALERT_NOT_FOUND = "ALERT_NOT_FOUND"
+    ALERT_CLOSED = "ALERT_CLOSED"
+    ALERT_LEVEL_FORBIDDEN = "ALERT_LEVEL_FORBIDDEN"
 
 
 # Refusals that describe malformed input rather than a business decision. The API maps them to

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from controls.base import Control, LedgerView, Policy, Proposal, Refusal
 from controls.codes import Code
-from controls.policy import ALWAYS_APPROVED_OPS, LARGE_VALUE_OPS
+from controls.policy import ALWAYS_APPROVED_OPS, GATE_ORDER, LARGE_VALUE_OPS
 
 NAME = "maker_checker"
 
@@ -25,9 +25,18 @@ def manual_op(state: LedgerView, proposal: Proposal) -> str:
     return proposal.op
 
 
+def _automatic_restriction(state: LedgerView, proposal: Proposal, policy: Policy) -> bool:
+    """Early warning (the system role) may tighten the gate at once, if policy allows."""
+    if proposal.op != "set_gate" or proposal.role != "system" or not policy.auto_restrict:
+        return False
+    return GATE_ORDER.index(proposal.cmd.gate) > GATE_ORDER.index(state.gate)
+
+
 def needs_approval(state: LedgerView, proposal: Proposal, policy: Policy) -> str | None:
     """Why this proposal needs a checker, or None to execute it now."""
     if proposal.executing:
+        return None
+    if _automatic_restriction(state, proposal, policy):
         return None
     op = manual_op(state, proposal)
     if op in ALWAYS_APPROVED_OPS or op in policy.approval_ops:

@@ -39,6 +39,10 @@ GOVERNANCE_OPS: Final = frozenset(
         "create_platform",
         "freeze_account",
         "publish_liabilities",  # disclosure matters most when a platform is in trouble
+        "record_reconciliation",
+        "raise_alert",
+        "acknowledge_alert",
+        "close_alert",
     }
 )
 

@@ -29,11 +29,17 @@ MANUAL_OPS: Final = frozenset(
         "unfreeze_account",
         "reset_key",
         "clear_suspense",  # a transfer out of suspense, after the receipt was identified
+        "record_reconciliation",  # the checker signs the day's reconciliation off
     }
 )
 # Manual operations whose approval no policy can switch off: otherwise one person could first
 # remove the second pair of eyes and then act alone.
-ALWAYS_APPROVED_OPS: Final = frozenset({"set_policy", "set_gate", "reset_key"})
+ALWAYS_APPROVED_OPS: Final = frozenset(
+    {"set_policy", "set_gate", "reset_key", "record_reconciliation"}
+)
+# The platform gate from open to shut; the early-warning system may move it towards FROZEN
+# without a checker when `auto_restrict` is on (tightening is safe; loosening never is).
+GATE_ORDER: Final = ("NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN")
 # Operations whose amount is compared with `approval_above_minor` when a platform asks for them.
 LARGE_VALUE_OPS: Final = frozenset({"transfer", "place_hold", "request_withdrawal"})
 # Customer-debiting operations that a customer must sign (or cover by a standing authorisation).
@@ -106,6 +112,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     day_offset_ms: int = 8 * HOUR_MS
     # refusal records per actor per minute before further refusals are only counted
     refusal_records_per_min: int = 600
+    # early warning: a RED alert may restrict the platform without a checker (0/1)
+    auto_restrict: int = 1
 
 
 DEFAULT_POLICY: Final = Policy()
@@ -138,7 +146,11 @@ def policy_problem(policy: Policy) -> str | None:
         value = getattr(policy, name)
         if not 0 < value <= 10 * 365 * DAY_MS:
             return f"{name} must be in 1..10 years of milliseconds"
-    for flag in (policy.require_customer_signature, policy.require_bound_payee):
+    for flag in (
+        policy.require_customer_signature,
+        policy.require_bound_payee,
+        policy.auto_restrict,
+    ):
         if flag not in (0, 1):
             return "flags are 0 or 1"
     if not 1 <= policy.auth_max_failures <= 1000:

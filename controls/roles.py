@@ -41,6 +41,8 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
         "bind_payee",
         "grant_standing",
         "revoke_standing",
+        "acknowledge_alert",
+        "close_alert",
     },
     # the custodian's operator makes manual operations (most need a checker, see maker_checker)
     # and records bank facts; it never moves customer money on a customer's behalf
@@ -62,10 +64,14 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
             "set_gate",
             "reset_key",
             "publish_liabilities",
+            "record_reconciliation",
+            "raise_alert",
+            "acknowledge_alert",
+            "close_alert",
         }
     ),
-    "checker": frozenset({"approve_request", "reject_request"}),
-    "system": frozenset({"expire_holds"}),
+    "checker": frozenset({"approve_request", "reject_request", "acknowledge_alert", "close_alert"}),
+    "system": frozenset({"expire_holds", "raise_alert", "set_gate"}),
     "auditor": frozenset(),
     "regulator": frozenset(),
 }

@@ -238,6 +238,45 @@ class PublishLiabilities(Command, tag="publish_liabilities", frozen=True, kw_onl
     total_minor: int
 
 
+class RecordReconciliation(Command, tag="record_reconciliation", frozen=True, kw_only=True):
+    """The daily internal reconciliation (requirement vs resource), signed off by a checker.
+
+    `difference_minor` = bank_closing_minor + in_transit_minor - requirement_minor; negative
+    is a shortfall (to be cured by a top-up from own funds), positive an excess."""
+
+    reconciliation_id: str
+    currency: str
+    as_of_ms: int  # the cut-off: bank statement closing time
+    snapshot_size: int  # the ledger log size the requirement was computed at
+    statements: list[str]  # SHA-256 (hex) of every raw bank statement file used
+    bank_closing_minor: int
+    in_transit_minor: int  # documented items in transit (signed)
+    requirement_minor: int  # sum of customer and suspense balances at snapshot_size
+    difference_minor: int
+    breaks: int  # unmatched items carried
+    result: str  # balanced | shortfall | excess
+
+
+class RaiseAlert(Command, tag="raise_alert", frozen=True, kw_only=True):
+    """An early-warning rule fired (or an operator raised one by hand)."""
+
+    alert_id: str
+    rule: str
+    level: str  # GREEN | YELLOW | ORANGE | RED
+    subject: str = ""  # the account or item concerned, if any
+    summary: str
+
+
+class AcknowledgeAlert(Command, tag="acknowledge_alert", frozen=True, kw_only=True):
+    alert_id: str
+    note: str
+
+
+class CloseAlert(Command, tag="close_alert", frozen=True, kw_only=True):
+    alert_id: str
+    reason: str
+
+
 AnyCommand = (
     CreatePlatform
     | OpenAccount
@@ -266,6 +305,10 @@ AnyCommand = (
     | ApproveRequest
     | RejectRequest
     | PublishLiabilities
+    | RecordReconciliation
+    | RaiseAlert
+    | AcknowledgeAlert
+    | CloseAlert
 )
 
 COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
@@ -296,7 +339,13 @@ COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     ApproveRequest,
     RejectRequest,
     PublishLiabilities,
+    RecordReconciliation,
+    RaiseAlert,
+    AcknowledgeAlert,
+    CloseAlert,
 )
+ALERT_LEVELS: Final = ("GREEN", "YELLOW", "ORANGE", "RED")
+RECONCILIATION_RESULTS: Final = frozenset({"balanced", "shortfall", "excess"})
 GATES: Final = ("NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN")
 HOLDER_TYPES: Final = frozenset({"individual", "corporate"})
 

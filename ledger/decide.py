@@ -306,6 +306,48 @@ def plan_publish_liabilities(state: PlatformState, cmd: c.PublishLiabilities) ->
     return Proposal("publish_liabilities", cmd), {"liabilities": spec}
 
 
+def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Plan:
+    if cmd.snapshot_size > state.next_seq:
+        return _refuse(Code.INVALID_ARGUMENT, "the snapshot cannot be after the log's end")
+    if any(r["id"] == cmd.reconciliation_id for r in state.reconciliations.values()):
+        return _refuse(Code.INVALID_ARGUMENT, f"reconciliation {cmd.reconciliation_id!r} exists")
+    spec = {
+        "id": cmd.reconciliation_id,
+        "ccy": cmd.currency,
+        "as_of": cmd.as_of_ms,
+        "snapshot": cmd.snapshot_size,
+        "statements": list(cmd.statements),
+        "closing": cmd.bank_closing_minor,
+        "transit": cmd.in_transit_minor,
+        "requirement": cmd.requirement_minor,
+        "difference": cmd.difference_minor,
+        "breaks": cmd.breaks,
+        "result": cmd.result,
+    }
+    return Proposal("record_reconciliation", cmd), {"reconciliation": spec}
+
+
+def plan_raise_alert(state: PlatformState, cmd: c.RaiseAlert) -> Plan:
+    if cmd.alert_id in state.alerts:
+        return _refuse(Code.ALERT_EXISTS, f"alert {cmd.alert_id!r} exists")
+    spec = {"id": cmd.alert_id, "rule": cmd.rule, "level": cmd.level, "subject": cmd.subject}
+    return Proposal("raise_alert", cmd), {"alert": spec}
+
+
+def plan_alert_step(state: PlatformState, cmd: Any) -> Plan:
+    """acknowledge_alert and close_alert: the alerts control checks who may, by level."""
+    alert = state.alerts.get(cmd.alert_id)
+    if alert is None:
+        return _refuse(Code.ALERT_NOT_FOUND, f"no alert {cmd.alert_id!r}")
+    if alert.status == "closed":
+        return _refuse(Code.ALERT_CLOSED, f"alert {cmd.alert_id!r} is closed")
+    op = "close_alert" if type(cmd) is c.CloseAlert else "acknowledge_alert"
+    proposal = Proposal(op, cmd)
+    proposal.request = alert  # what the alerts control judges
+    key = "alert_closed" if op == "close_alert" else "alert_acknowledged"
+    return proposal, {key: cmd.alert_id}
+
+
 def plan_approve(state: PlatformState, cmd: c.ApproveRequest) -> Plan:
     """The approval's own checks; the writer then plans and checks the request's command."""
     proposal = Proposal("approve_request", cmd)
@@ -342,6 +384,10 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
     c.ApproveRequest: plan_approve,
     c.RejectRequest: plan_reject,
     c.PublishLiabilities: plan_publish_liabilities,
+    c.RecordReconciliation: plan_reconciliation,
+    c.RaiseAlert: plan_raise_alert,
+    c.AcknowledgeAlert: plan_alert_step,
+    c.CloseAlert: plan_alert_step,
 }
 _TIMED_PLANNERS: dict[type, Callable[[PlatformState, Any, int], Plan]] = {
     c.PlaceHold: plan_place_hold,

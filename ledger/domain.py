@@ -226,6 +226,20 @@ class Standing:
         self.revoked = False
 
 
+class Alert:
+    """An early-warning alert and where it is in its lifecycle."""
+
+    __slots__ = ("id", "level", "raised_seq", "rule", "status", "subject")
+
+    def __init__(self, alert_id: str, rule: str, level: str, subject: str, seq: int) -> None:
+        self.id = alert_id
+        self.rule = rule
+        self.level = level
+        self.subject = subject
+        self.raised_seq = seq
+        self.status = "raised"  # raised | acknowledged | closed
+
+
 _MISSING: Final = object()
 
 
@@ -287,6 +301,7 @@ class PlatformState:
     __slots__ = (
         "_sp",
         "accounts",
+        "alerts",
         "auth_failures",
         "created",
         "day",
@@ -304,6 +319,7 @@ class PlatformState:
         "pending_holds",
         "platform_id",
         "policy",
+        "reconciliations",
         "requests",
         "standing",
         "totals_by_currency",
@@ -328,6 +344,9 @@ class PlatformState:
         self.requests: dict[str, PendingRequest] = {}
         self.standing: dict[str, Standing] = {}
         self.omnibus_ids: list[str] = []
+        self.alerts: dict[str, Alert] = {}
+        # currency -> the last reconciliation_completed record's figures (and its position)
+        self.reconciliations: dict[str, dict[str, Any]] = {}
         # customer authorisation: (account, nonce) -> expiry, and recent failures per account
         self.nonces: dict[tuple[str, str], int] = {}
         self.auth_failures: dict[str, tuple[int, ...]] = {}

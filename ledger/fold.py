@@ -11,6 +11,7 @@ from ledger.domain import (
     Account,
     AccountKind,
     AccountStatus,
+    Alert,
     Done,
     Hold,
     HoldStatus,
@@ -295,6 +296,26 @@ def _liabilities_published(state: PlatformState, rec: dict[str, Any], seq: int) 
         raise StateError(f"record {seq}: a liabilities snapshot after its own record")
 
 
+def _reconciliation_completed(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    spec = rec["reconciliation"]
+    state.reconciliations[spec["ccy"]] = {**spec, "seq": seq}
+
+
+def _alert_raised(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    spec = rec["alert"]
+    if spec["id"] in state.alerts:
+        raise StateError(f"record {seq}: alert {spec['id']!r} raised twice")
+    state.alerts[spec["id"]] = Alert(spec["id"], spec["rule"], spec["level"], spec["subject"], seq)
+
+
+def _alert_step(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
+    closing = rec["kind"] == "alert_closed"
+    alert = state.alerts.get(rec["alert_closed" if closing else "alert_acknowledged"])
+    if alert is None or alert.status == "closed":
+        raise StateError(f"record {seq}: alert is unknown or closed")
+    alert.status = "closed" if closing else "acknowledged"
+
+
 _GOVERNANCE = {
     "policy_set": _policy_set,
     "gate_set": _gate_set,
@@ -305,4 +326,8 @@ _GOVERNANCE = {
     "approval_requested": _approval_requested,
     "approval_rejected": _approval_rejected,
     "liabilities_published": _liabilities_published,
+    "reconciliation_completed": _reconciliation_completed,
+    "alert_raised": _alert_raised,
+    "alert_acknowledged": _alert_step,
+    "alert_closed": _alert_step,
 }

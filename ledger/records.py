@@ -46,6 +46,10 @@ KIND_BY_OP: Final[dict[str, str]] = {
     "set_gate": "gate_set",
     "reject_request": "approval_rejected",
     "publish_liabilities": "liabilities_published",
+    "record_reconciliation": "reconciliation_completed",
+    "raise_alert": "alert_raised",
+    "acknowledge_alert": "alert_acknowledged",
+    "close_alert": "alert_closed",
 }
 REFUSED_KIND: Final = "command_refused"
 # A manual operation waiting for a checker; the checker's approval is recorded under the kind

@@ -39,10 +39,23 @@ ID_FIELDS: Final = frozenset(
         "withdrawal_id",
         "movement_id",
         "standing_id",
+        "reconciliation_id",
+        "alert_id",
+        "rule",
     }
 )
 TEXT_FIELDS: Final = frozenset(
-    {"name", "reason", "bank_ref", "payee_ref", "fee_code", "owner_ref", "bank_account"}
+    {
+        "name",
+        "reason",
+        "bank_ref",
+        "payee_ref",
+        "fee_code",
+        "owner_ref",
+        "bank_account",
+        "summary",
+        "note",
+    }
 )
 OPTIONAL_TEXT_FIELDS: Final = frozenset({"holder_name", "role"})
 
@@ -134,6 +147,25 @@ def _is_auth(v: Any) -> bool:
     )
 
 
+_DIGEST_MATCH: Final = re.compile(r"[0-9a-f]{64}").fullmatch
+
+
+def _is_digest_list(v: Any) -> bool:
+    return (
+        type(v) is list
+        and 1 <= len(v) <= 64
+        and all(type(d) is str and _DIGEST_MATCH(d) is not None for d in v)
+    )
+
+
+def _is_nonnegative(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= 2**63 - 1
+
+
+def _is_int64(v: Any) -> bool:
+    return type(v) is int and -(2**63) <= v <= 2**63 - 1
+
+
 _ROOT_MATCH: Final = re.compile(r"[A-Za-z0-9+/]{43}=").fullmatch
 
 
@@ -176,6 +208,19 @@ _FIELD_CHECKS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "holder_type": (lambda v: v in c.HOLDER_TYPES, f"must be one of {sorted(c.HOLDER_TYPES)}"),
     "gate": (lambda v: v in c.GATES, f"must be one of {list(c.GATES)}"),
     "snapshot_size": (_is_positive_amount, "must be a log size of at least 1"),
+    "as_of_ms": (_is_ms, "must be a positive Unix time in milliseconds"),
+    "statements": (_is_digest_list, "must be 1..64 SHA-256 digests (lowercase hex)"),
+    "bank_closing_minor": (_is_nonnegative, "must be an integer in 0..2^63-1"),
+    "requirement_minor": (_is_nonnegative, "must be an integer in 0..2^63-1"),
+    "in_transit_minor": (_is_int64, "must be an integer in -2^63..2^63-1"),
+    "difference_minor": (_is_int64, "must be an integer in -2^63..2^63-1"),
+    "breaks": (lambda v: type(v) is int and 0 <= v <= 10_000_000, "must be in 0..10000000"),
+    "result": (
+        lambda v: v in c.RECONCILIATION_RESULTS,
+        f"must be one of {sorted(c.RECONCILIATION_RESULTS)}",
+    ),
+    "level": (lambda v: v in c.ALERT_LEVELS, f"must be one of {list(c.ALERT_LEVELS)}"),
+    "subject": (_is_optional_id, _ID_MSG + " or empty"),
     "depth": (lambda v: type(v) is int and 1 <= v <= 40, "must be in 1..40"),
     "root": (_is_root_b64, "must be a 32-byte hash in standard base64 (44 characters)"),
     "total_minor": (
@@ -264,6 +309,20 @@ def _check_specific(cmd: c.Command) -> None:
                 raise InvalidInput(field, "must not be blank")
     elif isinstance(cmd, c.SetPolicy | c.RegisterKey | c.ResetKey):
         _check_specific_governance(cmd)
+    elif isinstance(cmd, c.RecordReconciliation):
+        _check_reconciliation(cmd)
+
+
+def _check_reconciliation(cmd: c.RecordReconciliation) -> None:
+    """The figures must add up and the result must say what they say."""
+    difference = cmd.bank_closing_minor + cmd.in_transit_minor - cmd.requirement_minor
+    if cmd.difference_minor != difference:
+        raise InvalidInput("difference_minor", "must be bank closing + in transit - requirement")
+    expected = "balanced" if difference == 0 else "shortfall" if difference < 0 else "excess"
+    if cmd.result != expected:
+        raise InvalidInput("result", f"the figures say {expected}")
+    if len(set(cmd.statements)) != len(cmd.statements):
+        raise InvalidInput("statements", "a statement is listed twice")
 
 
 def _check_specific_governance(cmd: c.Command) -> None:
@@ -283,5 +342,6 @@ _SPECIFIC: Final = frozenset(
         c.SetPolicy,
         c.RegisterKey,
         c.ResetKey,
+        c.RecordReconciliation,
     }
 )
