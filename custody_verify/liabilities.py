@@ -36,6 +36,8 @@ from custody_verify.bundle import (
     _SCAN,
     VerificationFailed,
     _Ledger,
+    _no_floats,
+    _pairs,
     verify_bundle,
 )
 from custody_verify.merkle import inclusion_failure, leaf_hash
@@ -141,15 +143,18 @@ class Statement:
         )
 
 
+_DECODER = json.JSONDecoder(
+    parse_float=_no_floats, parse_constant=_no_floats, object_pairs_hook=_pairs
+)
+
+
 def _strict_json(data: bytes | str) -> Any:
+    """JSON without floats, NaN or duplicate keys (surrounding whitespace allowed)."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
     try:
-        value, end = _SCAN(text, 0)
-    except StopIteration:
-        raise ValueError("not valid JSON") from None
-    if end != len(text):
-        raise ValueError("trailing bytes after the JSON value")
-    return value
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at {exc.pos})") from None
 
 
 def statement_from_record(record: bytes, position: int, platform: str) -> Statement:

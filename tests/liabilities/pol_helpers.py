@@ -66,7 +66,8 @@ class Published:
     bundle: Path
 
     def proof(self, account: str) -> dict[str, Any]:
-        return json.loads((self.out / "proofs" / f"{account}.json").read_text())
+        doc: dict[str, Any] = json.loads((self.out / "proofs" / f"{account}.json").read_text())
+        return doc
 
 
 def publish_honest(service: LedgerService, p: Platform, out: Path) -> Published:

@@ -139,7 +139,7 @@ def test_auditor_file_tampering(honest: Published) -> None:
     path = honest.out / "auditor.jsonl"
     original = path.read_text()
 
-    def tampered(change: Callable[[list[Any]], None], line: int) -> PolFailure:
+    def tampered(change: Callable[[Any], None], line: int) -> PolFailure:
         lines = original.splitlines()
         item = json.loads(lines[line])
         change(item)
