@@ -34,7 +34,9 @@ when the caller retries it; the retry is timed with the memo warm (as it is) and
 batch, with the memo emptied just before the retry. The difference is what the memo saves.
 
 --micro prints the unit costs that the signature path is made of: Ed25519 verification, the
-memoised `signature_valid` (miss and hit), and building the signed payload.
+memoised `signature_valid` (miss and hit), and building the signed payload. --per-control times
+each check (and the large-value annotator and the maker-checker question) alone on 5,000
+standing-path proposals against a live state of 20,000 transfers.
 
 Every run uses a fresh database and is verified afterwards (see bench/transfers.py); it also
 checks the records: policy version 0 on every transfer, the authorisation it carried, and, with
