@@ -62,7 +62,8 @@ ROLES_FOR: Final[Mapping[Access, frozenset[Role]]] = {
 
 _READS: Final = {
     "AccountService": ("GetAccount", "ListAccounts"),
-    "QueryService": ("GetBalance", "ListBalances"),
+    # statements and as-of balances come from the read models (projections.statements)
+    "QueryService": ("GetBalance", "ListBalances", "GetStatement", "GetBalanceAt"),
     "LogService": ("SubscribeLog",),
     # Signing a checkpoint of what is already committed changes no ledger state; auditors and
     # regulators may ask for a fresh one (BRIEF §5: checkpoints on a schedule and on demand).
@@ -73,6 +74,8 @@ _READS: Final = {
         "GetInclusionProof",
         "GetConsistencyProof",
         "ExportBundle",
+        # who did what, accepted or refused (projections.audit_trail)
+        "ListAuditEvents",
     ),
     "PolicyService": ("GetPolicy",),
     # platforms see the requests their large movements made; auditors and regulators read them

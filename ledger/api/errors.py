@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from controls.codes import INPUT_CODES, Code
 from ledger.service import Overloaded, PlatformNotFound, ServiceClosed
 from ledger.writer import CommitFailed, Outcome, WriterFenced
+from projections.base import NotProjected, ProjectionError
 
 DOMAIN: Final = "custody.v1"
 log = logging.getLogger("ledger.api")
@@ -46,6 +47,10 @@ class ApiReason(enum.StrEnum):
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
     CHECKPOINT_NOT_FOUND = "CHECKPOINT_NOT_FOUND"
     PROOF_OUT_OF_RANGE = "PROOF_OUT_OF_RANGE"
+    # read models (statements, as-of balances, audit trail)
+    PROJECTION_BEHIND = "PROJECTION_BEHIND"  # not projected up to the asked position in time
+    PROJECTION_FAILED = "PROJECTION_FAILED"  # the log cannot be projected (e.g. a broken chain)
+    POSITION_OUT_OF_RANGE = "POSITION_OUT_OF_RANGE"  # past the log's head
     INTERNAL = "INTERNAL"
 
 
@@ -206,6 +211,7 @@ _RPC_CODE: Final[Mapping[grpc.StatusCode, int]] = {
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
     grpc.StatusCode.OUT_OF_RANGE: code_pb2.OUT_OF_RANGE,
+    grpc.StatusCode.DATA_LOSS: code_pb2.DATA_LOSS,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
     grpc.StatusCode.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
 }
@@ -237,6 +243,24 @@ def permission_denied(reason: str, message: str) -> ApiError:
 
 def unauthenticated(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAUTHENTICATED, ApiReason.UNAUTHENTICATED, message)
+
+
+def projection_behind(projected: int | None, requested: int | None, message: str = "") -> ApiError:
+    """The read model has not reached `requested` (within the call's time): FAILED_PRECONDITION
+    with both positions in ErrorInfo metadata (when known). Retrying later succeeds."""
+    metadata = {}
+    if projected is not None:
+        metadata["projected_position"] = str(projected)
+    if requested is not None:
+        metadata["requested_position"] = str(requested)
+    return ApiError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ApiReason.PROJECTION_BEHIND,
+        message or f"the read model is projected to position {projected}, not {requested} yet",
+        metadata=metadata,
+        control="projections",
+        retry_delay_s=0.5,
+    )
 
 
 def from_outcome(outcome: Outcome, field_prefix: str = "") -> ApiError:
@@ -299,6 +323,17 @@ def from_exception(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ServiceClosed):
         return ApiError(
             grpc.StatusCode.UNAVAILABLE, ApiReason.SHUTTING_DOWN, "the server is shutting down"
+        )
+    if isinstance(exc, NotProjected):
+        return projection_behind(None, None, str(exc))
+    if isinstance(exc, ProjectionError):
+        # A log the read models cannot follow (a broken chain, a record out of place): nothing
+        # a retry fixes; the operators must look. The ledger's own log is not affected.
+        log.error("read model cannot follow the log: %s", exc)
+        return ApiError(
+            grpc.StatusCode.DATA_LOSS,
+            ApiReason.PROJECTION_FAILED,
+            "the read models cannot follow this platform's log; the operators are told",
         )
     if isinstance(exc, TimeoutError):
         return ApiError(

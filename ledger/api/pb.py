@@ -21,6 +21,9 @@ from ledger.api.gen.custody.v1 import (
     audit_service_pb2_grpc as audit_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    audit_trail_pb2 as audit_trail_pb,
+)
+from ledger.api.gen.custody.v1 import (
     common_pb2 as common_pb,
 )
 from ledger.api.gen.custody.v1 import (
@@ -94,6 +97,7 @@ __all__ = [
     "approval_pb",
     "audit_grpc",
     "audit_pb",
+    "audit_trail_pb",
     "common_pb",
     "customer_grpc",
     "customer_pb",

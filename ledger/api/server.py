@@ -17,6 +17,7 @@ finish within the grace period, ends log subscriptions, and then closes the ledg
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -36,10 +37,11 @@ from ledger.api import auth
 from ledger.api.certs import CA_CERT, SERVER_CERT, SERVER_KEY, create_dev_pki
 from ledger.api.handlers import Gate
 from ledger.api.pb import SERVICE_NAMES
+from ledger.api.readmodels import ReadModels
 from ledger.api.servicers import Core, add_servicers
 from ledger.config import Config
 from ledger.service import LedgerService
-from projections.runner import EmbeddedRunner
+from projections.runner import EmbeddedRunner, ProjectionRunner
 
 log = logging.getLogger("ledger.api.server")
 
@@ -61,6 +63,11 @@ class ServerOptions:
     grace_s: float = 10.0
     log_poll_interval_s: float = 0.05
     batch_via: str = "execute"  # SubmitBatch via execute() in the pool, or "submit" (committer)
+    # Statements, as-of balances, audit trail: a query whose read model is behind projects the
+    # missing records itself ("catch_up") or waits for a projection worker elsewhere ("wait"),
+    # at most this long and never past its deadline; then PROJECTION_BEHIND.
+    read_models: str = "catch_up"
+    read_model_wait_s: float = 5.0
 
 
 class ServeError(RuntimeError):
@@ -175,6 +182,7 @@ class RunningServer:
             _on_loop(self._stop(grace), grace + 10)
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.core.read_models.close()
 
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -193,8 +201,13 @@ def build_server(
     insecure_dev: bool = False,
     options: ServerOptions | None = None,
     maintenance_port: int | None = None,
+    projector: ProjectionRunner | None = None,
 ) -> RunningServer:
-    """A bound (not yet started) server; the caller owns the LedgerService."""
+    """A bound (not yet started) server; the caller owns the LedgerService.
+
+    `projector`: the projection runner queries catch up with (the embedded follower's, so they
+    take turns); without one the server makes its own.
+    """
     options = options or ServerOptions()
     tls_dir = None if tls_dir is None else Path(tls_dir)
     if insecure_dev and tls_dir is not None:
@@ -217,6 +230,9 @@ def build_server(
         max_streams=options.max_streams,
         poll_interval_s=options.log_poll_interval_s,
         batch_via=options.batch_via,
+        read_models=ReadModels(
+            service, projector, mode=options.read_models, wait_s=options.read_model_wait_s
+        ),
     )
     try:
         return _on_loop(
@@ -224,6 +240,7 @@ def build_server(
         )
     except BaseException:
         pool.shutdown(wait=False)
+        core.read_models.close()
         raise
 
 
@@ -289,6 +306,7 @@ def running_server(
     insecure_dev: bool = False,
     options: ServerOptions | None = None,
     maintenance_port: int | None = None,
+    projector: ProjectionRunner | None = None,
 ) -> Iterator[RunningServer]:
     """A started server (port 0 picks a free port: see `.port`), always stopped on exit."""
     srv = build_server(
@@ -299,6 +317,7 @@ def running_server(
         insecure_dev=insecure_dev,
         options=options,
         maintenance_port=maintenance_port,
+        projector=projector,
     )
     srv.start()
     try:
@@ -354,6 +373,8 @@ def serve(
         if config.projections == "embedded":
             # small batches: on SQLite the read models share the ledger's write lock
             projector = EmbeddedRunner(service.store, batch_size=2000).start()
+        else:  # projection workers run elsewhere: queries wait for them, never project
+            options = dataclasses.replace(options or ServerOptions(), read_models="wait")
         srv = build_server(
             service,
             host=host,
@@ -362,6 +383,7 @@ def serve(
             insecure_dev=insecure_dev,
             options=options,
             maintenance_port=maintenance_port,
+            projector=None if projector is None else projector.runner,
         )
         stop = stop_event or threading.Event()
         previous: dict[signal.Signals, Any] = {}

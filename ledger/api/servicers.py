@@ -43,6 +43,7 @@ from ledger.api.pb import (
     account_pb,
     approval_pb,
     audit_pb,
+    audit_trail_pb,
     common_pb,
     customer_pb,
     hold_pb,
@@ -52,6 +53,7 @@ from ledger.api.pb import (
     policy_pb,
     query_pb,
 )
+from ledger.api.readmodels import ReadModels, audit_query, statement_query
 from ledger.api.translate import BatchWireError, WireError
 from ledger.checkpoint import SignedCheckpoint, tlog_proof
 from ledger.domain import Account, PlatformState
@@ -180,10 +182,13 @@ class Core:
         max_streams: int = 16,
         poll_interval_s: float = 0.05,
         batch_via: str = "execute",
+        read_models: ReadModels | None = None,
     ) -> None:
         if batch_via not in ("submit", "execute"):
             raise ValueError("batch_via is 'submit' or 'execute'")
         self.service = service
+        # statements, as-of balances, audit trail (a runner of its own unless given one)
+        self.read_models = read_models if read_models is not None else ReadModels(service)
         self.pool = pool
         self.stopping = threading.Event()
         self.streams = threading.BoundedSemaphore(max_streams)
@@ -472,6 +477,37 @@ class QueryServicer:
         )
         return query_pb.ListBalancesResponse(balances=items, next_page_token=token)
 
+    @_mapped
+    async def GetStatement(
+        self, request: query_pb.GetStatementRequest, context: Context, identity: Identity
+    ) -> query_pb.GetStatementResponse:
+        platform_id = scoped_platform(identity, request.platform_id)
+        query = statement_query(platform_id, request)
+        models = self.core.read_models
+        return await self.core.run(models.statement, query, models.budget(remaining_s(context)))
+
+    @_mapped
+    async def GetBalanceAt(
+        self, request: query_pb.GetBalanceAtRequest, context: Context, identity: Identity
+    ) -> query_pb.GetBalanceAtResponse:
+        platform_id, account_id = self.core.one_account(request, identity)
+        at = request.WhichOneof("at")
+        at_position = request.at_position if at == "at_position" else None
+        at_time_ms = request.at_time_ms if at == "at_time_ms" else None
+        if at_position is not None and at_position < 0:
+            raise errors.invalid("at_position", "must not be negative")
+        if at_time_ms is not None and at_time_ms < 0:
+            raise errors.invalid("at_time_ms", "must not be negative")
+        models = self.core.read_models
+        return await self.core.run(
+            models.balance_at,
+            platform_id,
+            account_id,
+            at_position,
+            at_time_ms,
+            models.budget(remaining_s(context)),
+        )
+
 
 class LogServicer:
     def __init__(self, core: Core) -> None:
@@ -616,6 +652,15 @@ class AuditServicer:
             )
         )
         return self.pb.GetConsistencyProofResponse(hashes=hashes)
+
+    @_mapped
+    async def ListAuditEvents(
+        self, request: audit_trail_pb.ListAuditEventsRequest, context: Context, identity: Identity
+    ) -> audit_trail_pb.ListAuditEventsResponse:
+        platform_id = scoped_platform(identity, request.platform_id)
+        query = audit_query(platform_id, request)
+        models = self.core.read_models
+        return await self.core.run(models.audit_events, query, models.budget(remaining_s(context)))
 
     async def ExportBundle(
         self, request: Any, context: Context, identity: Identity
