@@ -31,12 +31,13 @@ FORMAT = "custody-disclosure/v1"
 DAY = 86_400_000
 OFFSET_DEFAULT = 28_800_000
 DAYS_MAX = 3700
-ALERTS = "not available: early warning not implemented"
-RECONCILIATION = "not available: reconciliation not implemented"
+ALERTS_ENGINE = "not available: early warning not implemented"
+LEVELS = ["GREEN", "YELLOW", "ORANGE", "RED"]
 ROLE_KEYS = ["borrower", "guarantor", "lender", "other"]
 PURPOSE_KEYS = ["bid", "clearing", "compensation", "disbursement", "repayment", "transfer"]
 MANUAL = {
     "clear_suspense",
+    "record_reconciliation",
     "reset_key",
     "reverse",
     "set_gate",
@@ -214,6 +215,11 @@ class Recompute:
         self.by_op: dict[str, dict[str, int]] = {}
         self.manual_ops: dict[str, dict[str, int]] = {}
         self.lvt_accounts: dict[tuple[str, str], set[str]] = {}
+        self.alert_state: dict[str, dict[str, str]] = {}
+        self.alert_levels = {
+            lvl: {"raised": 0, "acknowledged": 0, "closed": 0, "open_at_end": 0} for lvl in LEVELS
+        }
+        self.alert_rules: dict[str, int] = {}
 
     # currency sections are created when an account of that currency opens
     def section(self, ccy: str) -> dict[str, Any]:
@@ -224,6 +230,14 @@ class Recompute:
             self.sections[ccy] = {
                 "flows": flows,
                 "large_value": {"in": _pair(), "out": _pair()},
+                "reconciliation": {
+                    "completed": 0,
+                    "results": {"balanced": 0, "excess": 0, "shortfall": 0},
+                    "days_reconciled": set(),
+                    "max_shortfall_minor": 0,
+                    "shortfall_total_minor": 0,
+                    "last": None,
+                },
             }
             self.daily[ccy] = [
                 {
@@ -413,6 +427,19 @@ class Recompute:
             if within:
                 self.gate_seq.append(rec["gate"])
                 self.gate_changed += 1
+        elif kind == "reconciliation_completed":
+            self._reconciled(rec["reconciliation"], rec["seq"], within)
+        elif kind == "alert_raised":
+            spec = rec["alert"]
+            self.alert_state[spec["id"]] = {"level": spec["level"], "status": "raised"}
+            if within:
+                self._level(spec["level"])["raised"] += 1
+                self.alert_rules[spec["rule"]] = self.alert_rules.get(spec["rule"], 0) + 1
+        elif kind in ("alert_acknowledged", "alert_closed"):
+            state = self.alert_state[rec[kind]]
+            state["status"] = "closed" if kind == "alert_closed" else "acknowledged"
+            if within:
+                self._level(state["level"])[state["status"]] += 1
         for debit, credit, amount in moved:
             self._move(debit, True, amount)
             self._move(credit, False, amount)
@@ -436,6 +463,35 @@ class Recompute:
             self._classify(kind, cmd, moved, ccy, amount_total)
         for tag in rec.get("tags", []):
             self._tag(tag, moved, ccy)
+
+    def _level(self, level: str) -> dict[str, int]:
+        return self.alert_levels.setdefault(
+            level, {"raised": 0, "acknowledged": 0, "closed": 0, "open_at_end": 0}
+        )
+
+    def _reconciled(self, spec: dict[str, Any], seq: int, within: bool) -> None:
+        rc = self.section(spec["ccy"])["reconciliation"]
+        rc["last"] = {
+            "id": spec["id"],
+            "seq": seq,
+            "as_of_ms": spec["as_of"],
+            "snapshot": spec["snapshot"],
+            "bank_closing_minor": spec["closing"],
+            "in_transit_minor": spec["transit"],
+            "requirement_minor": spec["requirement"],
+            "difference_minor": spec["difference"],
+            "breaks": spec["breaks"],
+            "result": spec["result"],
+        }
+        if not within:
+            return
+        rc["completed"] += 1
+        rc["results"][spec["result"]] = rc["results"].get(spec["result"], 0) + 1
+        rc["days_reconciled"].add((spec["as_of"] + self.offset) // DAY)
+        if spec["result"] == "shortfall":
+            short = -spec["difference"]
+            rc["max_shortfall_minor"] = max(rc["max_shortfall_minor"], short)
+            rc["shortfall_total_minor"] += short
 
     def _resolution(self, h: dict[str, Any], captured: int, status: str) -> None:
         names = {
@@ -546,8 +602,18 @@ class Recompute:
                 "period_closed": int(self.counts["after_period"] > 0),
                 "by_kind": self.by_kind,
             },
-            "alerts": {"status": ALERTS},
-            "reconciliation": {"status": RECONCILIATION},
+            "alerts": self._alerts(),
+        }
+
+    def _alerts(self) -> dict[str, Any]:
+        for state in self.alert_state.values():
+            if state["status"] != "closed":
+                self._level(state["level"])["open_at_end"] += 1
+        return {
+            "engine": ALERTS_ENGINE,
+            "by_level": self.alert_levels,
+            "by_rule": self.alert_rules,
+            "open_at_end": sum(row["open_at_end"] for row in self.alert_levels.values()),
         }
 
     def _currency(self, ccy: str) -> dict[str, Any]:
@@ -592,6 +658,10 @@ class Recompute:
             },
             "flows": section["flows"],
             "large_value": large,
+            "reconciliation": {
+                **section["reconciliation"],
+                "days_reconciled": len(section["reconciliation"]["days_reconciled"]),
+            },
             "daily": self.daily[ccy],
         }
 

@@ -33,14 +33,17 @@ FORMAT: Final = "custody-disclosure/v1"
 DAY_MS: Final = 86_400_000
 DEFAULT_DAY_OFFSET_MS: Final = 8 * 3_600_000  # the built-in policy's (records without one)
 MAX_DAYS: Final = 3700  # about ten years of business days in one snapshot
-ALERTS_NOT_AVAILABLE: Final = "not available: early warning not implemented"
-RECONCILIATION_NOT_AVAILABLE: Final = "not available: reconciliation not implemented"
+# Alerts are counted from the log's alert records; no automatic rule raises them yet.
+ALERTS_ENGINE: Final = "not available: early warning not implemented"
+ALERT_LEVELS: Final = ("GREEN", "YELLOW", "ORANGE", "RED")
+RECONCILIATION_RESULTS: Final = ("balanced", "excess", "shortfall")
 ROLES: Final = ("borrower", "guarantor", "lender", "other")
 PURPOSES: Final = ("bid", "clearing", "compensation", "disbursement", "repayment", "transfer")
 # Manual operations (docs/FORMAT.md §3.4, controls/policy.py MANUAL_OPS), fixed by this format.
 MANUAL_OPS: Final = frozenset(
     {
         "clear_suspense",
+        "record_reconciliation",
         "reset_key",
         "reverse",
         "set_gate",
@@ -200,6 +203,12 @@ class _Currency:
         self.fees: dict[str, list[int]] = {}
         self.lvt: dict[str, list[int]] = {"in": _money(), "out": _money()}
         self.lvt_accounts: dict[str, set[str]] = {"in": set(), "out": set()}
+        # reconciliations completed in the period, and the last one up to the period end
+        self.recon_results: dict[str, int] = dict.fromkeys(RECONCILIATION_RESULTS, 0)
+        self.recon_days: set[int] = set()
+        self.recon_max_shortfall = 0
+        self.recon_shortfall_total = 0
+        self.recon_last: dict[str, Any] | None = None
         # per business day: deposits, withdrawals, transfers, fees, custody end, customer money end
         self.daily: list[list[int]] = [[0, 0, 0, 0, 0, 0] for _ in range(n_buckets)]
 
@@ -241,6 +250,11 @@ class _Fold:
         self.manual: dict[str, list[int]] = {}  # op -> count, approved
         self.new_customers: set[str] = set()
         self.active: set[str] = set()
+        self.offset = offset
+        self.alerts: dict[str, list[str]] = {}  # id -> [level, status]
+        # level -> raised, acknowledged, closed in the period
+        self.alert_counts: dict[str, list[int]] = {lvl: [0, 0, 0] for lvl in ALERT_LEVELS}
+        self.alert_rules: dict[str, int] = {}
 
     # -- per record -----------------------------------------------------------------------------
 
@@ -342,6 +356,10 @@ class _Fold:
             self._policy(rec["policy"]["version"], inside)
         elif kind == "gate_set":
             self._gate(rec["gate"], inside)
+        elif kind == "reconciliation_completed":
+            self._reconciliation(rec, inside)
+        elif kind in ("alert_raised", "alert_acknowledged", "alert_closed"):
+            self._alert(rec, kind, inside)
         for debit, credit, amount in postings:
             self._post(debit, credit, amount)
             touched.add(debit)
@@ -364,6 +382,41 @@ class _Fold:
             self._movement(kind, cmd, postings, ccy, total)
         if "tags" in rec and ccy is not None:
             self._tags(rec["tags"], postings, ccy)
+
+    def _reconciliation(self, rec: dict[str, Any], inside: bool) -> None:
+        r = rec["reconciliation"]
+        cur = self._currency(r["ccy"])
+        cur.recon_last = {
+            "id": r["id"],
+            "seq": rec["seq"],
+            "as_of_ms": r["as_of"],
+            "snapshot": r["snapshot"],
+            "bank_closing_minor": r["closing"],
+            "in_transit_minor": r["transit"],
+            "requirement_minor": r["requirement"],
+            "difference_minor": r["difference"],
+            "breaks": r["breaks"],
+            "result": r["result"],
+        }
+        if inside:
+            cur.recon_results[r["result"]] = cur.recon_results.get(r["result"], 0) + 1
+            cur.recon_days.add((r["as_of"] + self.offset) // DAY_MS)
+            if r["result"] == "shortfall":
+                cur.recon_max_shortfall = max(cur.recon_max_shortfall, -r["difference"])
+                cur.recon_shortfall_total += -r["difference"]
+
+    def _alert(self, rec: dict[str, Any], kind: str, inside: bool) -> None:
+        if kind == "alert_raised":
+            a = rec["alert"]
+            self.alerts[a["id"]] = [a["level"], "raised"]
+            if inside:
+                self.alert_counts.setdefault(a["level"], [0, 0, 0])[0] += 1
+                self.alert_rules[a["rule"]] = self.alert_rules.get(a["rule"], 0) + 1
+            return
+        alert = self.alerts[rec[kind]]
+        alert[1] = "closed" if kind == "alert_closed" else "acknowledged"
+        if inside:
+            self.alert_counts.setdefault(alert[0], [0, 0, 0])[2 if alert[1] == "closed" else 1] += 1
 
     def _approval(self, op: str, column: int) -> None:
         self.approvals.setdefault(op, [0, 0, 0])[column] += 1
@@ -554,8 +607,28 @@ class _Fold:
                 "period_closed": 1 if self.after else 0,
                 "by_kind": self.kinds,
             },
-            "alerts": {"status": ALERTS_NOT_AVAILABLE},
-            "reconciliation": {"status": RECONCILIATION_NOT_AVAILABLE},
+            "alerts": self._alerts(),
+        }
+
+    def _alerts(self) -> dict[str, Any]:
+        open_by_level: dict[str, int] = {}
+        for level, status in self.alerts.values():
+            if status != "closed":
+                open_by_level[level] = open_by_level.get(level, 0) + 1
+        by_level = {
+            level: {
+                "raised": raised,
+                "acknowledged": acknowledged,
+                "closed": closed,
+                "open_at_end": open_by_level.get(level, 0),
+            }
+            for level, (raised, acknowledged, closed) in self.alert_counts.items()
+        }
+        return {
+            "engine": ALERTS_ENGINE,
+            "by_level": by_level,
+            "by_rule": self.alert_rules,
+            "open_at_end": sum(open_by_level.values()),
         }
 
     def _currency_section(self, ccy: str, cur: _Currency) -> dict[str, Any]:
@@ -603,6 +676,14 @@ class _Fold:
             "large_value": {
                 side: {**_out(m), "accounts": len(cur.lvt_accounts.get(side, ()))}
                 for side, m in cur.lvt.items()
+            },
+            "reconciliation": {
+                "completed": sum(cur.recon_results.values()),
+                "results": cur.recon_results,
+                "days_reconciled": len(cur.recon_days),
+                "max_shortfall_minor": cur.recon_max_shortfall,
+                "shortfall_total_minor": cur.recon_shortfall_total,
+                "last": cur.recon_last,
             },
             "daily": [
                 {
@@ -974,7 +1055,19 @@ L: Final[dict[str, tuple[str, str]]] = {
     "gate_at_end": ("期末状态", "Gate at end"),
     "gate_sequence": ("期间状态序列", "Gate sequence"),
     "alerts": ("预警 (按级别)", "Alerts by level"),
+    "level": ("级别", "Level"),
+    "raised": ("触发", "Raised"),
+    "acknowledged": ("已确认", "Acknowledged"),
+    "closed": ("已关闭", "Closed"),
+    "rule": ("规则", "Rule"),
+    "engine": ("自动预警规则", "Automatic early-warning rules"),
     "reconciliation": ("对账结果", "Reconciliation"),
+    "completed": ("完成对账次数", "Reconciliations completed"),
+    "days_reconciled": ("已对账营业日", "Business days reconciled"),
+    "result": ("结果", "Result"),
+    "max_shortfall": ("最大差额 (短缺)", "Largest shortfall"),
+    "shortfall_total": ("累计短缺", "Cumulative shortfall"),
+    "last_reconciliation": ("最近一次对账", "Last reconciliation"),
     "status": ("状态", "Status"),
     "records": ("日志记录", "Log records"),
     "before_period": ("期前", "Before period"),
@@ -1133,11 +1226,39 @@ def tables(snapshot: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any
                 [label("gate_at_end"), gate["at_end"]],
                 [label("gate_sequence"), " ".join(gate["sequence"])],
                 [f"{label('gate')}: {label('changes_in_period')}", gate["changes_in_period"]],
-                [label("alerts"), s["alerts"]["status"]],
-                [label("reconciliation"), s["reconciliation"]["status"]],
             ],
         )
     )
+    al = s["alerts"]
+    out.append(
+        (
+            "alerts",
+            ["level", "raised", "acknowledged", "closed", "open_at_end"],
+            [
+                [lvl, m["raised"], m["acknowledged"], m["closed"], m["open_at_end"]]
+                for lvl, m in al["by_level"].items()
+            ]
+            + [
+                [f"{label('rule')}: {rule}", n, "", "", ""]
+                for rule, n in sorted(al["by_rule"].items())
+            ]
+            + [[label("engine"), al["engine"], "", "", ""]],
+        )
+    )
+    recon = []
+    for ccy, cur in sorted(s["currencies"].items()):
+        rc = cur["reconciliation"]
+        recon += [
+            [ccy, label("completed"), rc["completed"]],
+            [ccy, label("days_reconciled"), rc["days_reconciled"]],
+            *([ccy, f"{label('result')}: {r}", n] for r, n in sorted(rc["results"].items())),
+            [ccy, label("max_shortfall"), rc["max_shortfall_minor"]],
+            [ccy, label("shortfall_total"), rc["shortfall_total_minor"]],
+        ]
+        last = rc["last"]
+        if last is not None:
+            recon += [[ccy, f"{label('last_reconciliation')}: {k}", v] for k, v in last.items()]
+    out.append(("reconciliation", ["currency", "field", "value"], recon))
     rec = s["records"]
     out.append(
         (
