@@ -47,6 +47,7 @@ from ledger.api.pb import (
     approval_pb,
     audit_grpc,
     audit_pb,
+    audit_trail_pb,
     common_pb,
     customer_grpc,
     customer_pb,
@@ -69,6 +70,8 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 # accepts at most 5 minutes ahead of the server's clock).
 DEFAULT_AUTH_TTL_MS: Final = 120_000
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+# How many pages the iterators (`iter_statement`, `iter_audit_events`, ...) fetch at most.
+MAX_PAGES_DEFAULT: Final = 10_000
 M = TypeVar("M", bound=Message)
 
 
@@ -183,6 +186,144 @@ class LogRecord:
 class Page:
     items: list[Any] = field(default_factory=list)
     next_page_token: str = ""
+    # statements and the audit trail: every page of one walk includes exactly the records up
+    # to this log position (-1 for lists of the live state)
+    as_of_position: int = -1
+    currency: str = ""  # statements: the account's currency
+
+
+class PageCapReached(Exception):
+    """An iterator fetched its `max_pages` pages and more remain: resume with
+    `next_page_token`, or raise the cap."""
+
+    def __init__(self, max_pages: int, next_page_token: str) -> None:
+        super().__init__(f"stopped after {max_pages} pages; more remain")
+        self.max_pages = max_pages
+        self.next_page_token = next_page_token
+
+
+def walk_pages(
+    fetch: Callable[[str], Page], max_pages: int = MAX_PAGES_DEFAULT, page_token: str = ""
+) -> Iterator[Any]:
+    """Every item of every page `fetch(token)` returns, from `page_token` on; raises
+    PageCapReached after `max_pages` pages if more remain (never stops silently)."""
+    if max_pages < 1:
+        raise ValueError("max_pages must be at least 1")
+    token = page_token
+    for _ in range(max_pages):
+        page = fetch(token)
+        yield from page.items
+        if not page.next_page_token:
+            return
+        token = page.next_page_token
+    raise PageCapReached(max_pages, token)
+
+
+_DIRECTION_NAMES: Final = {
+    query_pb.STATEMENT_DIRECTION_DEBIT: "debit",
+    query_pb.STATEMENT_DIRECTION_CREDIT: "credit",
+    query_pb.STATEMENT_DIRECTION_HOLD: "hold",
+    query_pb.STATEMENT_DIRECTION_RELEASE: "release",
+    query_pb.STATEMENT_DIRECTION_CAPTURE: "capture",
+}
+_OUTCOMES: Final = {
+    "accepted": audit_trail_pb.AUDIT_OUTCOME_ACCEPTED,
+    "refused": audit_trail_pb.AUDIT_OUTCOME_REFUSED,
+}
+_OUTCOME_NAMES: Final = {v: k for k, v in _OUTCOMES.items()}
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    """One money effect of one record on the account, with its balances right after it."""
+
+    position: int
+    index: int
+    time_ms: int
+    kind: str
+    client_id: str
+    direction: str  # debit | credit | hold | release | capture
+    amount_minor: int  # change of posted, in the account's normal direction
+    counterparty_account_id: str
+    held_delta_minor: int
+    posted_minor: int
+    held_minor: int
+
+    @classmethod
+    def from_pb(cls, line: query_pb.StatementLine) -> StatementLine:
+        return cls(
+            line.position,
+            line.index,
+            line.time_ms,
+            line.kind,
+            line.client_id,
+            _DIRECTION_NAMES.get(line.direction, "unspecified"),
+            line.amount_minor,
+            line.counterparty_account_id,
+            line.held_delta_minor,
+            line.posted_minor,
+            line.held_minor,
+        )
+
+
+@dataclass(frozen=True)
+class BalanceAt:
+    account_id: str
+    currency: str
+    posted_minor: int
+    held_minor: int
+    available_minor: int
+    as_of_position: int  # the last log position included (-1: before the first record)
+    last_movement_position: int  # -1: no movement at or before it
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    position: int
+    time_ms: int
+    actor: str
+    role: str
+    operation: str
+    kind: str
+    outcome: str  # accepted | refused
+    code: str
+    control: str
+    message: str
+    client_id: str
+    policy_version: int | None
+    currency: str
+    amount_minor: int | None
+    account_ids: tuple[str, ...]
+    amounts_minor: tuple[int, ...]
+    tags: Any  # decoded tags, or None
+    executes: str
+    reverses: str
+    linked_to: str
+
+    @classmethod
+    def from_pb(cls, e: audit_trail_pb.AuditEvent) -> AuditEvent:
+        return cls(
+            e.position,
+            e.time_ms,
+            e.actor,
+            e.role,
+            e.operation,
+            e.kind,
+            _OUTCOME_NAMES.get(e.outcome, "unspecified"),
+            e.code,
+            e.control,
+            e.message,
+            e.client_id,
+            e.policy_version if e.HasField("policy_version") else None,
+            e.currency,
+            e.amount_minor if e.HasField("amount_minor") else None,
+            tuple(e.account_ids),
+            tuple(e.amounts_minor),
+            msgspec.json.decode(e.tags_json) if e.tags_json else None,
+            e.executes,
+            e.reverses,
+            e.linked_to,
+        )
 
 
 _STATUS_NAMES: Final = {
@@ -538,14 +679,17 @@ class CustodyClient:
         answer = self._call(self.accounts.ListAccounts, request)
         return Page(list(answer.accounts), answer.next_page_token)
 
-    def iter_accounts(self, page_size: int = 0, *, platform_id: str | None = None) -> Iterator[Any]:
-        token = ""
-        while True:
-            page = self.list_accounts(page_size, token, platform_id=platform_id)
-            yield from page.items
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+    def iter_accounts(
+        self,
+        page_size: int = 0,
+        *,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
+    ) -> Iterator[Any]:
+        return walk_pages(
+            lambda token: self.list_accounts(page_size, token, platform_id=platform_id),
+            max_pages,
+        )
 
     # -- movements ------------------------------------------------------------------------------
 
@@ -1016,15 +1160,17 @@ class CustodyClient:
         return Page(list(answer.requests), answer.next_page_token)
 
     def iter_requests(
-        self, status: str | None = None, page_size: int = 0, *, platform_id: str | None = None
+        self,
+        status: str | None = None,
+        page_size: int = 0,
+        *,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
     ) -> Iterator[Any]:
-        token = ""
-        while True:
-            page = self.list_requests(status, page_size, token, platform_id=platform_id)
-            yield from page.items
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
+        return walk_pages(
+            lambda token: self.list_requests(status, page_size, token, platform_id=platform_id),
+            max_pages,
+        )
 
     def get_request(self, request_id: str, *, platform_id: str | None = None) -> Any:
         request = approval_pb.GetRequestRequest(
@@ -1074,6 +1220,165 @@ class CustodyClient:
         )
         answer = self._call(self.queries.ListBalances, request)
         return Page(list(answer.balances), answer.next_page_token)
+
+    def iter_balances(
+        self,
+        page_size: int = 0,
+        *,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
+    ) -> Iterator[Any]:
+        return walk_pages(
+            lambda token: self.list_balances(page_size, token, platform_id=platform_id),
+            max_pages,
+        )
+
+    # -- statements, as-of balances, the audit trail (from the read models) ---------------------
+
+    def get_statement(
+        self,
+        account_id: str,
+        *,
+        from_time_ms: int | None = None,
+        to_time_ms: int | None = None,
+        kinds: Sequence[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        platform_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Page:
+        """One page of the account's statement (`StatementLine`s, oldest first). Times are
+        Unix ms, inclusive. Pass the answer's `next_page_token` with the same filters for the
+        next page; every page of the walk is `as_of_position`."""
+        request = query_pb.GetStatementRequest(
+            platform_id=self._pid(platform_id),
+            account_id=account_id,
+            from_time_ms=from_time_ms,
+            to_time_ms=to_time_ms,
+            kinds=kinds,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        answer = self._call(self.queries.GetStatement, request, timeout_s)
+        return Page(
+            [StatementLine.from_pb(line) for line in answer.lines],
+            answer.next_page_token,
+            answer.as_of_position,
+            answer.currency,
+        )
+
+    def iter_statement(
+        self,
+        account_id: str,
+        *,
+        from_time_ms: int | None = None,
+        to_time_ms: int | None = None,
+        kinds: Sequence[str] = (),
+        page_size: int = 0,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
+    ) -> Iterator[StatementLine]:
+        """Every line of the statement, page by page (PageCapReached past `max_pages`)."""
+        return walk_pages(
+            lambda token: self.get_statement(
+                account_id,
+                from_time_ms=from_time_ms,
+                to_time_ms=to_time_ms,
+                kinds=kinds,
+                page_size=page_size,
+                page_token=token,
+                platform_id=platform_id,
+            ),
+            max_pages,
+        )
+
+    def get_balance_at(
+        self,
+        account_id: str,
+        *,
+        at_time_ms: int | None = None,
+        at_position: int | None = None,
+        platform_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> BalanceAt:
+        """The balance right after log position `at_position`, or after every record written
+        at or before `at_time_ms`, or (neither) at the log's head when the call arrives."""
+        if at_time_ms is not None and at_position is not None:
+            raise ValueError("give at_time_ms or at_position, not both")
+        request = query_pb.GetBalanceAtRequest(
+            platform_id=self._pid(platform_id), account_id=account_id
+        )
+        if at_time_ms is not None:
+            request.at_time_ms = at_time_ms
+        if at_position is not None:
+            request.at_position = at_position
+        answer = self._call(self.queries.GetBalanceAt, request, timeout_s)
+        b = answer.balance
+        return BalanceAt(
+            b.account_id,
+            b.currency,
+            b.posted_minor,
+            b.held_minor,
+            b.available_minor,
+            b.as_of_position,
+            answer.last_movement_position,
+        )
+
+    def list_audit_events(
+        self,
+        *,
+        account_id: str = "",
+        actor: str = "",
+        role: str = "",
+        operation: str = "",
+        kind: str = "",
+        code: str = "",
+        outcome: str = "",
+        from_time_ms: int | None = None,
+        to_time_ms: int | None = None,
+        from_position: int | None = None,
+        to_position: int | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        platform_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Page:
+        """One page of the audit trail (`AuditEvent`s in log order); every given filter must
+        match. `outcome`: accepted | refused. Ranges are inclusive."""
+        if outcome and outcome not in _OUTCOMES:
+            raise ValueError("outcome is 'accepted' or 'refused'")
+        request = audit_trail_pb.ListAuditEventsRequest(
+            platform_id=self._pid(platform_id),
+            account_id=account_id,
+            actor=actor,
+            role=role,
+            operation=operation,
+            kind=kind,
+            code=code,
+            outcome=_OUTCOMES.get(outcome, audit_trail_pb.AUDIT_OUTCOME_UNSPECIFIED),
+            from_time_ms=from_time_ms,
+            to_time_ms=to_time_ms,
+            from_position=from_position,
+            to_position=to_position,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        answer = self._call(self.audit.ListAuditEvents, request, timeout_s)
+        return Page(
+            [AuditEvent.from_pb(e) for e in answer.events],
+            answer.next_page_token,
+            answer.as_of_position,
+        )
+
+    def iter_audit_events(
+        self, *, max_pages: int = MAX_PAGES_DEFAULT, **filters: Any
+    ) -> Iterator[AuditEvent]:
+        """Every event matching `filters` (those of `list_audit_events`), page by page
+        (PageCapReached past `max_pages`)."""
+        filters.pop("page_token", None)
+        return walk_pages(
+            lambda token: self.list_audit_events(page_token=token, **filters), max_pages
+        )
 
     # -- the log --------------------------------------------------------------------------------
 
