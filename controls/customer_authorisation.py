@@ -125,6 +125,8 @@ def _first_key_refusal(account: Any) -> Refusal | None:
 def _locked(state: LedgerView, account_id: str, now_ms: int, policy: Policy) -> bool:
     """Locked for `auth_lock_ms` after the failure that made `auth_max_failures` bad
     signatures within `auth_failure_window_ms`."""
+    if account_id not in state.auth_failures:
+        return False  # the common case: no bad signature on record
     failures = state.recent_failures(account_id, now_ms - policy.auth_lock_ms)
     if len(failures) < policy.auth_max_failures:
         return False

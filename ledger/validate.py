@@ -122,8 +122,19 @@ ED25519_KEY_B64_LEN: Final = 43  # 32 bytes, base64url without padding
 ED25519_SIG_B64_LEN: Final = 86  # 64 bytes
 
 
+# The last base64 character carries spare bits: only these values leave them zero, so each
+# key or signature has exactly one accepted spelling (the recorded text is canonical).
+_KEY_LAST: Final = frozenset("AEIMQUYcgkosw048")  # 32 bytes: the low 2 bits are zero
+_SIG_LAST: Final = frozenset("AQgw")  # 64 bytes: the last character's low 4 bits are zero
+
+
 def is_public_key(v: Any) -> bool:
-    return type(v) is str and len(v) == ED25519_KEY_B64_LEN and _B64URL_MATCH(v) is not None
+    return (
+        type(v) is str
+        and len(v) == ED25519_KEY_B64_LEN
+        and _B64URL_MATCH(v) is not None
+        and v[-1] in _KEY_LAST
+    )
 
 
 def _is_optional_key(v: Any) -> bool:
@@ -144,6 +155,7 @@ def _is_auth(v: Any) -> bool:
         and type(v.signature) is str
         and len(v.signature) == ED25519_SIG_B64_LEN
         and _B64URL_MATCH(v.signature) is not None
+        and v.signature[-1] in _SIG_LAST
     )
 
 

@@ -426,7 +426,8 @@ class PlatformWriter:
         head = _SHA256(self.head + data).digest()
         rows.append((self.stream, seq, kind, head + data))
         self.head = head
-        if type(cmd) is c.OpenAccount or getattr(cmd, "auth", None) is not None:
+        auth = getattr(cmd, "auth", None)
+        if type(cmd) is c.OpenAccount or (auth is not None and auth.nonce):
             rec["cmd"] = msgspec.to_builtins(cmd, order="sorted")  # the state keeps facts (fold)
         apply_record(state, rec, fp)
         return Outcome(cmd.client_id, "accepted", seq, kind)

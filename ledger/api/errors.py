@@ -69,11 +69,13 @@ STATUS_OF_CODE: Final[Mapping[str, grpc.StatusCode]] = {
     Code.PLATFORM_NOT_FOUND: _SC.NOT_FOUND,
     Code.APPROVAL_NOT_FOUND: _SC.NOT_FOUND,
     Code.STANDING_NOT_FOUND: _SC.NOT_FOUND,
+    Code.ALERT_NOT_FOUND: _SC.NOT_FOUND,
     # it exists already, or this is a second use of something single-use
     Code.ID_REUSED: _SC.ALREADY_EXISTS,
     Code.ACCOUNT_EXISTS: _SC.ALREADY_EXISTS,
     Code.PLATFORM_EXISTS: _SC.ALREADY_EXISTS,
     Code.HOLD_EXISTS: _SC.ALREADY_EXISTS,
+    Code.ALERT_EXISTS: _SC.ALREADY_EXISTS,
     Code.REPLAYED: _SC.ALREADY_EXISTS,  # the customer's authorisation nonce was used before
     # the caller may not do this: wrong role, no (valid) customer consent, the same person on
     # both sides of maker-checker, a screened party
@@ -84,6 +86,7 @@ STATUS_OF_CODE: Final[Mapping[str, grpc.StatusCode]] = {
     Code.AUTHORISATION_INVALID: _SC.PERMISSION_DENIED,
     Code.AUTHORISATION_EXPIRED: _SC.PERMISSION_DENIED,
     Code.BLOCKED: _SC.PERMISSION_DENIED,
+    Code.ALERT_LEVEL_FORBIDDEN: _SC.PERMISSION_DENIED,  # e.g. only a checker closes RED
     # a quota of the policy (per transaction, per day, platform outflow) is used up
     Code.LIMIT_EXCEEDED: _SC.RESOURCE_EXHAUSTED,
     # concurrency: the state moved under the caller; re-read and retry
@@ -120,6 +123,7 @@ STATUS_OF_CODE: Final[Mapping[str, grpc.StatusCode]] = {
     Code.REQUEST_REJECTED: _SC.FAILED_PRECONDITION,
     Code.PLATFORM_RESTRICTED: _SC.FAILED_PRECONDITION,
     Code.GATE_UNCHANGED: _SC.FAILED_PRECONDITION,
+    Code.ALERT_CLOSED: _SC.FAILED_PRECONDITION,
 }
 # For input refusals that do not name their field, the field they are about.
 _FIELD_OF_INPUT_CODE: Final[Mapping[str, str]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ledger.api.client import CustodyClient
@@ -28,3 +29,8 @@ class World:
 
     def future_ms(self, seconds: float = 3600) -> int:
         return int((time.time() + seconds) * 1000)
+
+
+# A fixture type: connect(role, name, ...) -> a client (tests/api/conftest.py). Here, not in
+# conftest, because two test folders' conftest modules share the module name `conftest`.
+Connect = Callable[..., CustodyClient]

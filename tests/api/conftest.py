@@ -7,7 +7,7 @@ a fresh SQLite ledger and a fresh server on an ephemeral port.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ def api_server(api_service: LedgerService, pki: Path) -> Iterator[RunningServer]
         yield srv
 
 
-Connect = Callable[..., CustodyClient]
+from api_helpers import Connect as Connect  # noqa: E402
 
 
 @pytest.fixture

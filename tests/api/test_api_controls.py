@@ -17,8 +17,7 @@ from typing import Any
 import grpc
 import msgspec
 import pytest
-from api_helpers import CCY
-from conftest import Connect
+from api_helpers import CCY, Connect
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controls.policy import DEFAULT_POLICY, Limit, decode_policy, encode_policy

@@ -4,18 +4,14 @@ PostgreSQL (`config` from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
-from ctl_helpers import CtlPlatform, make_ctl_platform
+from ctl_helpers import CtlPlatform, MakePlatform, make_ctl_platform
 from helpers import FakeClock
 
 import controls
 from controls.policy import DEFAULT_POLICY, Policy
 from controls.registry import all_controls
 from ledger.service import LedgerService
-
-MakePlatform = Callable[..., CtlPlatform]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,7 +8,7 @@ Plain functions (no pytest fixtures) so hypothesis programs can use them too.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -447,3 +447,8 @@ def set_policy(service: LedgerService, p: CtlPlatform, **changes: Any) -> Policy
     out = approve(service, p, cid)
     assert out.kind == "policy_set", out
     return new
+
+
+# The `make(**policy_changes)` fixture's type (tests/controls/conftest.py); defined here because
+# two test folders' conftest modules share the module name `conftest`.
+MakePlatform = Callable[..., CtlPlatform]

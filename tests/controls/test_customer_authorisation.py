@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from conftest import MakePlatform
 from ctl_helpers import (
     MINUTE_MS,
     CtlPlatform,
+    MakePlatform,
     accepted,
     approve,
     assert_refused,

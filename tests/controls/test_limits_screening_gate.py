@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from conftest import MakePlatform
 from ctl_helpers import (
     CHECKER,
     OPERATOR,
     SYSTEM,
     CtlPlatform,
+    MakePlatform,
     accepted,
     approve,
     assert_refused,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from conftest import MakePlatform
 from ctl_helpers import (
     CHECKER,
     CHECKER2,
@@ -14,6 +13,7 @@ from ctl_helpers import (
     OPERATOR2,
     PLATFORM,
     CtlPlatform,
+    MakePlatform,
     accepted,
     approve,
     assert_refused,

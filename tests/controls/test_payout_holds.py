@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from conftest import MakePlatform
 from ctl_helpers import (
     CtlPlatform,
+    MakePlatform,
     accepted,
     assert_refused,
     available,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from conftest import MakePlatform
 from ctl_helpers import (
     CHECKER,
     OPERATOR,
     PLATFORM,
     CtlPlatform,
+    MakePlatform,
     accepted,
     approve,
     assert_refused,
