@@ -43,6 +43,9 @@ Verify, offline and without trusting the ledger operator, what a Custody Ledger 
   note         one signed checkpoint (a C2SP signed note)
   inclusion    a C2SP tlog-proof that one record is in a signed checkpoint
   consistency  that an older signed checkpoint is a prefix of a newer one
+  disclosure   a signed regulator disclosure snapshot: its signature, and that it equals what
+               this program recomputes from the platform's bundle (every differing field named)
+               custody-verify disclosure SNAPSHOT.json BUNDLE --vkey VKEY
 
 Every command needs the ledger's verifier key (--vkey), obtained from the operator through a
 channel you trust (for example the audit engagement letter). It looks like
@@ -322,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["disclosure"]:
+        from custody_verify import disclosure as disclosure_cmd
+
+        return int(disclosure_cmd.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

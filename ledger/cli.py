@@ -27,6 +27,7 @@ from ledger.config import Config, ConfigError
 from ledger.store import log_stream
 from ledger.validate import is_actor
 from projections import cli as project_cli
+from projections import disclosure_cli
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     HANDLERS.update(cli_controls.register(sub, _service))
     project_cli.register(sub)
     HANDLERS["project"] = project_cli.cmd_project
+    disclosure_cli.register(sub)
+    HANDLERS["disclosure"] = disclosure_cli.cmd_disclosure
     return parser
 
 
