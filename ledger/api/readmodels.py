@@ -23,12 +23,15 @@ filters), and later pages never show records after it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
 import logging
 import re
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -276,9 +279,18 @@ def audit_event(row: dict[str, Any]) -> audit_trail_pb.AuditEvent:
     return event
 
 
+# Runs blocking work in the server's worker pool (`Core.run`).
+Run = Callable[..., Awaitable[Any]]
+
+
 class ReadModels:
-    """The read models of one server: waiting for them, then querying them (blocking calls:
-    the servicers run these in the worker pool)."""
+    """The read models of one server: freshness, then the queries.
+
+    The `async` methods run on the server's event loop and hand every blocking step (a database
+    read, one projection batch) to the worker pool through `run`, one step at a time: a query
+    that waits for a read model sleeps on the loop, not in a pool thread, so waiting queries
+    never starve the other reads.
+    """
 
     def __init__(
         self,
@@ -297,6 +309,7 @@ class ReadModels:
         self.db = self.runner.db
         self.mode = mode
         self.wait_s = wait_s
+        self._projecting = threading.Lock()
 
     def close(self) -> None:
         if self.owns_runner:
@@ -321,40 +334,77 @@ class ReadModels:
         with self.db.reading() as cur:
             return statements.projected_position(self.db, cur, platform_id, name)
 
-    def wait_for(self, platform_id: str, name: str, target: int, budget_s: float) -> int:
+    def step(self, platform_id: str, name: str, target: int) -> tuple[int, bool]:
+        """(the read model's position, whether it moved): one projection batch if it is behind
+        `target` and this server catches up itself."""
+        position = self.projected(platform_id, name)
+        if position >= target or self.mode != "catch_up":
+            return position, False
+        # One query projects at a time; the others wait on the loop, not in pool threads.
+        if not self._projecting.acquire(blocking=False):
+            return position, False
+        try:
+            moved = self.runner.run_once(platform_id) > 0
+        except PositionConflict:  # another runner moved it: look again
+            moved = True
+        finally:
+            self._projecting.release()
+        return self.projected(platform_id, name), moved
+
+    async def fresh(
+        self, run: Run, platform_id: str, name: str, target: int, budget_s: float
+    ) -> int:
         """The read model's position once it is at least `target`; PROJECTION_BEHIND if it is
         not there within `budget_s`."""
         deadline = time.monotonic() + budget_s
-        position = self.projected(platform_id, name)
-        while position < target:
+        while True:
+            position, moved = await run(self.step, platform_id, name, target)
+            if position >= target:
+                return int(position)
             if time.monotonic() >= deadline:
                 raise errors.projection_behind(position, target)
-            moved = 0
-            if self.mode == "catch_up":
-                try:
-                    moved = self.runner.run_once(platform_id)
-                except PositionConflict:  # another runner moved it: reload and look again
-                    moved = 1
             if not moved:
-                time.sleep(_POLL_S)
-            position = self.projected(platform_id, name)
-        return position
+                await asyncio.sleep(_POLL_S)
+
+    async def _snapshot(
+        self, run: Run, platform_id: str, name: str, kind: str, token: str, budget_s: float
+    ) -> tuple[int, str]:
+        """(snapshot position, the read model's token) for a page: a new walk takes the read
+        model's position once it has the head; a token carries its walk's snapshot."""
+        head = await run(self.head, platform_id)  # PlatformNotFound
+        if not token:
+            return await self.fresh(run, platform_id, name, head, budget_s), ""
+        snapshot, inner = decode_token(token, platform_id, kind)
+        if not -1 <= snapshot <= head:  # no walk of this log has it: forged
+            raise _bad_token()
+        await self.fresh(run, platform_id, name, snapshot, budget_s)
+        return snapshot, inner
 
     # -- queries --------------------------------------------------------------------------------
 
-    def balance_at(
+    async def balance_at(
         self,
+        run: Run,
         platform_id: str,
         account_id: str,
         at_position: int | None,
         at_time_ms: int | None,
         budget_s: float,
     ) -> query_pb.GetBalanceAtResponse:
-        head = self.head(platform_id)
+        head = await run(self.head, platform_id)
         if at_position is not None and at_position > head:
             raise _past_head("at_position", at_position, head)
         target = head if at_position is None else at_position
-        self.wait_for(platform_id, statements.StatementsProjection.name, target, budget_s)
+        name = statements.StatementsProjection.name
+        await self.fresh(run, platform_id, name, target, budget_s)
+        answer: query_pb.GetBalanceAtResponse = await run(
+            self._balance_at, platform_id, account_id, target, at_time_ms
+        )
+        return answer
+
+    def _balance_at(
+        self, platform_id: str, account_id: str, target: int, at_time_ms: int | None
+    ) -> query_pb.GetBalanceAtResponse:
         try:
             bal = statements.balance_at(
                 self.db,
@@ -380,15 +430,19 @@ class ReadModels:
             last_movement_position=-1 if bal.last_line_seq is None else bal.last_line_seq,
         )
 
-    def statement(self, q: StatementQuery, budget_s: float) -> query_pb.GetStatementResponse:
+    async def statement(
+        self, run: Run, q: StatementQuery, budget_s: float
+    ) -> query_pb.GetStatementResponse:
         name = statements.StatementsProjection.name
-        inner = ""
-        if q.page_token:
-            snapshot, inner = decode_token(q.page_token, q.platform_id, "statement")
-            self.head(q.platform_id)  # PlatformNotFound, as on the first page
-            self.wait_for(q.platform_id, name, snapshot, budget_s)
-        else:
-            snapshot = self.wait_for(q.platform_id, name, self.head(q.platform_id), budget_s)
+        snapshot, inner = await self._snapshot(
+            run, q.platform_id, name, "statement", q.page_token, budget_s
+        )
+        answer: query_pb.GetStatementResponse = await run(self._statement, q, snapshot, inner)
+        return answer
+
+    def _statement(
+        self, q: StatementQuery, snapshot: int, inner: str
+    ) -> query_pb.GetStatementResponse:
         try:
             page = statements.statement(
                 self.db,
@@ -422,17 +476,21 @@ class ReadModels:
             as_of_position=snapshot,
         )
 
-    def audit_events(
-        self, q: AuditQuery, budget_s: float
+    async def audit_events(
+        self, run: Run, q: AuditQuery, budget_s: float
     ) -> audit_trail_pb.ListAuditEventsResponse:
         name = audit_trail.AuditTrailProjection.name
-        inner = ""
-        if q.page_token:
-            snapshot, inner = decode_token(q.page_token, q.platform_id, "audit")
-            self.head(q.platform_id)
-            self.wait_for(q.platform_id, name, snapshot, budget_s)
-        else:
-            snapshot = self.wait_for(q.platform_id, name, self.head(q.platform_id), budget_s)
+        snapshot, inner = await self._snapshot(
+            run, q.platform_id, name, "audit", q.page_token, budget_s
+        )
+        answer: audit_trail_pb.ListAuditEventsResponse = await run(
+            self._audit_events, q, snapshot, inner
+        )
+        return answer
+
+    def _audit_events(
+        self, q: AuditQuery, snapshot: int, inner: str
+    ) -> audit_trail_pb.ListAuditEventsResponse:
         flt = q.flt
         to_seq = snapshot if flt.to_seq is None else min(flt.to_seq, snapshot)
         flt = dataclasses.replace(flt, to_seq=to_seq)

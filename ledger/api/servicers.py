@@ -484,7 +484,7 @@ class QueryServicer:
         platform_id = scoped_platform(identity, request.platform_id)
         query = statement_query(platform_id, request)
         models = self.core.read_models
-        return await self.core.run(models.statement, query, models.budget(remaining_s(context)))
+        return await models.statement(self.core.run, query, models.budget(remaining_s(context)))
 
     @_mapped
     async def GetBalanceAt(
@@ -499,8 +499,8 @@ class QueryServicer:
         if at_time_ms is not None and at_time_ms < 0:
             raise errors.invalid("at_time_ms", "must not be negative")
         models = self.core.read_models
-        return await self.core.run(
-            models.balance_at,
+        return await models.balance_at(
+            self.core.run,
             platform_id,
             account_id,
             at_position,
@@ -660,7 +660,7 @@ class AuditServicer:
         platform_id = scoped_platform(identity, request.platform_id)
         query = audit_query(platform_id, request)
         models = self.core.read_models
-        return await self.core.run(models.audit_events, query, models.budget(remaining_s(context)))
+        return await models.audit_events(self.core.run, query, models.budget(remaining_s(context)))
 
     async def ExportBundle(
         self, request: Any, context: Context, identity: Identity
