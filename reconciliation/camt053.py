@@ -25,10 +25,13 @@ from reconciliation.model import (
     check_date,
     clean_text,
     decimal_to_minor,
+    is_digits,
 )
 
 NS_PREFIX: Final = "urn:iso:std:iso:20022:tech:xsd:camt.053.001."
-_NS_MATCH: Final = re.compile(r"urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.(\d{2})").fullmatch
+_NS_MATCH: Final = re.compile(
+    r"urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.([0-9]{2})"
+).fullmatch
 _DECLARATION: Final = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 OPENING_CODES: Final = ("OPBD", "PRCD")  # opening booked; previously closed booked
 CLOSING_CODES: Final = ("CLBD",)
@@ -192,7 +195,7 @@ class _Reader:
         seq_text = self.text(s, "ElctrncSeqNb", 18, required=False) or self.text(
             s, "LglSeqNb", 18, required=False
         )
-        if seq_text and not seq_text.isdigit():
+        if seq_text and not is_digits(seq_text):
             raise StatementError(f"{_path(s)}: sequence number {seq_text!r} is not a number")
         self.one(s, "CreDtTm")
         account, acct_ccy = self.account(s)

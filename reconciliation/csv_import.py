@@ -52,6 +52,7 @@ from reconciliation.model import (
     StatementError,
     check_currency,
     clean_text,
+    is_digits,
 )
 
 STATEMENT_FIELDS: Final = (
@@ -230,7 +231,7 @@ class _RowParser:
             negative = t[0] == "-"
             t = t[1:]
         sep = re.escape(m.decimal_separator)
-        match = re.fullmatch(rf"(\d{{1,18}})(?:{sep}(\d{{1,6}}))?", t)
+        match = re.fullmatch(rf"([0-9]{{1,18}})(?:{sep}([0-9]{{1,6}}))?", t)
         if match is None:
             raise StatementError(f"{where}: {text!r} is not an amount")
         frac = match.group(2) or ""
@@ -313,7 +314,7 @@ class _RowParser:
         if head is None:
             raise StatementError("the file has no rows")
         seq = head["sequence"]
-        if seq and not seq.isdigit():
+        if seq and not is_digits(seq):
             raise StatementError(f"sequence {seq!r} is not a number")
         opening = self.amount(head["opening_balance"], "opening balance", signed=True)
         closing = self.amount(head["closing_balance"], "closing balance", signed=True)

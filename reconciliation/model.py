@@ -17,7 +17,8 @@ from ledger.money import CURRENCY_EXPONENTS
 MAX_FILE_BYTES: Final = 64 * 1024 * 1024  # a statement larger than this is refused unread
 POW10: Final[tuple[int, ...]] = tuple(10**k for k in range(19))
 MAX_TEXT: Final = 512  # any text field we keep, after whitespace normalisation
-_AMOUNT: Final = re.compile(r"(\d{1,18})(?:\.(\d{1,18}))?").fullmatch
+_AMOUNT: Final = re.compile(r"([0-9]{1,18})(?:\.([0-9]{1,18}))?").fullmatch
+_DIGITS: Final = re.compile(r"[0-9]{1,18}").fullmatch
 _CCY: Final = re.compile(r"[A-Z]{3}").fullmatch
 
 
@@ -122,3 +123,8 @@ def check_date(text: str, what: str) -> str:
         return dt.date.fromisoformat(text.strip()[:10]).isoformat()
     except ValueError:
         raise StatementError(f"{what}: {text!r} is not a date") from None
+
+
+def is_digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit and `\\d` also accept other scripts' digits)."""
+    return _DIGITS(text) is not None
