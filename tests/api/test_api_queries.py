@@ -1,16 +1,19 @@
 """Statements, balances as of a time or position, and the audit trail, through a real server with
-mutual TLS, checked against the log replayed independently (query_helpers)."""
+mutual TLS, checked against the log replayed independently (query_helpers). Every test runs on
+SQLite and on PostgreSQL (the read models' SQL differs by dialect)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from api_helpers import CCY, World
+from helpers import pg_env, require_postgres, sqlite_env
 from query_helpers import account_after_each, log_records, make_history, refused_with
 
 from ledger.api.client import (
@@ -22,10 +25,28 @@ from ledger.api.client import (
     instruction,
 )
 from ledger.api.server import ServerOptions, running_server
+from ledger.config import Config
 from ledger.service import LedgerService
 from projections.runner import ProjectionRunner
 
 SC = grpc.StatusCode
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def api_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerService]:
+    """The ledger behind the server (overrides conftest's SQLite-only one for this module)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            env = sqlite_env(tmp_path / "data")
+        else:
+            require_postgres()
+            env = stack.enter_context(pg_env(tmp_path / "data"))
+        service = LedgerService(Config.from_env(env))
+        service.start()
+        stack.callback(service.close)
+        yield service
+
+
 Call = Callable[[], object]
 
 
