@@ -221,7 +221,7 @@ def read_snapshot(store: LedgerStore, platform: str, size: int | None = None) ->
 # -- the tree ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Leaf:
     hash: bytes
     sum: int
@@ -438,9 +438,9 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def write_private(path: Path, chunks: Iterable[bytes]) -> None:
+def write_private(path: Path, chunks: Iterable[bytes], sync: bool = True) -> None:
     """Write through `<path>.tmp` created 0600 (never readable by others, even briefly), then
-    rename over `path`."""
+    rename over `path`. Without `sync` the caller makes it durable (one `os.sync` for many)."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         tmp.unlink()
@@ -449,8 +449,9 @@ def write_private(path: Path, chunks: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -475,13 +476,16 @@ def write_outputs(tree: Tree, out: Path | str, log: LogProof | None = None) -> W
     os.chmod(proofs, DIR_MODE)
     for account_id in tree.index_of:
         doc = proof_document(tree, account_id, log)
-        write_private(proofs / f"{account_id}.json", [_dumps_pretty(doc)])
+        write_private(proofs / f"{account_id}.json", [_dumps(doc)], sync=False)
     auditor = out / "auditor.jsonl"
-    write_private(auditor, audit_lines(tree, log))
+    write_private(auditor, audit_lines(tree, log), sync=False)
     statement = out / "statement.json"
     tmp = statement.with_name("statement.json.tmp")
     tmp.write_bytes(_dumps_pretty(statement_document(tree, log)))
     os.replace(tmp, statement)
+    # one flush for all the files (an fsync per proof file cost ~0.7 ms each): the salts are
+    # durable before the caller publishes the root
+    os.sync()
     return Written(statement, auditor, proofs, tree.accounts)
 
 
