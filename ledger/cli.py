@@ -28,6 +28,7 @@ from ledger.store import log_stream
 from ledger.validate import is_actor
 from projections import cli as project_cli
 from projections import disclosure_cli
+from risk import cli as risk_cli
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     HANDLERS["project"] = project_cli.cmd_project
     disclosure_cli.register(sub)
     HANDLERS["disclosure"] = disclosure_cli.cmd_disclosure
+    HANDLERS.update(risk_cli.register(sub))
     return parser
 
 

@@ -16,6 +16,7 @@ CUSTODY_SWEEP_INTERVAL_S release expired holds every this many seconds in `custo
                          (default 60, 0 = never; the sweep is an `expire_holds` record)
 CUSTODY_PROJECTIONS      embedded (default: `custody serve` keeps the read models current) | off
                          (run `custody project run --follow` as separate workers instead)
+CUSTODY_RISK             embedded (default: `custody serve` runs the early-warning engine) | off
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
 """
@@ -89,6 +90,7 @@ class Config:
     checkpoint_interval_s: int = 60
     sweep_interval_s: int = 60
     projections: str = "embedded"
+    risk: str = "embedded"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -121,4 +123,5 @@ class Config:
             checkpoint_interval_s=_int(env, "CUSTODY_CHECKPOINT_INTERVAL_S", 60, 1, 86_400),
             sweep_interval_s=_int(env, "CUSTODY_SWEEP_INTERVAL_S", 60, 0, 86_400),
             projections=_choice(env, "CUSTODY_PROJECTIONS", ("embedded", "off")),
+            risk=_choice(env, "CUSTODY_RISK", ("embedded", "off")),
         )

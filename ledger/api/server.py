@@ -42,6 +42,7 @@ from ledger.api.servicers import Core, add_servicers
 from ledger.config import Config
 from ledger.service import LedgerService
 from projections.runner import EmbeddedRunner, ProjectionRunner
+from risk.engine import EmbeddedRisk, RiskEngine
 
 log = logging.getLogger("ledger.api.server")
 
@@ -368,11 +369,15 @@ def serve(
         tls_dir = dev_tls_dir(config)
     service = LedgerService(config)
     projector: EmbeddedRunner | None = None
+    risk: EmbeddedRisk | None = None
     try:
         service.start(sweep=True)  # the server releases expired holds on schedule
         if config.projections == "embedded":
             # small batches: on SQLite the read models share the ledger's write lock
             projector = EmbeddedRunner(service.store, batch_size=2000).start()
+        if config.risk == "embedded":
+            # early warning: follows the logs, raises alerts and restricts on RED per policy
+            risk = EmbeddedRisk(RiskEngine(service)).start()
         else:  # projection workers run elsewhere: queries wait for them, never project
             options = dataclasses.replace(options or ServerOptions(), read_models="wait")
         srv = build_server(
@@ -406,6 +411,8 @@ def serve(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
+        if risk is not None:
+            risk.close()
         if projector is not None:
             projector.close()
         service.close()
