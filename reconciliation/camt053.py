@@ -124,23 +124,24 @@ class _Reader:
         self.ns = ns
         self.version = version
         self.v = int(version.rsplit(".", 1)[1])
+        self._paths: dict[str, str] = {}
 
-    def _q(self, name: str) -> str:
-        return f"{{{self.ns}}}{name}"
+    def _q(self, path: str) -> str:
+        """`A/B` -> `{ns}A/{ns}B` (cached): lxml then walks the path in C."""
+        q = self._paths.get(path)
+        if q is None:
+            q = "/".join(f"{{{self.ns}}}{part}" for part in path.split("/"))
+            self._paths[path] = q
+        return q
 
     def many(self, el: etree._Element, name: str) -> list[etree._Element]:
-        return list(el.iterchildren(self._q(name)))
+        return el.findall(self._q(name))
 
     def opt(self, el: etree._Element, path: str) -> etree._Element | None:
-        node: etree._Element | None = el
-        for part in path.split("/"):
-            if node is None:
-                return None
-            found = self.many(node, part)
-            if len(found) > 1:
-                raise StatementError(f"{_path(el)}/{path}: {part} appears {len(found)} times")
-            node = found[0] if found else None
-        return node
+        found = el.findall(self._q(path))
+        if len(found) > 1:
+            raise StatementError(f"{_path(el)}/{path} appears {len(found)} times")
+        return found[0] if found else None
 
     def one(self, el: etree._Element, path: str) -> etree._Element:
         node = self.opt(el, path)
@@ -154,7 +155,7 @@ class _Reader:
             return ""
         if len(node):
             raise StatementError(f"{_path(node)}: expected text, found elements")
-        value = clean_text(node.text, _path(node), limit)
+        value = clean_text(node.text, _P(node), limit)
         if required and not value:
             raise StatementError(f"{_path(node)}: empty")
         return value
@@ -162,10 +163,10 @@ class _Reader:
     def amount(self, el: etree._Element, currency: str | None = None) -> tuple[int, str]:
         """(signed minor units, currency) of an Amt + CdtDbtInd pair under `el`."""
         amt = self.one(el, "Amt")
-        ccy = check_currency(amt.get("Ccy", ""), f"{_path(amt)}@Ccy")
+        ccy = check_currency(amt.get("Ccy", ""), _P(amt, "@Ccy"))
         if currency is not None and ccy != currency:
             raise StatementError(f"{_path(amt)}: currency {ccy} is not the account's {currency}")
-        value = decimal_to_minor(amt.text or "", ccy, _path(amt))
+        value = decimal_to_minor(amt.text or "", ccy, _P(amt))
         ind = self.text(el, "CdtDbtInd", 4)
         if ind not in ("CRDT", "DBIT"):
             raise StatementError(f"{_path(el)}/CdtDbtInd: {ind!r} is not CRDT or DBIT")
@@ -177,10 +178,10 @@ class _Reader:
             return ""
         d = self.opt(node, "Dt")
         if d is not None:
-            return check_date(d.text or "", _path(d))
+            return check_date(d.text or "", _P(d))
         t = self.opt(node, "DtTm")
         if t is not None:
-            return check_date(t.text or "", _path(t))
+            return check_date(t.text or "", _P(t))
         raise StatementError(f"{_path(node)}: neither Dt nor DtTm")
 
     def account(self, stmt: etree._Element) -> tuple[str, str]:
@@ -243,7 +244,7 @@ class _Reader:
         if self.v >= 8 or len(sts):  # 001.08+: <Sts><Cd>BOOK</Cd></Sts>
             code = self.text(sts, "Cd", 4, required=False) or self.text(sts, "Prtry", 35)
         else:
-            code = clean_text(sts.text, _path(sts), 4)
+            code = clean_text(sts.text, _P(sts), 4)
         if code not in ENTRY_STATUSES:
             raise StatementError(f"{_path(sts)}: unknown entry status {code!r}")
         return code
@@ -283,13 +284,13 @@ class _Reader:
                 if amt_el is None:
                     amt_el = self.opt(tx, "Amt")
                 if amt_el is not None:
-                    tx_total += decimal_to_minor(amt_el.text or "", currency, _path(amt_el))
+                    tx_total += decimal_to_minor(amt_el.text or "", currency, _P(amt_el))
                 name, acct = self.party(tx, credit=amount > 0)
                 cp_name = cp_name or name
                 cp_acct = cp_acct or acct
                 remit = (
                     remit
-                    or " ".join(clean_text(u.text, _path(u), 140) for u in self._ustrd(tx)).strip()
+                    or " ".join(clean_text(u.text, _P(u), 140) for u in self._ustrd(tx)).strip()
                 )
                 reason = reason or self.text(tx, "RtrInf/Rsn/Cd", 4, required=False)
         if tx_count > 1 and tx_total and tx_total != abs(amount):
@@ -321,7 +322,7 @@ class _Reader:
             batch_id=batch_id,
             counterparty_name=cp_name,
             counterparty_account=cp_acct,
-            remittance=clean_text(remit, f"{_path(n)} remittance", 512),
+            remittance=clean_text(remit, _P(n, " remittance"), 512),
             bank_tx_code=code,
             return_reason=reason,
             reversal=rvsl == "true",
@@ -349,6 +350,19 @@ class _Reader:
                 acct, "Othr/Id", 34, required=False
             )
         return name, number
+
+
+class _P:
+    """An element's path, worked out only if an error message needs it."""
+
+    __slots__ = ("el", "suffix")
+
+    def __init__(self, el: etree._Element, suffix: str = "") -> None:
+        self.el = el
+        self.suffix = suffix
+
+    def __str__(self) -> str:
+        return _path(self.el) + self.suffix
 
 
 def _path(el: etree._Element) -> str:

@@ -82,7 +82,7 @@ def normalise_account(text: str) -> str:
     return "".join(text.split()).upper()
 
 
-def clean_text(text: str | None, what: str, limit: int = MAX_TEXT) -> str:
+def clean_text(text: str | None, what: object, limit: int = MAX_TEXT) -> str:
     if text is None:
         return ""
     out = " ".join(text.split())
@@ -93,13 +93,13 @@ def clean_text(text: str | None, what: str, limit: int = MAX_TEXT) -> str:
     return out
 
 
-def check_currency(code: str, what: str) -> str:
+def check_currency(code: str, what: object) -> str:
     if _CCY(code) is None or code not in CURRENCY_EXPONENTS:
         raise StatementError(f"{what}: unknown currency {code!r}")
     return code
 
 
-def decimal_to_minor(text: str, currency: str, what: str) -> int:
+def decimal_to_minor(text: str, currency: str, what: object) -> int:
     """Exact decimal text (`1234.50`) to minor units of `currency`; never through floats.
 
     More fraction digits than the currency has are accepted only when they are zeros."""
@@ -118,7 +118,7 @@ def decimal_to_minor(text: str, currency: str, what: str) -> int:
     return value
 
 
-def check_date(text: str, what: str) -> str:
+def check_date(text: str, what: object) -> str:
     try:
         return dt.date.fromisoformat(text.strip()[:10]).isoformat()
     except ValueError:
