@@ -43,6 +43,11 @@ Verify, offline and without trusting the ledger operator, what a Custody Ledger 
   note         one signed checkpoint (a C2SP signed note)
   inclusion    a C2SP tlog-proof that one record is in a signed checkpoint
   consistency  that an older signed checkpoint is a prefix of a newer one
+  liabilities  a customer's proof that their balance is in a published proof-of-liabilities
+               tree (custody-pol/v1) whose statement is in a signed checkpoint
+               custody-verify liabilities PROOF.json --vkey VKEY [--account ID --balance N]
+  liabilities-audit  the whole tree rebuilt from the auditor file and checked against the
+               balances replayed from the bundle: AUDITOR.jsonl BUNDLE --vkey VKEY
   disclosure   a signed regulator disclosure snapshot: its signature, and that it equals what
                this program recomputes from the platform's bundle (every differing field named)
                custody-verify disclosure SNAPSHOT.json BUNDLE --vkey VKEY
@@ -326,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["liabilities"], ["liabilities-audit"]):
+        from custody_verify import liabilities
+
+        return int(liabilities.main(argv))
     if argv[:1] == ["disclosure"]:
         from custody_verify import disclosure as disclosure_cmd
 

@@ -21,7 +21,7 @@ import msgspec
 
 from controls.policy import Policy, decode_policy, policy_problem
 from controls.roles import ROLES
-from ledger import cli_controls, records
+from ledger import cli_controls, cli_remote, records
 from ledger import commands as c
 from ledger.config import Config, ConfigError
 from ledger.store import log_stream
@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     disclosure_cli.register(sub)
     HANDLERS["disclosure"] = disclosure_cli.cmd_disclosure
     HANDLERS.update(risk_cli.register(sub))
+    HANDLERS.update(cli_remote.register(sub))
     return parser
 
 

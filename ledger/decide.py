@@ -296,6 +296,12 @@ def plan_set_gate(state: PlatformState, cmd: c.SetGate) -> Plan:
 def plan_publish_liabilities(state: PlatformState, cmd: c.PublishLiabilities) -> Plan:
     if cmd.snapshot_size > state.next_seq:
         return _refuse(Code.INVALID_ARGUMENT, "the snapshot cannot be after the log's end")
+    if not any(a.currency == cmd.currency for a in state.accounts.values()):
+        return _refuse(Code.CURRENCY_MISMATCH, f"no account holds {cmd.currency}")
+    if (cmd.currency, cmd.snapshot_size) in state.liabilities:
+        return _refuse(
+            Code.INVALID_ARGUMENT, "a statement for this currency and snapshot is published"
+        )
     spec = {
         "snapshot": cmd.snapshot_size,
         "asset": cmd.currency,

@@ -313,6 +313,7 @@ class PlatformState:
         "gate",
         "holds",
         "last_ts_ms",
+        "liabilities",
         "next_seq",
         "nonces",
         "omnibus_ids",
@@ -345,6 +346,8 @@ class PlatformState:
         self.standing: dict[str, Standing] = {}
         self.omnibus_ids: list[str] = []
         self.alerts: dict[str, Alert] = {}
+        # (currency, snapshot size) -> position of its published liabilities statement
+        self.liabilities: dict[tuple[str, int], int] = {}
         # currency -> the last reconciliation_completed record's figures (and its position)
         self.reconciliations: dict[str, dict[str, Any]] = {}
         # customer authorisation: (account, nonce) -> expiry, and recent failures per account

@@ -292,8 +292,10 @@ def _approval_rejected(state: PlatformState, rec: dict[str, Any], seq: int) -> N
 
 def _liabilities_published(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
     """A statement only: the tree is checked by customers and auditors, not by the state."""
-    if rec["liabilities"]["snapshot"] > seq:
+    spec = rec["liabilities"]
+    if spec["snapshot"] > seq:
         raise StateError(f"record {seq}: a liabilities snapshot after its own record")
+    state.liabilities[(spec["asset"], spec["snapshot"])] = seq
 
 
 def _reconciliation_completed(state: PlatformState, rec: dict[str, Any], seq: int) -> None:

@@ -178,7 +178,8 @@ def _is_int64(v: Any) -> bool:
     return type(v) is int and -(2**63) <= v <= 2**63 - 1
 
 
-_ROOT_MATCH: Final = re.compile(r"[A-Za-z0-9+/]{43}=").fullmatch
+# 32 bytes in standard base64: 43 characters, the last with its 2 spare bits zero, then "="
+_ROOT_MATCH: Final = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=").fullmatch
 
 
 def _is_root_b64(v: Any) -> bool:

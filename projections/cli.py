@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from ledger.config import Config, ConfigError
+from projections import liabilities_cli
 from projections import statements as st
 from projections.audit_trail import (
     EXPORT_ROWS_DEFAULT,
@@ -119,6 +120,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(
             "--no-catch-up", action="store_true", help="answer from the read model as it is"
         )
+    liabilities_cli.register(sub)  # `custody project liabilities build ...`
     project.set_defaults(handler=cmd_project)
     return project
 
@@ -139,6 +141,8 @@ def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 def cmd_project(args: argparse.Namespace) -> int:
     """Handler of every `custody project ...` subcommand."""
+    if args.action == "liabilities":
+        return liabilities_cli.cmd_liabilities(args)
     from ledger.store import LedgerStore
 
     store = LedgerStore(_config(args))
