@@ -28,6 +28,7 @@ from ledger.store import log_stream
 from ledger.validate import is_actor
 from projections import cli as project_cli
 from projections import disclosure_cli
+from reconciliation import cli as recon_cli
 from risk import cli as risk_cli
 
 EXIT_OK = 0
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     HANDLERS["disclosure"] = disclosure_cli.cmd_disclosure
     HANDLERS.update(risk_cli.register(sub))
     HANDLERS.update(cli_remote.register(sub))
+    HANDLERS.update(recon_cli.register(sub))
     return parser
 
 
