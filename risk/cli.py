@@ -32,6 +32,7 @@ from ledger.config import Config, ConfigError
 from risk import store as rs
 from risk.dashboard import render
 from risk.engine import RiskEngine
+from risk.recon_feed import ReconStoreFeed
 from risk.ruleset import DEFAULT_RULES, RuleSet, decode_rules
 
 EXIT_OK = 0
@@ -115,7 +116,7 @@ def cmd_risk(args: argparse.Namespace) -> int:
     service = LedgerService(_config(args))
     service.start()
     try:
-        engine = RiskEngine(service, rules)
+        engine = RiskEngine(service, rules, feed=ReconStoreFeed(service))
         return _ACTIONS[args.action](args, engine)
     finally:
         service.close()

@@ -43,6 +43,7 @@ from ledger.config import Config
 from ledger.service import LedgerService
 from projections.runner import EmbeddedRunner, ProjectionRunner
 from risk.engine import EmbeddedRisk, RiskEngine
+from risk.recon_feed import ReconStoreFeed
 
 log = logging.getLogger("ledger.api.server")
 
@@ -375,11 +376,11 @@ def serve(
         if config.projections == "embedded":
             # small batches: on SQLite the read models share the ledger's write lock
             projector = EmbeddedRunner(service.store, batch_size=2000).start()
-        if config.risk == "embedded":
-            # early warning: follows the logs, raises alerts and restricts on RED per policy
-            risk = EmbeddedRisk(RiskEngine(service)).start()
         else:  # projection workers run elsewhere: queries wait for them, never project
             options = dataclasses.replace(options or ServerOptions(), read_models="wait")
+        if config.risk == "embedded":
+            # early warning: follows the logs, raises alerts and restricts on RED per policy
+            risk = EmbeddedRisk(RiskEngine(service, feed=ReconStoreFeed(service))).start()
         srv = build_server(
             service,
             host=host,
