@@ -80,6 +80,10 @@ EFFECT_KEYS = frozenset(
         "request",
         "rejects",
         "liabilities",
+        "reconciliation",
+        "alert",
+        "alert_acknowledged",
+        "alert_closed",
     }
 )
 ENTRY_KINDS = frozenset(
@@ -121,12 +125,54 @@ SHAPES: dict[str, tuple[frozenset[str], ...]] = {
     REQUESTED: _shape({"request"}),
     "approval_rejected": _shape({"rejects"}),
     "liabilities_published": _shape({"liabilities"}, _EXEC),
+    "reconciliation_completed": _shape({"reconciliation", "executes"}),
+    "alert_raised": _shape({"alert"}),
+    "alert_acknowledged": _shape({"alert_acknowledged"}),
+    "alert_closed": _shape({"alert_closed"}),
     REFUSED: _shape({"code", "control", "message"}, ("linked_to", "suppressed", "auth_failed")),
 }
 # the keys of a large-value tag, in canonical (sorted) order
 TAG_KEYS = ("account", "day_total_minor", "due_ms", "side", "tag")
 TAG_SIDES = frozenset({"in", "out"})
 GATES = frozenset({"NORMAL", "RESTRICTED", "WIND_DOWN", "FROZEN"})
+# from open to shut: a `system` actor may only move the gate rightwards, without a checker,
+# and only while the policy in force has auto_restrict = 1
+GATE_RANK = {"NORMAL": 0, "RESTRICTED": 1, "WIND_DOWN": 2, "FROZEN": 3}
+SYSTEM = "system"
+# the daily reconciliation (docs/FORMAT.md §3.1): its keys in canonical order, its limits
+RECONCILIATION_KEYS = (
+    "as_of",
+    "breaks",
+    "ccy",
+    "closing",
+    "difference",
+    "id",
+    "requirement",
+    "result",
+    "snapshot",
+    "statements",
+    "transit",
+)
+MAX_STATEMENTS = 64
+MAX_BREAKS = 10_000_000
+MIN_INT64 = -(2**63)
+_HEX = frozenset("0123456789abcdef")
+REQUIREMENT_KINDS = frozenset({"customer", "suspense"})  # what customers are owed
+MAX_DAY_MARKS = 400  # business-day boundaries whose requirement is remembered (see _mark_day)
+DAY_MS = 86_400_000
+# an early-warning alert: its keys in canonical order, its levels, and who may act on which
+ALERT_KEYS = ("id", "level", "rule", "subject")
+ALERT_LEVELS = frozenset({"GREEN", "YELLOW", "ORANGE", "RED"})
+_LOW_ALERTS = frozenset({"GREEN", "YELLOW"})
+ALERT_MAY: dict[tuple[str, str], frozenset[str]] = {  # (role, op) -> levels (controls/alerts.py)
+    ("platform", "acknowledge_alert"): _LOW_ALERTS,
+    ("platform", "close_alert"): _LOW_ALERTS,
+    ("operator", "acknowledge_alert"): ALERT_LEVELS,
+    ("operator", "close_alert"): _LOW_ALERTS,
+    ("checker", "acknowledge_alert"): ALERT_LEVELS,
+    ("checker", "close_alert"): ALERT_LEVELS,
+}
+CLOSED = ""  # the alert table's value for a closed alert (open ones hold their level)
 # a proof-of-liabilities statement (custody-pol/v1): its keys in canonical order, its limits
 LIABILITIES_KEYS = ("asset", "depth", "root", "snapshot", "total")
 POL_MAX_DEPTH = 40
@@ -160,13 +206,24 @@ KIND_OF_OP: dict[str, str] = {
     "set_gate": "gate_set",
     "reject_request": "approval_rejected",
     "publish_liabilities": "liabilities_published",
+    "record_reconciliation": "reconciliation_completed",
+    "raise_alert": "alert_raised",
+    "acknowledge_alert": "alert_acknowledged",
+    "close_alert": "alert_closed",
 }
 OPS_OF_KIND: dict[str, frozenset[str]] = {
     kind: frozenset(op for op, k in KIND_OF_OP.items() if k == kind)
     for kind in set(KIND_OF_OP.values())
 }
-# operations a maker may ask a checker for (anything but governance of the requests themselves)
-REQUESTABLE_OPS = frozenset(KIND_OF_OP) - {"create_platform", "reject_request"}
+# operations a maker may ask a checker for (anything but governance of the requests themselves
+# and the alerts, which no policy can put under maker-checker)
+REQUESTABLE_OPS = frozenset(KIND_OF_OP) - {
+    "create_platform",
+    "reject_request",
+    "raise_alert",
+    "acknowledge_alert",
+    "close_alert",
+}
 
 # Who may start which operation: the verifier's own copy of the ledger's role matrix (BRIEF §7,
 # docs/FORMAT.md §3.4). An actor is `<role>:<name>`.
@@ -195,6 +252,8 @@ ROLE_OPS: dict[str, frozenset[str]] = {
         "bind_payee",
         "grant_standing",
         "revoke_standing",
+        "acknowledge_alert",
+        "close_alert",
     },
     "operator": frozenset(
         {
@@ -214,10 +273,14 @@ ROLE_OPS: dict[str, frozenset[str]] = {
             "set_gate",
             "reset_key",
             "publish_liabilities",
+            "record_reconciliation",
+            "raise_alert",
+            "acknowledge_alert",
+            "close_alert",
         }
     ),
-    "checker": frozenset({"approve_request", "reject_request"}),
-    "system": frozenset({"expire_holds"}),
+    "checker": frozenset({"approve_request", "reject_request", "acknowledge_alert", "close_alert"}),
+    "system": frozenset({"expire_holds", "raise_alert", "set_gate"}),
     "auditor": frozenset(),
     "regulator": frozenset(),
 }
@@ -225,13 +288,13 @@ CHECKER = "checker"
 MAX_ACTORS = 4096  # distinct actors whose role is remembered (memory stays bounded)
 # Maker-checker: operations that always need a checker, whatever the policy says, and the
 # movements whose amount is compared with the policy's approval threshold.
-ALWAYS_APPROVED_OPS = frozenset({"set_policy", "set_gate", "reset_key"})
+ALWAYS_APPROVED_OPS = frozenset({"set_policy", "set_gate", "reset_key", "record_reconciliation"})
 LARGE_VALUE_OPS = frozenset({"transfer", "place_hold", "request_withdrawal"})
 AUTH_FAILED_CODE = "AUTHORISATION_INVALID"
 AUTH_CONTROL = "customer_authorisation"
 
-# account slots
-_KIND, _CCY, _NONNEG, _DP, _CP, _DH, _CH = range(7)
+# account slots (_REQ: a customer or suspense account, counted in the requirement)
+_KIND, _CCY, _NONNEG, _DP, _CP, _DH, _CH, _REQ = range(8)
 
 
 @dataclass
@@ -291,6 +354,13 @@ class Summary:
     standing: int = 0  # standing authorisations granted and not revoked
     policy_version: int = 0
     gate: str = "NORMAL"
+    alerts: int = 0  # alerts raised
+    open_alerts: int = 0  # ... and not closed
+    reconciliations: int = 0  # reconciliation_completed records
+    # reconciliation requests whose requirement the replay recomputed (and found equal), and
+    # those whose snapshot was neither their own position nor a remembered day boundary
+    requirements_checked: int = 0
+    requirements_unchecked: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     # currency -> account kind -> sum of posted balances in the kind's normal direction
     balances: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -374,19 +444,30 @@ class _Ledger:
 
     __slots__ = (
         "accounts",
+        "alerts",
         "approval_above",
         "approval_ttl",
+        "auto_restrict",
         "created",
         "currencies",
+        "day_marks",
+        "day_offset",
         "gate",
         "holds",
         "kinds",
+        "last_recon",
         "last_ts",
         "need_ops",
+        "next_day",
         "platform",
         "pv",
+        "recon_requests",
+        "reconciliations",
         "refused",
         "requests",
+        "requirement",
+        "requirement_checked",
+        "requirement_unchecked",
         "roles",
         "standing",
         "status",
@@ -416,6 +497,24 @@ class _Ledger:
         # standing authorisation id -> customer account, while granted and not revoked
         self.standing: dict[str, str] = {}
         self.roles: dict[str, str] = {}  # actor -> role, for at most MAX_ACTORS actors
+        self.auto_restrict = 0  # the policy's auto_restrict: may `system` tighten the gate alone
+        # alert id -> its level while open, CLOSED once closed: every alert ever raised (ids are
+        # unique for the platform's life), so this is the one table that grows with the log, by
+        # one short entry per alert
+        self.alerts: dict[str, str] = {}
+        # the requirement (customer + suspense posted balances) per currency, kept as postings
+        # run, and its value at the last MAX_DAY_MARKS business-day boundaries (log size -> by
+        # currency), where a day's reconciliation takes its snapshot
+        self.requirement: dict[str, int] = {}
+        self.day_marks: dict[int, dict[str, int]] = {}
+        self.day_offset = 0
+        self.next_day = 0  # the first ms of the next business day (a boundary to remember)
+        # pending record_reconciliation request id -> the reconciliation it must record
+        self.recon_requests: dict[str, dict[str, Any]] = {}
+        self.last_recon: dict[str, str] = {}  # currency -> id of its latest reconciliation
+        self.reconciliations = 0
+        self.requirement_checked = 0  # requests whose requirement was recomputed and matched
+        self.requirement_unchecked = 0  # requests whose snapshot was not a remembered log size
 
     def apply(self, rec: Any, pos: int) -> None:
         if type(rec) is not dict:
@@ -431,6 +530,8 @@ class _Ledger:
         if type(ts) is not int or ts < self.last_ts:
             raise _Fail(f"timestamp {ts!r} runs backwards (previous {self.last_ts})")
         self.last_ts = ts
+        if ts >= self.next_day:
+            self._mark_day(ts, pos)
         kind = rec.get("kind")
         if type(kind) is not str:
             raise _Fail("record has no kind")
@@ -475,7 +576,9 @@ class _Ledger:
                 raise _Fail(f"{kind} record from operation {op!r}")
             if op not in ROLE_OPS[role]:
                 raise _Fail(f"actor {actor!r}: role {role!r} may not {op}")
-            if op in self.need_ops or (
+            if role == SYSTEM and op == "set_gate":
+                self._automatic_gate(rec, actor)
+            elif op in self.need_ops or (
                 self.approval_above
                 and op in LARGE_VALUE_OPS
                 and _amount_at_least(cmd, self.approval_above)
@@ -596,6 +699,8 @@ class _Ledger:
             raise _Fail(f"request expires at {expires!r}, not after the policy's approval_ttl_ms")
         if type(spec["why"]) is not str:
             raise _Fail("request without a reason")
+        if op == "record_reconciliation":
+            self._reconciliation_requested(request_id, cmd, rec["seq"])
         self.requests[request_id] = (actor, expires, op)
 
     def _rejected(self, rec: dict[str, Any], cmd: dict[str, Any]) -> None:
@@ -608,6 +713,7 @@ class _Ledger:
         if _person(rec["actor"]) == _person(request[0]):
             raise _Fail(f"request {request_id!r} rejected by its own maker")
         del self.requests[request_id]
+        self.recon_requests.pop(request_id, None)
 
     # -- kinds without money --------------------------------------------------------------------
 
@@ -665,6 +771,16 @@ class _Ledger:
             raise _Fail(f"policy approval_above_minor {above!r} out of range")
         if type(ttl) is not int or not 0 < ttl <= MAX_AMOUNT:
             raise _Fail(f"policy approval_ttl_ms {ttl!r} out of range")
+        auto = policy.get("auto_restrict", 0)  # absent: no automatic restriction
+        if type(auto) is not int or auto not in (0, 1):
+            raise _Fail(f"policy auto_restrict {auto!r} is not 0 or 1")
+        offset = policy.get("day_offset_ms", 0)
+        if type(offset) is not int or not -DAY_MS < offset < DAY_MS:
+            raise _Fail(f"policy day_offset_ms {offset!r} is not within a day")
+        if offset != self.day_offset:
+            self.day_offset = offset
+            self.next_day = self._day_after(self.last_ts)
+        self.auto_restrict = auto
         self.pv = version
         self.need_ops = ALWAYS_APPROVED_OPS.union(ops)
         self.approval_above = above
@@ -726,11 +842,198 @@ class _Ledger:
                 raise _Fail(f"unknown gate {gate!r}")
             if gate == self.gate:
                 raise _Fail(f"gate set to {gate}, which it already is")
+            if direct and cmd.get("gate") != gate:
+                raise _Fail("gate_set differs from its instruction")
             self.gate = gate
         elif kind == "liabilities_published":
             self._liabilities(rec, cmd, direct)
+        elif kind == "reconciliation_completed":
+            self._reconciliation_completed(rec)
+        elif kind == "alert_raised":
+            self._alert_raised(rec, cmd)
+        elif kind == "alert_acknowledged" or kind == "alert_closed":
+            self._alert_step(rec, kind, op, cmd)
         else:  # pragma: no cover - SHAPES and this dispatch list the same kinds
             raise _Fail(f"kind {kind!r} has no replay rule")
+
+    # -- the platform gate, the daily reconciliation and the alerts -------------------------------
+
+    def _automatic_gate(self, rec: dict[str, Any], actor: str) -> None:
+        """Early warning (a `system` actor) may set the gate without a checker only under a
+        policy with auto_restrict = 1, and only towards FROZEN (NORMAL < RESTRICTED < WIND_DOWN
+        < FROZEN): tightening is safe, loosening never is."""
+        if not self.auto_restrict:
+            raise _Fail(
+                f"set_gate by {actor!r} without a checker's approval while the policy's "
+                "auto_restrict is 0"
+            )
+        gate = rec["gate"]
+        rank = GATE_RANK.get(gate) if type(gate) is str else None
+        if rank is None:
+            raise _Fail(f"unknown gate {gate!r}")
+        if rank <= GATE_RANK[self.gate]:
+            raise _Fail(
+                f"set_gate by {actor!r} without a checker's approval may only tighten the "
+                f"gate, not move it from {self.gate} to {gate}"
+            )
+
+    def _day_after(self, ts: int) -> int:
+        """The first millisecond of the business day after the one `ts` falls in."""
+        return ((ts + self.day_offset) // DAY_MS + 1) * DAY_MS - self.day_offset
+
+    def _mark_day(self, ts: int, pos: int) -> None:
+        """Record `pos` opens a new business day: remember the requirement at log size `pos`,
+        the snapshot a reconciliation of the day before takes (reconciliation/ledger_view.py).
+        At most MAX_DAY_MARKS boundaries are kept, so memory stays flat."""
+        marks = self.day_marks
+        marks[pos] = dict(self.requirement)
+        if len(marks) > MAX_DAY_MARKS:
+            del marks[next(iter(marks))]  # the oldest (dicts keep insertion order)
+        self.next_day = self._day_after(ts)
+
+    def _requirement_at(self, size: int, pos: int) -> dict[str, int] | None:
+        """Customer + suspense balances by currency at log size `size` (record `pos` is being
+        replayed), if this replay still knows them: at its own position or at a remembered
+        business-day boundary."""
+        if size == pos:
+            return self.requirement
+        return self.day_marks.get(size)
+
+    def _reconciliation_requested(self, request_id: str, cmd: dict[str, Any], pos: int) -> None:
+        """The operator's instruction: its figures must add up, and the requirement must be the
+        log's own at the snapshot whenever this replay can recompute it."""
+        spec: dict[str, Any] = {
+            "as_of": cmd.get("as_of_ms"),
+            "breaks": cmd.get("breaks"),
+            "ccy": cmd.get("currency"),
+            "closing": cmd.get("bank_closing_minor"),
+            "difference": cmd.get("difference_minor"),
+            "id": cmd.get("reconciliation_id"),
+            "requirement": cmd.get("requirement_minor"),
+            "result": cmd.get("result"),
+            "snapshot": cmd.get("snapshot_size"),
+            "statements": cmd.get("statements"),
+            "transit": cmd.get("in_transit_minor"),
+        }
+        self._check_reconciliation(spec, pos, "requested")
+        known = self._requirement_at(spec["snapshot"], pos)
+        if known is None:
+            self.requirement_unchecked += 1
+        else:
+            actual = known.get(spec["ccy"], 0)
+            if spec["requirement"] != actual:
+                raise _Fail(
+                    f"reconciliation requirement {spec['requirement']} is not the customer + "
+                    f"suspense balance {actual} {spec['ccy']} at log size {spec['snapshot']}"
+                )
+            self.requirement_checked += 1
+        self.recon_requests[request_id] = spec
+
+    def _check_reconciliation(self, spec: dict[str, Any], pos: int, what: str) -> None:
+        """The shape and arithmetic of a reconciliation (ledger/validate.py)."""
+        as_of, breaks, ccy, closing, difference, recon_id, requirement, result, snapshot = (
+            spec["as_of"],
+            spec["breaks"],
+            spec["ccy"],
+            spec["closing"],
+            spec["difference"],
+            spec["id"],
+            spec["requirement"],
+            spec["result"],
+            spec["snapshot"],
+        )
+        statements, transit = spec["statements"], spec["transit"]
+        if type(recon_id) is not str or not recon_id:
+            raise _Fail(f"{what} reconciliation without an id")
+        if type(ccy) is not str or ccy not in self.currencies:
+            raise _Fail(f"reconciliation currency {ccy!r} is not a currency of an opened account")
+        if type(as_of) is not int or as_of <= 0:
+            raise _Fail(f"reconciliation as_of {as_of!r} is not a Unix time in ms")
+        if type(snapshot) is not int or not 1 <= snapshot <= pos:
+            raise _Fail(
+                f"reconciliation snapshot {snapshot!r} is not a log size up to its own record"
+            )
+        if (
+            type(statements) is not list
+            or not 1 <= len(statements) <= MAX_STATEMENTS
+            or not all(type(d) is str and len(d) == 64 and _HEX.issuperset(d) for d in statements)
+        ):
+            raise _Fail(
+                f"reconciliation statements must be 1..{MAX_STATEMENTS} SHA-256 digests "
+                "(lowercase hex)"
+            )
+        if len(set(statements)) != len(statements):
+            raise _Fail("reconciliation lists a statement twice")
+        for name, value, low in (
+            ("closing", closing, 0),
+            ("requirement", requirement, 0),
+            ("transit", transit, MIN_INT64),
+            ("difference", difference, MIN_INT64),
+        ):
+            if type(value) is not int or not low <= value <= MAX_AMOUNT:
+                raise _Fail(f"reconciliation {name} {value!r} out of range")
+        if type(breaks) is not int or not 0 <= breaks <= MAX_BREAKS:
+            raise _Fail(f"reconciliation breaks {breaks!r} is not in 0..{MAX_BREAKS}")
+        expected = closing + transit - requirement
+        if difference != expected:
+            raise _Fail(
+                f"reconciliation figures do not add up: difference {difference}, but closing "
+                f"{closing} + transit {transit} - requirement {requirement} = {expected}"
+            )
+        sign = "balanced" if expected == 0 else "shortfall" if expected < 0 else "excess"
+        if result != sign:
+            raise _Fail(f"reconciliation result {result!r}, the figures say {sign}")
+
+    def _reconciliation_completed(self, rec: dict[str, Any]) -> None:
+        spec = rec["reconciliation"]
+        if type(spec) is not dict or tuple(spec) != RECONCILIATION_KEYS:
+            raise _Fail(f"reconciliation must be {{{', '.join(RECONCILIATION_KEYS)}}}")
+        self._check_reconciliation(spec, rec["seq"], "recorded")
+        asked = self.recon_requests.pop(rec["executes"], None)
+        if asked != spec:
+            raise _Fail("reconciliation differs from the operator's instruction it executes")
+        if spec["id"] in self.last_recon.values():
+            raise _Fail(f"reconciliation {spec['id']!r} recorded twice")
+        self.last_recon[spec["ccy"]] = spec["id"]
+        self.reconciliations += 1
+
+    def _alert_raised(self, rec: dict[str, Any], cmd: dict[str, Any]) -> None:
+        spec = rec["alert"]
+        if type(spec) is not dict or tuple(spec) != ALERT_KEYS:
+            raise _Fail("alert must be {id, level, rule, subject}")
+        alert_id, level, rule, subject = spec.values()
+        if type(alert_id) is not str or not alert_id:
+            raise _Fail("alert without an id")
+        if alert_id in self.alerts:
+            raise _Fail(f"alert {alert_id!r} raised twice")
+        if type(level) is not str or level not in ALERT_LEVELS:
+            raise _Fail(f"alert level {level!r} is not GREEN, YELLOW, ORANGE or RED")
+        if type(rule) is not str or not rule or type(subject) is not str:
+            raise _Fail("alert needs a rule and a subject ('' for the platform)")
+        if (
+            cmd.get("alert_id") != alert_id
+            or cmd.get("level") != level
+            or cmd.get("rule") != rule
+            or cmd.get("subject", "") != subject
+        ):
+            raise _Fail("alert_raised differs from its instruction")
+        self.alerts[alert_id] = level
+
+    def _alert_step(self, rec: dict[str, Any], kind: str, op: Any, cmd: dict[str, Any]) -> None:
+        alert_id = rec[kind]
+        level = self.alerts.get(alert_id) if type(alert_id) is str else None
+        if level is None:
+            raise _Fail(f"{kind} names {alert_id!r}, which is not a raised alert")
+        if level == CLOSED:
+            raise _Fail(f"alert {alert_id!r} is already closed")
+        if cmd.get("alert_id") != alert_id:
+            raise _Fail(f"{kind} differs from its instruction")
+        role = self.roles.get(rec["actor"]) or self._role(rec["actor"])
+        if level not in ALERT_MAY.get((role, op), ()):
+            verb = "close" if kind == "alert_closed" else "acknowledge"
+            raise _Fail(f"role {role!r} may not {verb} a {level} alert ({alert_id!r})")
+        if kind == "alert_closed":
+            self.alerts[alert_id] = CLOSED
 
     def _standing_granted(self, rec: dict[str, Any]) -> None:
         spec = rec["standing"]
@@ -851,6 +1154,9 @@ class _Ledger:
             )
         debit[_DP] += amount
         credit[_CP] += amount
+        if debit[_REQ] or credit[_REQ]:
+            req = self.requirement
+            req[ccy] = req.get(ccy, 0) + (credit[_REQ] - debit[_REQ]) * amount
         total = self.totals.get(ccy, 0) + amount
         self.totals[ccy] = total
         if total > MAX_AMOUNT or credit[_CP] > MAX_AMOUNT:
@@ -932,7 +1238,16 @@ class _Ledger:
             raise _Fail(f"unknown account kind {kind!r}")
         if type(ccy) is not str or len(ccy) != 3 or not ccy.isascii() or not ccy.isupper():
             raise _Fail(f"currency {ccy!r} is not an ISO 4217 code")
-        self.accounts[account_id] = [kind, ccy, kind in NON_NEGATIVE_KINDS, 0, 0, 0, 0]
+        self.accounts[account_id] = [
+            kind,
+            ccy,
+            kind in NON_NEGATIVE_KINDS,
+            0,
+            0,
+            0,
+            0,
+            int(kind in REQUIREMENT_KINDS),
+        ]
         self.currencies.add(ccy)
 
     def fill(self, summary: Summary) -> None:
@@ -943,6 +1258,11 @@ class _Ledger:
         summary.policy_version = self.pv
         summary.gate = self.gate
         summary.refused = self.refused
+        summary.alerts = len(self.alerts)
+        summary.open_alerts = sum(1 for level in self.alerts.values() if level != CLOSED)
+        summary.reconciliations = self.reconciliations
+        summary.requirements_checked = self.requirement_checked
+        summary.requirements_unchecked = self.requirement_unchecked
         summary.kinds = dict(sorted(self.kinds.items()))
         balances: dict[str, dict[str, int]] = {}
         held: dict[str, int] = {}

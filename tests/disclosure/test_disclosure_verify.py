@@ -95,11 +95,6 @@ def test_recompute_covers_alerts_and_reconciliation(
     assert V.canonical_bytes(again) == built.data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="custody_verify.bundle does not replay record_reconciliation requests or alert "
-    "records yet (commit 7c5fee2 added them to the ledger)",
-)
 def test_bundle_with_alerts_and_reconciliation_verifies(
     service: LedgerService, clock: FakeClock, tmp_path: Path
 ) -> None:
