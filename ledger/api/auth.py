@@ -50,6 +50,8 @@ class Access(enum.Enum):
     RELAY = "relay"  # platforms only: customers' own instructions (keys, payees, standing)
     ADMIN = "admin"  # operators only: platforms, manual operations, policy and gate
     APPROVE = "approve"  # checkers only: maker-checker decisions
+    ALERTS = "alerts"  # platforms (own), operators, checkers: acknowledge and close alerts
+    CUSTOMER_DATA = "customer_data"  # platforms only: a customer's private proof file (salt)
 
 
 ROLES_FOR: Final[Mapping[Access, frozenset[Role]]] = {
@@ -58,6 +60,9 @@ ROLES_FOR: Final[Mapping[Access, frozenset[Role]]] = {
     Access.RELAY: frozenset({Role.PLATFORM}),
     Access.ADMIN: frozenset({Role.OPERATOR}),
     Access.APPROVE: frozenset({Role.CHECKER}),
+    # which levels each may act on is the ledger's alerts control (controls/alerts.py)
+    Access.ALERTS: frozenset({Role.PLATFORM, Role.OPERATOR, Role.CHECKER}),
+    Access.CUSTOMER_DATA: frozenset({Role.PLATFORM}),
 }
 
 _READS: Final = {
@@ -80,6 +85,11 @@ _READS: Final = {
     "PolicyService": ("GetPolicy",),
     # platforms see the requests their large movements made; auditors and regulators read them
     "ApprovalService": ("ListRequests", "GetRequest"),
+    # regulators, auditors, checkers, operators; a platform its own platform's snapshots
+    "DisclosureService": ("GetDisclosure", "ListDisclosures"),
+    # published statements (root, total) are public to everyone who may see the platform
+    "LiabilitiesService": ("GetLiabilitiesStatement",),
+    "AlertService": ("ListAlerts", "GetAlert", "StreamAlerts", "GetRiskIndicators"),
 }
 _WRITES: Final = {
     "AccountService": ("OpenAccount", "FreezeAccount", "CloseAccount"),
@@ -109,8 +119,13 @@ _ADMIN: Final = {
     "MovementService": ("TopUpShortfall", "Reverse"),
     "CustomerService": ("ResetCustomerKey",),
     "PolicyService": ("ProposePolicy", "SetPlatformGate"),
+    # preparing a snapshot signs with the ledger's key (and may sign a checkpoint)
+    "DisclosureService": ("BuildDisclosure",),
 }
 _APPROVALS: Final = {"ApprovalService": ("ApproveRequest", "RejectRequest")}
+_ALERTS: Final = {"AlertService": ("AcknowledgeAlert", "CloseAlert")}
+# a customer's proof file carries the salt that proves their balance: their platform only
+_CUSTOMER_DATA: Final = {"LiabilitiesService": ("GetCustomerProof",)}
 
 
 def _table() -> dict[str, Access]:
@@ -121,6 +136,8 @@ def _table() -> dict[str, Access]:
         (Access.RELAY, _RELAYS),
         (Access.ADMIN, _ADMIN),
         (Access.APPROVE, _APPROVALS),
+        (Access.ALERTS, _ALERTS),
+        (Access.CUSTOMER_DATA, _CUSTOMER_DATA),
     ):
         for service, methods in groups.items():
             for method in methods:
@@ -263,6 +280,8 @@ def authorize(
         reason: str
         if needed is Access.APPROVE:
             reason = Code.CHECKER_ROLE_REQUIRED
+        elif needed is Access.CUSTOMER_DATA:
+            reason = ApiReason.PERMISSION_DENIED
         elif identity.role not in ROLES_FOR[Access.WRITE]:
             reason = ApiReason.READ_ONLY_ROLE
         else:

@@ -51,6 +51,12 @@ class ApiReason(enum.StrEnum):
     PROJECTION_BEHIND = "PROJECTION_BEHIND"  # not projected up to the asked position in time
     PROJECTION_FAILED = "PROJECTION_FAILED"  # the log cannot be projected (e.g. a broken chain)
     POSITION_OUT_OF_RANGE = "POSITION_OUT_OF_RANGE"  # past the log's head
+    # disclosures, liabilities (reporting services)
+    DISCLOSURE_NOT_FOUND = "DISCLOSURE_NOT_FOUND"  # no snapshot built for that period
+    DISCLOSURE_REFUSED = "DISCLOSURE_REFUSED"  # the period cannot be disclosed (e.g. too long)
+    DISCLOSURE_MISMATCH = "DISCLOSURE_MISMATCH"  # a rebuild differs from the kept snapshot
+    LIABILITIES_NOT_PUBLISHED = "LIABILITIES_NOT_PUBLISHED"  # no statement for that currency
+    LIABILITIES_PROOF_NOT_FOUND = "LIABILITIES_PROOF_NOT_FOUND"  # no proof file for it
     INTERNAL = "INTERNAL"
 
 

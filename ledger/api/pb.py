@@ -9,6 +9,12 @@ from ledger.api.gen.custody.v1 import (
     account_service_pb2_grpc as account_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    alert_service_pb2 as alert_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    alert_service_pb2_grpc as alert_grpc,
+)
+from ledger.api.gen.custody.v1 import (
     approval_service_pb2 as approval_pb,
 )
 from ledger.api.gen.custody.v1 import (
@@ -33,10 +39,22 @@ from ledger.api.gen.custody.v1 import (
     customer_service_pb2_grpc as customer_grpc,
 )
 from ledger.api.gen.custody.v1 import (
+    disclosure_service_pb2 as disclosure_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    disclosure_service_pb2_grpc as disclosure_grpc,
+)
+from ledger.api.gen.custody.v1 import (
     hold_service_pb2 as hold_pb,
 )
 from ledger.api.gen.custody.v1 import (
     hold_service_pb2_grpc as hold_grpc,
+)
+from ledger.api.gen.custody.v1 import (
+    liabilities_service_pb2 as liabilities_pb,
+)
+from ledger.api.gen.custody.v1 import (
+    liabilities_service_pb2_grpc as liabilities_grpc,
 )
 from ledger.api.gen.custody.v1 import (
     log_service_pb2 as log_pb,
@@ -80,6 +98,9 @@ SERVICE_MODULES = (
     customer_pb,
     policy_pb,
     approval_pb,
+    disclosure_pb,
+    liabilities_pb,
+    alert_pb,
 )
 
 # Fully qualified names of every custody.v1 service, for health and reflection.
@@ -93,6 +114,8 @@ __all__ = [
     "SERVICE_NAMES",
     "account_grpc",
     "account_pb",
+    "alert_grpc",
+    "alert_pb",
     "approval_grpc",
     "approval_pb",
     "audit_grpc",
@@ -101,8 +124,12 @@ __all__ = [
     "common_pb",
     "customer_grpc",
     "customer_pb",
+    "disclosure_grpc",
+    "disclosure_pb",
     "hold_grpc",
     "hold_pb",
+    "liabilities_grpc",
+    "liabilities_pb",
     "log_grpc",
     "log_pb",
     "movement_grpc",

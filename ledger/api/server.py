@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -35,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger.api import auth
 from ledger.api.certs import CA_CERT, SERVER_CERT, SERVER_KEY, create_dev_pki
+from ledger.api.dashboard import DashboardServer
 from ledger.api.handlers import Gate
 from ledger.api.pb import SERVICE_NAMES
 from ledger.api.readmodels import ReadModels
@@ -49,6 +51,7 @@ log = logging.getLogger("ledger.api.server")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
+DASHBOARD_PORT_ENV: Final = "CUSTODY_DASHBOARD_PORT"
 MIB: Final = 1024 * 1024
 T = TypeVar("T")
 
@@ -70,6 +73,8 @@ class ServerOptions:
     # at most this long and never past its deadline; then PROJECTION_BEHIND.
     read_models: str = "catch_up"
     read_model_wait_s: float = 5.0
+    # GetCustomerProof's proof files; None: $CUSTODY_LIABILITIES_DIR or <data dir>/liabilities
+    liabilities_dir: str | None = None
 
 
 class ServeError(RuntimeError):
@@ -157,7 +162,12 @@ class RunningServer:
         self.options = options
         self.pool = pool
         self.maintenance = maintenance
+        self.dashboard: DashboardServer | None = None
         self._stopped = False
+
+    @property
+    def dashboard_port(self) -> int | None:
+        return None if self.dashboard is None else self.dashboard.port
 
     @property
     def maintenance_port(self) -> int | None:
@@ -165,6 +175,8 @@ class RunningServer:
 
     def start(self) -> None:
         _on_loop(self._start())
+        if self.dashboard is not None:
+            self.dashboard.start()
 
     async def _start(self) -> None:
         await self.server.start()
@@ -181,6 +193,8 @@ class RunningServer:
         grace = self.options.grace_s if grace_s is None else grace_s
         self.core.stopping.set()
         try:
+            if self.dashboard is not None:
+                self.dashboard.close()
             _on_loop(self._stop(grace), grace + 10)
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -204,11 +218,13 @@ def build_server(
     options: ServerOptions | None = None,
     maintenance_port: int | None = None,
     projector: ProjectionRunner | None = None,
+    dashboard_port: int | None = None,
 ) -> RunningServer:
     """A bound (not yet started) server; the caller owns the LedgerService.
 
     `projector`: the projection runner queries catch up with (the embedded follower's, so they
-    take turns); without one the server makes its own.
+    take turns); without one the server makes its own. `dashboard_port`: also serve the risk
+    dashboard read-only over HTTP on 127.0.0.1:PORT (`ledger.api.dashboard`; 0 picks a port).
     """
     options = options or ServerOptions()
     tls_dir = None if tls_dir is None else Path(tls_dir)
@@ -235,15 +251,26 @@ def build_server(
         read_models=ReadModels(
             service, projector, mode=options.read_models, wait_s=options.read_model_wait_s
         ),
+        liabilities_dir=None if options.liabilities_dir is None else Path(options.liabilities_dir),
     )
+    dashboard: DashboardServer | None = None
     try:
-        return _on_loop(
+        if dashboard_port is not None:
+            try:
+                dashboard = DashboardServer(service, dashboard_port)
+            except OSError as exc:
+                raise ServeError(str(exc)) from None
+        running = _on_loop(
             _build(host, port, credentials, gate, core, pool, options, maintenance_port)
         )
     except BaseException:
+        if dashboard is not None:
+            dashboard.close()
         pool.shutdown(wait=False)
         core.read_models.close()
         raise
+    running.dashboard = dashboard
+    return running
 
 
 async def _build(
@@ -309,6 +336,7 @@ def running_server(
     options: ServerOptions | None = None,
     maintenance_port: int | None = None,
     projector: ProjectionRunner | None = None,
+    dashboard_port: int | None = None,
 ) -> Iterator[RunningServer]:
     """A started server (port 0 picks a free port: see `.port`), always stopped on exit."""
     srv = build_server(
@@ -320,6 +348,7 @@ def running_server(
         options=options,
         maintenance_port=maintenance_port,
         projector=projector,
+        dashboard_port=dashboard_port,
     )
     srv.start()
     try:
@@ -353,17 +382,24 @@ def serve(
     maintenance_port: int | None = None,
     ready: Callable[[RunningServer], None] | None = None,
     stop_event: threading.Event | None = None,
+    dashboard_port: int | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or `stop_event`), then drain and close. Returns an exit code.
 
     With neither a TLS folder nor `insecure_dev`, a loopback server uses mutual TLS with a
     development PKI in `<data dir>/tls`, created on first use (so `custody serve` needs no
-    configuration); any other address needs an explicit TLS folder.
+    configuration); any other address needs an explicit TLS folder. `dashboard_port` (else
+    $CUSTODY_DASHBOARD_PORT, else none) serves the risk dashboard on 127.0.0.1 (read-only).
     """
     if insecure_dev and not is_loopback(host):  # refuse before touching any data
         raise InsecureBindRefused(
             f"--insecure-dev binds only to loopback; refusing {host!r} (use mutual TLS)"
         )
+    if dashboard_port is None and os.environ.get(DASHBOARD_PORT_ENV):
+        text = os.environ[DASHBOARD_PORT_ENV]
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ServeError(f"{DASHBOARD_PORT_ENV} must be a port number, not {text!r}")
+        dashboard_port = int(text)
     if tls_dir is None and not insecure_dev:
         if not is_loopback(host):
             raise ServeError(f"serving on {host!r} needs a TLS folder (mutual TLS)")
@@ -390,6 +426,7 @@ def serve(
             options=options,
             maintenance_port=maintenance_port,
             projector=None if projector is None else projector.runner,
+            dashboard_port=dashboard_port,
         )
         stop = stop_event or threading.Event()
         previous: dict[signal.Signals, Any] = {}
@@ -403,6 +440,8 @@ def serve(
                 _address(host, srv.port),
                 "INSECURE development mode" if insecure_dev else "mutual TLS",
             )
+            if srv.dashboard_port is not None:
+                log.info("risk dashboard on http://127.0.0.1:%d/dashboard", srv.dashboard_port)
             if ready is not None:
                 ready(srv)
             stop.wait()

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -62,6 +63,7 @@ from ledger.store import log_stream
 from ledger.writer import Outcome
 
 PAGE_SIZE_DEFAULT: Final = 100
+LIABILITIES_DIR_ENV: Final = "CUSTODY_LIABILITIES_DIR"
 PAGE_SIZE_MAX: Final = 1000
 PAGE_TOKEN_MAX_LEN: Final = 512
 LOG_READ_PAGE: Final = 500
@@ -183,6 +185,7 @@ class Core:
         poll_interval_s: float = 0.05,
         batch_via: str = "execute",
         read_models: ReadModels | None = None,
+        liabilities_dir: Path | None = None,
     ) -> None:
         if batch_via not in ("submit", "execute"):
             raise ValueError("batch_via is 'submit' or 'execute'")
@@ -195,11 +198,73 @@ class Core:
         self.poll_interval_s = poll_interval_s
         self.batch_via = batch_via
         self._sorted_ids: dict[str, tuple[int, list[str]]] = {}
+        # where `custody project liabilities build` wrote the proof files (GetCustomerProof)
+        self.liabilities_dir = (
+            liabilities_dir
+            if liabilities_dir is not None
+            else Path(
+                os.environ.get(LIABILITIES_DIR_ENV) or service.config.data_dir / "liabilities"
+            )
+        )
+        self._resources: dict[str, Any] = {}
+        self._resources_lock = threading.Lock()
+
+    def resource(self, name: str, make: Callable[[], R]) -> R:
+        """A shared object made on first use (tables opened once, in the worker pool)."""
+        with self._resources_lock:
+            if name not in self._resources:
+                self._resources[name] = make()
+            value: R = self._resources[name]
+            return value
 
     async def run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run blocking work (locks, database reads) in the worker pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    async def follow_log(
+        self,
+        platform_id: str,
+        start_position: int,
+        stop_at: int | None,
+        kinds: frozenset[str] | None = None,
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
+        """(position, kind, stored bytes) of the platform's records from `start_position` on,
+        in order, read page by page (at most LOG_READ_PAGE rows in memory) in the worker pool.
+
+        Ends after `stop_at` (None: follows new records, polling), when the server stops, or
+        when the call is cancelled (grpc.aio cancels it at the caller's deadline). `kinds`
+        keeps records of those kinds only (the others are read but never decoded)."""
+        stream = log_stream(platform_id)
+        after = start_position - 1
+        while not self.stopping.is_set():
+            if stop_at is not None and after >= stop_at:
+                return
+            rows = await self.run(self.service.store.read, stream, after, LOG_READ_PAGE)
+            if not rows:
+                await asyncio.sleep(self.poll_interval_s)
+                continue
+            for seq, kind, packed in rows:
+                if stop_at is not None and seq > stop_at:
+                    return
+                after = seq
+                if kinds is None or kind in kinds:
+                    yield seq, kind, packed
+
+    async def acquire_stream(self, context: Context) -> None:
+        """Take one of the `max_streams` slots (subscriptions, exports, alert streams), or
+        abort the call with RESOURCE_EXHAUSTED / TOO_MANY_STREAMS. Release with
+        `self.streams.release()`."""
+        if not self.streams.acquire(blocking=False):
+            await errors.abort(
+                context,
+                ApiError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ApiReason.TOO_MANY_STREAMS,
+                    "too many open streams (subscriptions, exports); retry later",
+                    retry_delay_s=1.0,
+                ),
+            )
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -535,24 +600,14 @@ class LogServicer:
                 ),
             )
         try:
-            stream = log_stream(platform_id)
-            after = request.start_position - 1
             stop_at = None if request.follow else next_seq - 1
-            while not core.stopping.is_set():
-                if stop_at is not None and after >= stop_at:
-                    return
-                rows = await core.run(core.service.store.read, stream, after, LOG_READ_PAGE)
-                if not rows:
-                    await asyncio.sleep(core.poll_interval_s)
-                    continue
-                for seq, kind, packed in rows:
-                    if stop_at is not None and seq > stop_at:
-                        return
-                    chain_hash, data = records.unpack_state(packed)
-                    yield log_pb.SubscribeLogResponse(
-                        position=seq, kind=kind, record=data, chain_hash=chain_hash
-                    )
-                    after = seq
+            async for seq, kind, packed in core.follow_log(
+                platform_id, request.start_position, stop_at
+            ):
+                chain_hash, data = records.unpack_state(packed)
+                yield log_pb.SubscribeLogResponse(
+                    position=seq, kind=kind, record=data, chain_hash=chain_hash
+                )
         finally:
             core.streams.release()
 
@@ -855,6 +910,16 @@ SERVICES: Final = (
 )
 
 
+def all_services() -> tuple[tuple[Any, str, type], ...]:
+    """SERVICES and the reporting services (disclosures, liabilities, alerts), which build on
+    this module and so are imported here, not at the top."""
+    from ledger.api.alerts import SERVICES as ALERT_SERVICES
+    from ledger.api.disclosures import SERVICES as DISCLOSURE_SERVICES
+    from ledger.api.liabilities import SERVICES as LIABILITIES_SERVICES
+
+    return (*SERVICES, *DISCLOSURE_SERVICES, *LIABILITIES_SERVICES, *ALERT_SERVICES)
+
+
 def add_servicers(server: grpc.aio.Server, core: Core, gate: Gate) -> None:
-    for module, name, servicer_cls in SERVICES:
+    for module, name, servicer_cls in all_services():
         add_service(server, module.DESCRIPTOR.services_by_name[name], servicer_cls(core), gate)

@@ -119,6 +119,8 @@ COMMAND_OF_MESSAGE: Final[Mapping[type[Message], type[c.Command]]] = {
     common_pb.SetGate: c.SetGate,
     common_pb.ApproveRequest: c.ApproveRequest,
     common_pb.RejectRequest: c.RejectRequest,
+    common_pb.AcknowledgeAlert: c.AcknowledgeAlert,
+    common_pb.CloseAlert: c.CloseAlert,
 }
 
 
