@@ -1,7 +1,10 @@
 """A realistic mixed log on a real LedgerService, under a policy with the controls on: signed
 customer instructions (Ed25519), key registration and rotation, payout binding and withdrawals,
 standing authorisations, maker-checker requests (approved, rejected, expired), policy and gate
-changes, large-value tags, and refusals of many kinds (bad signatures among them)."""
+changes, large-value tags, early-warning alerts (raised by the system and by an operator,
+acknowledged and closed by the roles allowed for their level) with an automatic restriction of
+the gate, daily reconciliations signed off by a checker, and refusals of many kinds (bad
+signatures among them)."""
 
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ from controls.policy import DAY_MS, FeeRule, LvtThresholds, Policy
 from ledger import commands as c
 from ledger.config import Config
 from ledger.service import LedgerService
+from reconciliation import ledger_view
 
 PLATFORM = "p1"
 # not `checker:test`: the platform acts as `platform:test`, and a checker must be another person
 CHECKER = "checker:carol"
+OPERATOR = "operator:alice"
+EARLY_WARNING = "system:early-warning"  # the early-warning engine's actor
 CCY = "CNY"
 FAR = START_MS + 9 * 365 * DAY_MS  # holds and standing authorisations outlive the test
 APPROVAL_ABOVE = 40_000  # transfers from this amount on need a checker
@@ -404,7 +410,106 @@ class Workload:
             self.run(
                 [c.FreezeAccount(client_id="spam-late", account_id="c0", reason="x")], "auditor:eve"
             )
+        self.alerts(b)
         self.check(b)
+        if b in (1, 5):
+            self.reconcile(b)
+
+    def alerts(self, b: int) -> None:
+        """Early warning: a RED alert restricts the gate at once (no checker: the policy's
+        auto_restrict is 1); a checker later lets the platform reopen. Alerts of each level are
+        acknowledged and closed by roles allowed to."""
+        if b == 2:
+            raise_ = [
+                c.RaiseAlert(
+                    client_id="al-red", alert_id="W3-red", rule="W3", level="RED", summary="-"
+                ),
+                c.RaiseAlert(
+                    client_id="al-yel",
+                    alert_id="W1-c0",
+                    rule="W1",
+                    level="YELLOW",
+                    subject="c0",
+                    summary="-",
+                ),
+            ]
+            self.run(raise_, EARLY_WARNING)
+            self.run(
+                [c.SetGate(client_id="auto-gate", gate="RESTRICTED", reason="W3")], EARLY_WARNING
+            )
+            self.run(
+                [
+                    c.AcknowledgeAlert(client_id="ack-yel", alert_id="W1-c0", note="seen"),
+                    c.CloseAlert(client_id="close-yel", alert_id="W1-c0", reason="explained"),
+                ],
+                "platform:p1",
+            )
+            assert self.outcomes["auto-gate"] == "accepted", "the automatic restriction"
+        if b == 3:
+            self.run(
+                [
+                    c.AcknowledgeAlert(client_id="ack-red", alert_id="W3-red", note="on it"),
+                    c.RaiseAlert(
+                        client_id="al-or",
+                        alert_id="M-or",
+                        rule="manual",
+                        level="ORANGE",
+                        summary="-",
+                    ),
+                    c.RaiseAlert(
+                        client_id="al-gr",
+                        alert_id="M-gr",
+                        rule="manual",
+                        level="GREEN",
+                        summary="-",
+                    ),
+                    c.CloseAlert(client_id="close-gr", alert_id="M-gr", reason="noise"),
+                    c.SetGate(client_id="gate-n-ew", gate="NORMAL", reason="W3 cured"),
+                ],
+                OPERATOR,
+            )
+            self.requests.append("gate-n-ew")
+        if b == 4:
+            self.run(
+                [
+                    c.CloseAlert(client_id="close-red", alert_id="W3-red", reason="cured"),
+                    c.AcknowledgeAlert(client_id="ack-or", alert_id="M-or", note="-"),
+                    c.CloseAlert(client_id="close-or", alert_id="M-or", reason="done"),
+                ],
+                CHECKER,
+            )
+
+    def reconcile(self, b: int) -> None:
+        """The day's reconciliation of each currency, requested by the operator with the log's
+        own requirement at the current size, and signed off by the checker."""
+        view = ledger_view.read(self.svc.store, PLATFORM)
+        for k, (ccy, transit) in enumerate((("CNY", -200), ("USD", 0))):
+            requirement = view.requirement.get(ccy, 0)
+            closing = requirement + (500 if ccy == "CNY" else 0) - b * k
+            difference = closing + transit - requirement
+            rid = f"rec-{ccy}-{b}"
+            cmd = c.RecordReconciliation(
+                client_id=rid,
+                reconciliation_id=f"r-{ccy}-{b}",
+                currency=ccy,
+                as_of_ms=self.clock.now,
+                snapshot_size=view.snapshot_size,
+                statements=[hashlib.sha256(f"{rid}/{i}".encode()).hexdigest() for i in range(2)],
+                bank_closing_minor=closing,
+                in_transit_minor=transit,
+                requirement_minor=requirement,
+                difference_minor=difference,
+                breaks=k,
+                result="balanced"
+                if difference == 0
+                else "excess"
+                if difference > 0
+                else "shortfall",
+            )
+            self.run([cmd], OPERATOR)
+            self.run([c.ApproveRequest(client_id=f"ok-{rid}", request_id=rid)], CHECKER)
+            assert (self.outcomes[rid], self.outcomes[f"ok-{rid}"]) == ("pending", "accepted")
+            view.snapshot_size += 2  # the request and its approval; no money moved
 
     def check(self, b: int) -> None:
         """The checker decides on pending requests: most approved, some rejected, some left to
