@@ -43,6 +43,8 @@ from ledger.api import translate
 from ledger.api.pb import (
     account_grpc,
     account_pb,
+    alert_grpc,
+    alert_pb,
     approval_grpc,
     approval_pb,
     audit_grpc,
@@ -51,8 +53,12 @@ from ledger.api.pb import (
     common_pb,
     customer_grpc,
     customer_pb,
+    disclosure_grpc,
+    disclosure_pb,
     hold_grpc,
     hold_pb,
+    liabilities_grpc,
+    liabilities_pb,
     log_grpc,
     log_pb,
     movement_grpc,
@@ -359,6 +365,8 @@ _INSTRUCTION_TYPES: Final[dict[str, type[Message]]] = {
     "set_gate": common_pb.SetGate,
     "approve_request": common_pb.ApproveRequest,
     "reject_request": common_pb.RejectRequest,
+    "acknowledge_alert": common_pb.AcknowledgeAlert,
+    "close_alert": common_pb.CloseAlert,
 }
 _ENUM_PREFIX: Final = {
     "kind": (common_pb.AccountKind, "ACCOUNT_KIND_"),
@@ -453,6 +461,112 @@ def _receipt(r: common_pb.Receipt) -> Receipt:
     return Receipt(r.client_id, status == "replayed", r.position, r.kind, status, r.request_id)
 
 
+_LEVEL_NAMES: Final = {
+    alert_pb.ALERT_LEVEL_GREEN: "GREEN",
+    alert_pb.ALERT_LEVEL_YELLOW: "YELLOW",
+    alert_pb.ALERT_LEVEL_ORANGE: "ORANGE",
+    alert_pb.ALERT_LEVEL_RED: "RED",
+}
+_ALERT_STATUS_NAMES: Final = {
+    alert_pb.ALERT_STATUS_RAISED: "raised",
+    alert_pb.ALERT_STATUS_ACKNOWLEDGED: "acknowledged",
+    alert_pb.ALERT_STATUS_CLOSED: "closed",
+}
+_STEP_NAMES: Final = {
+    alert_pb.ALERT_STEP_RAISED: "raised",
+    alert_pb.ALERT_STEP_ACKNOWLEDGED: "acknowledged",
+    alert_pb.ALERT_STEP_CLOSED: "closed",
+}
+
+
+@dataclass(frozen=True)
+class AlertInfo:
+    """An early-warning alert and where it is in its lifecycle."""
+
+    alert_id: str
+    rule: str
+    level: str  # GREEN | YELLOW | ORANGE | RED
+    subject: str
+    summary: str
+    status: str  # raised | acknowledged | closed
+    raised_position: int
+    raised_time_ms: int
+    raised_by: str
+
+    @classmethod
+    def from_pb(cls, a: alert_pb.Alert) -> AlertInfo:
+        return cls(
+            a.alert_id,
+            a.rule,
+            _LEVEL_NAMES.get(a.level, ""),
+            a.subject,
+            a.summary,
+            _ALERT_STATUS_NAMES.get(a.status, ""),
+            a.raised_position,
+            a.raised_time_ms,
+            a.raised_by,
+        )
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert record of the log (StreamAlerts)."""
+
+    position: int
+    time_ms: int
+    step: str  # raised | acknowledged | closed
+    alert_id: str
+    level: str
+    rule: str
+    subject: str
+    actor: str
+    text: str  # summary, note or reason
+    record: bytes
+
+
+@dataclass(frozen=True)
+class CustomerProof:
+    """A customer's custody-pol-proof/v1 file (it carries the salt: keep it private)."""
+
+    proof_json: bytes  # the file, byte for byte
+    snapshot_size: int
+    position: int
+
+    @property
+    def proof(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = msgspec.json.decode(self.proof_json)
+        return decoded
+
+
+def disclosure_period(
+    day: str | None = None,
+    month: str | None = None,
+    from_ms: int | None = None,
+    to_ms: int | None = None,
+) -> disclosure_pb.DisclosurePeriod:
+    """Exactly one of a day (YYYY-MM-DD), a month (YYYY-MM) or a range [from_ms, to_ms)."""
+    given = [x is not None for x in (day, month, from_ms)]
+    if sum(given) != 1 or (from_ms is None) != (to_ms is None):
+        raise ValueError("give exactly one of day=, month= or from_ms= with to_ms=")
+    if day is not None:
+        return disclosure_pb.DisclosurePeriod(day=day)
+    if month is not None:
+        return disclosure_pb.DisclosurePeriod(month=month)
+    assert from_ms is not None and to_ms is not None
+    return disclosure_pb.DisclosurePeriod(
+        range=disclosure_pb.DisclosureRange(from_ms=from_ms, to_ms=to_ms)
+    )
+
+
+def _formats(html: bool, csv: bool) -> list[disclosure_pb.DisclosureFormat.ValueType]:
+    out: list[disclosure_pb.DisclosureFormat.ValueType] = []
+    if html:
+        out.append(disclosure_pb.DISCLOSURE_FORMAT_HTML)
+    if csv:
+        out.append(disclosure_pb.DISCLOSURE_FORMAT_CSV)
+    return out
+
+
 class CustodyClient:
     def __init__(
         self,
@@ -480,6 +594,9 @@ class CustodyClient:
         self.customers = customer_grpc.CustomerServiceStub(channel)
         self.policies = policy_grpc.PolicyServiceStub(channel)
         self.approvals = approval_grpc.ApprovalServiceStub(channel)
+        self.disclosures = disclosure_grpc.DisclosureServiceStub(channel)
+        self.liabilities = liabilities_grpc.LiabilitiesServiceStub(channel)
+        self.alerts = alert_grpc.AlertServiceStub(channel)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -1451,3 +1568,224 @@ class CustodyClient:
             raise CustodyError.from_rpc_error(exc) from None
         finally:
             stream.cancel()
+
+    # -- disclosures ----------------------------------------------------------------------------
+
+    def build_disclosure(
+        self,
+        *,
+        day: str | None = None,
+        month: str | None = None,
+        from_ms: int | None = None,
+        to_ms: int | None = None,
+        checkpoint_size: int = 0,
+        html: bool = False,
+        csv: bool = False,
+        platform_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Operators: build (or rebuild: same bytes) the snapshot of a period; a `Disclosure`
+        with `json` (canonical, signed), `note`, and `html` / `csv` when asked for."""
+        request = disclosure_pb.BuildDisclosureRequest(
+            platform_id=self._pid(platform_id),
+            period=disclosure_period(day, month, from_ms, to_ms),
+            checkpoint_size=checkpoint_size,
+            formats=_formats(html, csv),
+        )
+        return self._call(self.disclosures.BuildDisclosure, request, timeout_s).disclosure
+
+    def get_disclosure(
+        self,
+        *,
+        day: str | None = None,
+        month: str | None = None,
+        from_ms: int | None = None,
+        to_ms: int | None = None,
+        checkpoint_size: int = 0,
+        html: bool = False,
+        csv: bool = False,
+        platform_id: str | None = None,
+    ) -> Any:
+        """A snapshot built before (the one at the largest checkpoint unless given)."""
+        request = disclosure_pb.GetDisclosureRequest(
+            platform_id=self._pid(platform_id),
+            period=disclosure_period(day, month, from_ms, to_ms),
+            checkpoint_size=checkpoint_size,
+            formats=_formats(html, csv),
+        )
+        return self._call(self.disclosures.GetDisclosure, request).disclosure
+
+    def list_disclosures(
+        self, page_size: int = 0, page_token: str = "", *, platform_id: str | None = None
+    ) -> Page:
+        request = disclosure_pb.ListDisclosuresRequest(
+            platform_id=self._pid(platform_id), page_size=page_size, page_token=page_token
+        )
+        answer = self._call(self.disclosures.ListDisclosures, request)
+        return Page(list(answer.disclosures), answer.next_page_token)
+
+    def iter_disclosures(
+        self,
+        page_size: int = 0,
+        *,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
+    ) -> Iterator[Any]:
+        return walk_pages(
+            lambda token: self.list_disclosures(page_size, token, platform_id=platform_id),
+            max_pages,
+        )
+
+    # -- proof of liabilities -------------------------------------------------------------------
+
+    def get_liabilities_statement(
+        self, currency: str = "", snapshot_size: int = 0, *, platform_id: str | None = None
+    ) -> list[Any]:
+        """Published statements (latest per currency unless `snapshot_size`), each with the
+        record's tlog-proof against a signed checkpoint."""
+        request = liabilities_pb.GetLiabilitiesStatementRequest(
+            platform_id=self._pid(platform_id), currency=currency, snapshot_size=snapshot_size
+        )
+        return list(self._call(self.liabilities.GetLiabilitiesStatement, request).statements)
+
+    def get_customer_proof(
+        self,
+        account_id: str,
+        currency: str,
+        snapshot_size: int = 0,
+        *,
+        platform_id: str | None = None,
+    ) -> CustomerProof:
+        """Platforms: the proof file of one of their customer accounts."""
+        request = liabilities_pb.GetCustomerProofRequest(
+            platform_id=self._pid(platform_id),
+            account_id=account_id,
+            currency=currency,
+            snapshot_size=snapshot_size,
+        )
+        answer = self._call(self.liabilities.GetCustomerProof, request)
+        return CustomerProof(answer.proof_json, answer.snapshot_size, answer.position)
+
+    # -- alerts -----------------------------------------------------------------------------------
+
+    def list_alerts(
+        self,
+        level: str | None = None,
+        status: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        platform_id: str | None = None,
+    ) -> Page:
+        """Alerts in the order they were raised; `level` GREEN..RED, `status` raised |
+        acknowledged | closed. Items are `AlertInfo`."""
+        request = alert_pb.ListAlertsRequest(
+            platform_id=self._pid(platform_id),
+            level=alert_pb.AlertLevel.Value(f"ALERT_LEVEL_{level.upper()}")
+            if level
+            else alert_pb.ALERT_LEVEL_UNSPECIFIED,
+            status=alert_pb.AlertStatus.Value(f"ALERT_STATUS_{status.upper()}")
+            if status
+            else alert_pb.ALERT_STATUS_UNSPECIFIED,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        answer = self._call(self.alerts.ListAlerts, request)
+        return Page(
+            [AlertInfo.from_pb(a) for a in answer.alerts],
+            answer.next_page_token,
+            answer.as_of_position,
+        )
+
+    def iter_alerts(
+        self,
+        level: str | None = None,
+        status: str | None = None,
+        page_size: int = 0,
+        *,
+        platform_id: str | None = None,
+        max_pages: int = MAX_PAGES_DEFAULT,
+    ) -> Iterator[AlertInfo]:
+        return walk_pages(
+            lambda token: self.list_alerts(
+                level, status, page_size, token, platform_id=platform_id
+            ),
+            max_pages,
+        )
+
+    def get_alert(self, alert_id: str, *, platform_id: str | None = None) -> AlertInfo:
+        request = alert_pb.GetAlertRequest(platform_id=self._pid(platform_id), alert_id=alert_id)
+        return AlertInfo.from_pb(self._call(self.alerts.GetAlert, request).alert)
+
+    def acknowledge_alert(
+        self, client_id: str, alert_id: str, note: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        return self._write(
+            self.alerts.AcknowledgeAlert,
+            alert_pb.AcknowledgeAlertRequest,
+            "acknowledge_alert",
+            platform_id,
+            client_id=client_id,
+            alert_id=alert_id,
+            note=note,
+        )
+
+    def close_alert(
+        self, client_id: str, alert_id: str, reason: str, *, platform_id: str | None = None
+    ) -> Receipt:
+        """ALERT_LEVEL_FORBIDDEN unless the caller's role may close the alert's level (only a
+        checker closes ORANGE and RED)."""
+        return self._write(
+            self.alerts.CloseAlert,
+            alert_pb.CloseAlertRequest,
+            "close_alert",
+            platform_id,
+            client_id=client_id,
+            alert_id=alert_id,
+            reason=reason,
+        )
+
+    def stream_alerts(
+        self,
+        start_position: int = 0,
+        *,
+        follow: bool = False,
+        timeout_s: float | None = None,
+        platform_id: str | None = None,
+    ) -> Iterator[AlertEvent]:
+        """Alert records from `start_position` on; with `follow`, new ones as they commit (until
+        cancelled, `timeout_s`, or the server shuts down)."""
+        request = alert_pb.StreamAlertsRequest(
+            platform_id=self._pid(platform_id), start_position=start_position, follow=follow
+        )
+        timeout = timeout_s if (timeout_s is not None or follow) else self.timeout_s
+        stream = self.alerts.StreamAlerts(request, timeout=timeout, metadata=self.metadata)
+        try:
+            for e in stream:
+                yield AlertEvent(
+                    e.position,
+                    e.time_ms,
+                    _STEP_NAMES.get(e.step, ""),
+                    e.alert_id,
+                    _LEVEL_NAMES.get(e.level, ""),
+                    e.rule,
+                    e.subject,
+                    e.actor,
+                    e.text,
+                    e.record,
+                )
+        except grpc.RpcError as exc:
+            raise CustodyError.from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+    def get_risk_indicators(
+        self, from_day: int = 0, *, platform_id: str | None = None
+    ) -> tuple[dict[str, list[tuple[int, int]]], int]:
+        """({indicator: [(day, value)]}, engine position) from the early-warning read model."""
+        request = alert_pb.GetRiskIndicatorsRequest(
+            platform_id=self._pid(platform_id), from_day=from_day
+        )
+        answer = self._call(self.alerts.GetRiskIndicators, request)
+        series = {s.name: [(p.day, p.value) for p in s.points] for s in answer.series}
+        return series, answer.engine_position
