@@ -19,11 +19,18 @@ CUSTODY_PROJECTIONS      embedded (default: `custody serve` keeps the read model
 CUSTODY_RISK             embedded (default: `custody serve` runs the early-warning engine) | off
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
+CUSTODY_SERVER_ID        names this server in the writers table (default <hostname>-<pid>)
+CUSTODY_ADVERTISE        HOST:PORT clients use to reach this server; written to the writers table
+                         when it takes a platform's write role, and handed to callers that ask
+                         another server to write that platform (default: empty = unknown)
+CUSTODY_LEASE_POLL_MS    PostgreSQL: how often a server checks its write leases' connection and
+                         tries to take the leases of platforms nobody writes (default 1000)
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +82,30 @@ def _int(env: Mapping[str, str], key: str, default: int, low: int, high: int) ->
     return value
 
 
+def _server_id(env: Mapping[str, str]) -> str:
+    value = env.get("CUSTODY_SERVER_ID") or f"{socket.gethostname()[:40]}-{os.getpid()}"
+    if len(value) > 64 or not all(ch.isalnum() or ch in "-_.:" for ch in value):
+        raise ConfigError("CUSTODY_SERVER_ID must be 1..64 of [A-Za-z0-9._:-]")
+    return value
+
+
+def _advertise(env: Mapping[str, str]) -> str:
+    value = env.get("CUSTODY_ADVERTISE", "")
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if (
+        not sep
+        or not host
+        or len(value) > 255
+        or not port.isdigit()
+        or not 1 <= int(port) <= 65_535
+        or any(ch.isspace() or ch in "/@?#" for ch in host)
+    ):
+        raise ConfigError("CUSTODY_ADVERTISE must be HOST:PORT")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     store: str
@@ -91,6 +122,9 @@ class Config:
     sweep_interval_s: int = 60
     projections: str = "embedded"
     risk: str = "embedded"
+    server_id: str = "local"
+    advertise: str = ""
+    lease_poll_ms: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -124,4 +158,7 @@ class Config:
             sweep_interval_s=_int(env, "CUSTODY_SWEEP_INTERVAL_S", 60, 0, 86_400),
             projections=_choice(env, "CUSTODY_PROJECTIONS", ("embedded", "off")),
             risk=_choice(env, "CUSTODY_RISK", ("embedded", "off")),
+            server_id=_server_id(env),
+            advertise=_advertise(env),
+            lease_poll_ms=_int(env, "CUSTODY_LEASE_POLL_MS", 1000, 50, 60_000),
         )

@@ -4,6 +4,15 @@ Callers either hand over their own batch (`execute`, used by the CLI, batch RPCs
 benchmarks) or submit single requests that a per-platform committer thread folds into one
 database transaction with whatever else is waiting (`submit`, used by concurrent RPCs).
 Reads take the platform's lock so they only ever see committed state.
+
+On PostgreSQL several servers may share one store: each platform is written by exactly one of
+them, the holder of the platform's write lease (`ledger/lease.py`, a session advisory lock on a
+dedicated connection). The others are followers: they keep the platform's state current by
+tailing its log (before every read, and every lease poll), serve reads from it, and answer
+writes with `WriterElsewhere` (the writer's advertised address, read from `custody_writers`).
+When the writer dies, PostgreSQL releases its lock and a follower takes the lease within one
+poll interval, catches up with the log and starts writing. On SQLite there is no lease: the one
+process writes every platform, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ from ledger.checkpoint import (
 )
 from ledger.config import Config
 from ledger.domain import PlatformState
+from ledger.lease import (
+    LeaseLost,
+    LeaseManager,
+    WriterElsewhere,
+    WriterInfo,
+    lookup_writer,
+    writer_history,
+)
 from ledger.pii import PiiVault, load_master_key
 from ledger.store import LedgerStore
 from ledger.validate import is_actor, is_platform_id
@@ -44,12 +61,26 @@ from ledger.writer import (
     PlatformWriter,
     Prepared,
     Request,
+    StoreUnavailable,
     WriterFenced,
 )
+
+__all__ = [
+    "LedgerService",
+    "Overloaded",
+    "PlatformNotFound",
+    "ServiceClosed",
+    "WriterElsewhere",
+    "WriterFenced",
+    "WriterInfo",
+]
 
 _STOP: Final = object()
 log = logging.getLogger("ledger.service")
 SWEEPER_ACTOR: Final = "system:sweeper"
+WRITER: Final = "writer"
+FOLLOWER: Final = "follower"
+_DRAIN_TIMEOUT_S: Final = 30.0
 
 
 class PlatformNotFound(LookupError):
@@ -72,14 +103,25 @@ class _Platform:
         "checkpoints",
         "committer",
         "cond",
+        "elsewhere",
         "lock",
         "readers_waiting",
+        "role",
         "signed_at_s",
         "writer",
     )
 
-    def __init__(self, writer: PlatformWriter, checkpoints: CheckpointLog) -> None:
+    def __init__(
+        self,
+        writer: PlatformWriter,
+        checkpoints: CheckpointLog,
+        elsewhere: Callable[[], WriterElsewhere] | None = None,
+    ) -> None:
         self.writer = writer
+        # WRITER: this server holds the platform's write role (always, without leases);
+        # FOLLOWER: another server writes it, the writer here is fenced and only tails the log.
+        self.role = WRITER
+        self.elsewhere = elsewhere
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.committer: GroupCommitter | None = None
@@ -104,14 +146,48 @@ class _Platform:
             self.readers_waiting -= 1
             self.cond.notify_all()
         if self.writer.fenced:
-            raise WriterFenced(f"platform {self.writer.platform_id} is not served here")
+            raise self.not_written_here()
         self.writer.ensure_clean()
+
+    def not_written_here(self) -> WriterFenced:
+        if self.role == FOLLOWER and self.elsewhere is not None:
+            return self.elsewhere()
+        return WriterFenced(f"platform {self.writer.platform_id} is not served here")
+
+    def drained_or_timeout(self) -> None:
+        """Caller holds `cond`: wait until no decided group waits for its commit, fenced or
+        not (a follower's tail must not race a group still in flight from its writing days)."""
+        writer = self.writer
+        if not self.cond.wait_for(
+            lambda: writer.committed_next_seq == writer.prepared_next_seq,
+            timeout=_DRAIN_TIMEOUT_S,
+        ):
+            raise StoreUnavailable(f"platform {writer.platform_id}: a commit is still in flight")
 
 
 class LedgerService:
-    def __init__(self, config: Config, clock_ms: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock_ms: Callable[[], int] | None = None,
+        *,
+        lease: bool | None = None,
+    ) -> None:
+        """`lease`: take per-platform write leases (default: on PostgreSQL, never on SQLite).
+
+        Without leases this process writes every platform it knows; a second writer on the same
+        store is stopped by the primary key (`WriterFenced`), never forks a log."""
         self.config = config
         self.store = LedgerStore(config)
+        use_lease = self.store.is_postgres if lease is None else lease
+        if use_lease and not self.store.is_postgres:
+            self.store.close()
+            raise ValueError("write leases need PostgreSQL")
+        self._lease = LeaseManager(config) if use_lease else None
+        self._lease_thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        # called (platform id, WRITER or FOLLOWER, writers-table row or None) on every change
+        self.role_listener: Callable[[str, str, WriterInfo | None], None] | None = None
         master = load_master_key(config)
         self.vault = PiiVault(self.store.datastore, self.store.is_postgres, master)
         self._clock_ms = clock_ms
@@ -136,8 +212,23 @@ class LedgerService:
         for platform_id in self.store.platform_ids():
             writer = self._new_writer(platform_id)
             writer.load(None if progress is None else _bind_progress(progress, platform_id))
-            self._platforms[platform_id] = self._new_platform(writer)
+            platform = self._new_platform(writer)
+            if self._lease is not None:
+                writer.fenced = True  # a follower until it holds the lease
+                platform.role = FOLLOWER
+            self._platforms[platform_id] = platform
         _tune_gc()
+        if self._lease is not None:
+            self._lease.connect()
+            self._lease_tick()  # take what nobody writes before serving anything
+            self._lease_thread = threading.Thread(
+                target=self._lease_loop, name="lease", daemon=True
+            )
+            self._lease_thread.start()
+            self._watchdog = threading.Thread(
+                target=self._watchdog_loop, name="lease-watchdog", daemon=True
+            )
+            self._watchdog.start()
         if self.config.checkpoint_every > 0:
             self._checkpointer = threading.Thread(
                 target=self._checkpoint_loop, name="checkpointer", daemon=True
@@ -154,9 +245,14 @@ class LedgerService:
             self._checkpointer.join(timeout=30)
         if self._sweeper is not None:
             self._sweeper.join(timeout=30)
+        for thread in (self._lease_thread, self._watchdog):
+            if thread is not None:
+                thread.join(timeout=30)
         for platform in self._platforms.values():
             if platform.committer is not None:
                 platform.committer.stop()
+        if self._lease is not None:
+            self._lease.close()  # after the last commit: PostgreSQL releases every lease
         self.store.close()
 
     def _new_platform(self, writer: PlatformWriter) -> _Platform:
@@ -168,7 +264,11 @@ class LedgerService:
             return tree_consistency(writer.tree)(old_size, old_root, new_size, new_root)
 
         directory = self.config.data_dir / "checkpoints" / platform_id
-        return _Platform(writer, CheckpointLog(directory, signer, consistent))
+
+        def elsewhere() -> WriterElsewhere:
+            return self.writer_elsewhere(platform_id)
+
+        return _Platform(writer, CheckpointLog(directory, signer, consistent), elsewhere)
 
     def _new_writer(self, platform_id: str) -> PlatformWriter:
         vault = self.vault
@@ -196,20 +296,40 @@ class LedgerService:
             )
         cmd = c.CreatePlatform(client_id=f"create:{platform_id}", name=name, policy=policy)
         with self._create_lock:
+            if self._lease is not None:
+                self._discover()  # another server may have created it
             if platform_id in self._platforms:
                 # The existing log answers: an identical retry is replayed (same id, same
                 # content); another name is ID_REUSED; either way the attempt is recorded.
                 return self.execute(platform_id, [cmd], actor)[0]
-            writer = self._new_writer(platform_id)
-            prepared = writer.prepare([Request([cmd], actor)])
-            [[outcome]] = prepared.answers
-            if outcome.status != "accepted":
-                # A platform that does not exist has no log to record the refusal in: writing
-                # it at position 0 would block the id forever. Answer, record nothing.
-                return msgspec.structs.replace(outcome, seq=-1)
-            writer.commit(prepared)  # CommitFailed propagates: nothing was created
-            writer.mark_committed(prepared)
+            lease = self._lease
+            if lease is not None:
+                try:
+                    if not lease.try_acquire(platform_id):
+                        raise self.writer_elsewhere(platform_id)
+                except LeaseLost as exc:
+                    raise StoreUnavailable(f"cannot take the write lease: {exc}") from exc
+            try:
+                writer = self._new_writer(platform_id)
+                prepared = writer.prepare([Request([cmd], actor)])
+                [[outcome]] = prepared.answers
+                if outcome.status != "accepted":
+                    # A platform that does not exist has no log to record the refusal in:
+                    # writing it at position 0 would block the id forever. Answer, record
+                    # nothing.
+                    if lease is not None:
+                        lease.release(platform_id)
+                    return msgspec.structs.replace(outcome, seq=-1)
+                info = None if lease is None else lease.announce(platform_id, 0)
+                writer.commit(prepared)  # CommitFailed propagates: nothing was created
+                writer.mark_committed(prepared)
+            except BaseException:
+                if lease is not None:
+                    lease.release(platform_id)
+                raise
             self._platforms[platform_id] = self._new_platform(writer)
+            if info is not None:
+                self._notify_role(platform_id, WRITER, info)
             return outcome
 
     def platform_ids(self) -> list[str]:
@@ -231,6 +351,8 @@ class LedgerService:
             raise ServiceClosed()
         _check_request(commands, actor)
         platform = self._platform(platform_id)
+        if platform.role != WRITER:
+            raise platform.not_written_here()
         with platform.cond:
             platform.wait_drained()
             [answer] = platform.writer.execute([Request(commands, actor, linked)])
@@ -244,6 +366,8 @@ class LedgerService:
             raise ServiceClosed()
         _check_request(commands, actor)
         platform = self._platform(platform_id)
+        if platform.role != WRITER:
+            raise platform.not_written_here()
         if platform.committer is None:
             with self._create_lock:
                 if platform.committer is None:
@@ -256,10 +380,16 @@ class LedgerService:
 
     @contextmanager
     def reading(self, platform_id: str) -> Iterator[PlatformState]:
-        """The platform's committed state, held still while the caller reads it."""
+        """The platform's committed state, held still while the caller reads it.
+
+        On a follower, the state is first brought up to the end of the stored log, so a read
+        that follows an acknowledged write (on any server) sees it."""
         platform = self._platform(platform_id)
         with platform.cond:
-            platform.wait_drained()
+            if platform.role == FOLLOWER:
+                self._follow_locked(platform)
+            else:
+                platform.wait_drained()
             yield platform.writer.state
 
     # -- checkpoints and proofs -----------------------------------------------------------------
@@ -274,7 +404,7 @@ class LedgerService:
         with platform.cond:
             writer = platform.writer
             if writer.fenced:
-                raise WriterFenced(f"platform {platform_id} is not served here")
+                raise platform.not_written_here()
             if writer.dirty:
                 platform.wait_drained()  # rebuilds first, or raises StoreUnavailable
             size = writer.committed_next_seq  # the tree holds exactly the stored records
@@ -389,8 +519,208 @@ class LedgerService:
     def head(self, platform_id: str) -> tuple[int, bytes]:
         platform = self._platform(platform_id)
         with platform.cond:
-            platform.wait_drained()
+            if platform.role == FOLLOWER:
+                self._follow_locked(platform)
+            else:
+                platform.wait_drained()
             return platform.writer.state.next_seq, platform.writer.head
+
+    # -- write leases (PostgreSQL) ----------------------------------------------------------------
+
+    @property
+    def server_id(self) -> str:
+        return self.config.server_id
+
+    def is_writer(self, platform_id: str) -> bool:
+        """Whether this server writes the platform now (always true without leases)."""
+        return self._platform(platform_id).role == WRITER
+
+    def writer_elsewhere(self, platform_id: str) -> WriterElsewhere:
+        """The error for a write this server cannot do: who writes the platform, and where."""
+        lease = self._lease
+        retry_ms = self.config.lease_poll_ms
+        if lease is None:
+            return WriterElsewhere(platform_id, retry_after_ms=retry_ms)
+        try:
+            info = lookup_writer(
+                self.store.datastore, lease.schema, lease.key(platform_id), platform_id
+            )
+        except Exception:  # the database is away: nobody can be named, retry later
+            log.warning("cannot read the writers table", exc_info=True)
+            info = None
+        if info is None or not info.held or info.server_id == self.server_id:
+            # nobody holds the lease (a failover in progress), or the row still names us
+            return WriterElsewhere(platform_id, retry_after_ms=retry_ms)
+        return WriterElsewhere(
+            platform_id, info.server_id, info.address, info.since_ms, info.epoch, retry_ms
+        )
+
+    def writer_history(self, platform_id: str) -> list[WriterInfo]:
+        """Every takeover of the platform's write role, oldest first (PostgreSQL only)."""
+        if self._lease is None:
+            return []
+        return writer_history(self.store.datastore, self._lease.schema, platform_id)
+
+    def _notify_role(self, platform_id: str, role: str, info: WriterInfo | None) -> None:
+        listener = self.role_listener
+        if listener is not None:
+            try:
+                listener(platform_id, role, info)
+            except Exception:
+                log.exception("role listener failed")
+
+    def _lease_loop(self) -> None:
+        assert self._lease is not None
+        while not self._stop.wait(self._lease.poll_s):
+            try:
+                self._lease_tick()
+            except Exception:  # never let the lease thread die; the next tick retries
+                log.exception("lease tick failed")
+
+    def _watchdog_loop(self) -> None:
+        """Fence every writer when the lease connection has not answered for too long, even if
+        the check itself hangs (a stalled network): stop writing first, ask questions later."""
+        lease = self._lease
+        assert lease is not None
+        while not self._stop.wait(lease.poll_s / 2):
+            if lease.stale() and any(p.role == WRITER for p in list(self._platforms.values())):
+                log.error("lease connection silent for %.1f s: fencing", lease.timeout_s)
+                self._demote_all()
+
+    def _lease_tick(self) -> None:
+        """Check the lease connection, find new platforms, take leases nobody holds, tail the
+        logs this server follows, and repair a writer the primary key fenced."""
+        lease = self._lease
+        assert lease is not None
+        if self._closed:
+            return
+        try:
+            if not lease.connected:
+                lease.connect()
+            lease.check()
+        except Exception as exc:
+            log.error("write lease connection lost: %s", exc)
+            self._demote_all()
+            lease.close()
+            return
+        try:
+            with self._create_lock:
+                self._discover()
+        except Exception:
+            log.warning("cannot read the platform directory", exc_info=True)
+        for platform_id, platform in list(self._platforms.items()):
+            if self._closed:
+                return
+            try:
+                if platform.role == WRITER:
+                    if platform_id not in lease.held:
+                        self._demote(platform)
+                    elif platform.writer.fenced:
+                        self._repair(platform)
+                elif lease.try_acquire(platform_id):
+                    self._promote(platform)
+                else:
+                    with platform.cond:
+                        self._follow_locked(platform)
+            except LeaseLost as exc:
+                log.error("write lease connection lost: %s", exc)
+                self._demote_all()
+                return
+            except Exception:
+                log.exception("lease upkeep for %s failed", platform_id)
+
+    def _discover(self) -> None:
+        """Platforms another server created since: loaded here as followers. Caller holds
+        `_create_lock`."""
+        for platform_id in self.store.platform_ids():
+            if platform_id in self._platforms:
+                continue
+            writer = self._new_writer(platform_id)
+            writer.fenced = True
+            writer.load()
+            platform = self._new_platform(writer)
+            platform.role = FOLLOWER
+            self._platforms[platform_id] = platform
+
+    def _catch_up(self, writer: PlatformWriter) -> None:
+        """Fold the records stored after the state's end (same fold and chain check as a load).
+        Caller holds the platform lock and the pipeline is drained."""
+        if writer.dirty:
+            writer.ensure_clean()
+        try:
+            for seq, kind, packed in self.store.iter_rows(
+                writer.stream, after=writer.state.next_seq - 1
+            ):
+                writer._replay_row(seq, kind, packed)
+        except Exception:
+            log.warning("tailing %s failed; reloading it", writer.platform_id, exc_info=True)
+            writer.committed_next_seq = writer.prepared_next_seq
+            writer.dirty = True
+            writer.ensure_clean()  # a full load, or StoreUnavailable
+        writer.committed_next_seq = writer.prepared_next_seq = writer.state.next_seq
+
+    def _follow_locked(self, platform: _Platform) -> None:
+        """Bring a follower's state to the end of the stored log. Caller holds `cond`."""
+        platform.drained_or_timeout()
+        self._catch_up(platform.writer)
+
+    def _promote(self, platform: _Platform) -> None:
+        """This server now holds the platform's lease: catch up with the log and start writing."""
+        lease = self._lease
+        assert lease is not None
+        writer = platform.writer
+        platform_id = writer.platform_id
+        try:
+            with platform.cond:
+                platform.drained_or_timeout()
+                self._catch_up(writer)
+                info = lease.announce(platform_id, writer.state.next_seq)
+                writer.fenced = False
+                platform.role = WRITER
+                platform.cond.notify_all()
+        except LeaseLost:
+            raise
+        except Exception:
+            lease.release(platform_id)  # let a server that can read the log take it
+            raise
+        log.info(
+            "writing platform %s from position %d (epoch %d)",
+            platform_id,
+            info.from_seq,
+            info.epoch,
+        )
+        self._notify_role(platform_id, WRITER, info)
+
+    def _demote(self, platform: _Platform) -> None:
+        """Stop writing the platform at once: later requests are told where the writer is."""
+        platform.role = FOLLOWER
+        platform.writer.fenced = True  # no new group is decided from now on
+        with platform.cond:
+            platform.cond.notify_all()
+        log.warning("no longer writing platform %s", platform.writer.platform_id)
+        self._notify_role(platform.writer.platform_id, FOLLOWER, None)
+
+    def _demote_all(self) -> None:
+        for platform in list(self._platforms.values()):
+            if platform.role == WRITER:
+                self._demote(platform)
+
+    def _repair(self, platform: _Platform) -> None:
+        """The primary key fenced this writer although it holds the lease: a writer that had
+        lost its lease committed after this one caught up. Its records are in the log now;
+        catch up with them and go on writing."""
+        writer = platform.writer
+        with platform.cond:
+            platform.drained_or_timeout()
+            self._catch_up(writer)
+            writer.fenced = False
+            platform.cond.notify_all()
+        log.warning(
+            "platform %s: another writer appended while this server held the lease; "
+            "caught up at position %d",
+            writer.platform_id,
+            writer.state.next_seq,
+        )
 
 
 def _check_request(commands: Sequence[c.Command], actor: str) -> None:
@@ -523,6 +853,8 @@ class GroupCommitter:
                             platform.wait_drained()
                         prepared = platform.writer.prepare([r for r, _ in live])
                 except Exception as exc:
+                    if isinstance(exc, WriterFenced) and not isinstance(exc, WriterElsewhere):
+                        exc = platform.not_written_here()
                     for _, f in live:
                         f.set_exception(exc)
                 else:
@@ -542,6 +874,9 @@ class GroupCommitter:
             futures: list[Future[list[Outcome]]]
             prepared, futures = item  # type: ignore[misc]
             try:
+                if prepared.rows and writer.fenced:
+                    # the lease was lost after this group was decided: never store it
+                    raise CommitFailed(f"platform {writer.platform_id}: write lease lost")
                 if prepared.rows:
                     writer.commit(prepared)
                 elif prepared.epoch != writer.epoch:
@@ -552,7 +887,11 @@ class GroupCommitter:
                     writer.mark_committed(prepared)
                     platform.cond.notify_all()
             except BaseException as exc:  # whatever it is, no caller may wait forever
-                failure = exc if isinstance(exc, CommitFailed) else CommitFailed(repr(exc))
+                failure: BaseException = (
+                    exc if isinstance(exc, CommitFailed) else CommitFailed(repr(exc))
+                )
+                if writer.fenced and platform.role == FOLLOWER:
+                    failure = platform.not_written_here()  # nothing stored: go to the writer
                 for f in futures:
                     f.set_exception(failure)
                 with platform.cond:
