@@ -1,7 +1,8 @@
 """Streaming verification of a `custody-bundle/v1` export (format: docs/BUNDLE.md).
 
-One pass over the file, memory flat in the log size (only the live accounts and the pending
-holds are kept):
+One pass over the file, memory flat in the log size (only the live accounts, pending holds and
+requests, live standing authorisations, the policy, the requirement at the last business-day
+boundaries and the alert ids are kept; the alert ids grow by one entry per alert raised):
 
 * every line has the expected syntax; record positions run 0, 1, 2, ... with no gap;
 * every stored chain link equals SHA-256(previous link || record bytes) (genesis: 32 zero bytes);
@@ -12,7 +13,9 @@ holds are kept):
   one currency (double entry per currency), no customer / own-funds / fee-income / suspense
   account goes below zero available, a refusal changes nothing, holds are captured at most up to
   their amount, every record names the bundle's platform and its own position, time never runs
-  backwards.
+  backwards; roles, maker-checker, policy versions, reconciliations (a checker's sign-off of the
+  operator's figures, which add up), alerts (by level and role) and the automatic restriction of
+  the gate (system, auto_restrict, tightening only) are replayed as docs/BUNDLE.md §2 says.
 
 The first problem stops verification and is reported as a `Failure` naming where it is: the
 record position, the checkpoint (by tree size), the header or the end line.
