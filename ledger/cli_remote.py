@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 import uuid
@@ -163,6 +164,39 @@ def register(subparsers: Any) -> dict[str, Handler]:
     ex = add("export", "download the export bundle (custody-bundle/v1)")
     ex.add_argument("--out", required=True, help="bundle file to write")
     ex.add_argument("--timeout-export", type=float, default=600.0, help="seconds")
+
+    di = add("disclosure", "regulator disclosure snapshots: build (operators), get, list")
+    di.add_argument("action", choices=["build", "get", "list"])
+    period = di.add_mutually_exclusive_group()
+    period.add_argument("--day", help="business day YYYY-MM-DD")
+    period.add_argument("--month", help="calendar month YYYY-MM")
+    period.add_argument("--from-ms", type=_non_negative, help="range start, Unix ms")
+    di.add_argument("--to-ms", type=_positive, help="range end (exclusive), Unix ms")
+    di.add_argument("--checkpoint-size", type=_non_negative, default=0)
+    di.add_argument("--out", help="write <name>.json, .note, .html, .csv into this folder")
+    di.add_argument("--name", help="file name stem (default: <platform>-disclosure-<period>-<N>)")
+    di.add_argument("--max-pages", type=_positive, default=100)
+
+    li = add("liabilities", "proof of liabilities: published statements, a customer's proof")
+    li.add_argument("action", choices=["statement", "proof"])
+    li.add_argument("account_id", nargs="?", help="proof: the customer account")
+    li.add_argument("--currency", default="", help="ISO 4217 (proof: required)")
+    li.add_argument("--snapshot-size", type=_non_negative, default=0, help="0 = latest")
+    li.add_argument("--out", help="proof: the file to write (0600; it carries the salt)")
+
+    al = add("alerts", "early-warning alerts: list, ack, close, stream, indicators")
+    al.add_argument("action", choices=["list", "ack", "close", "stream", "indicators"])
+    al.add_argument("alert_id", nargs="?")
+    al.add_argument("--level", choices=["GREEN", "YELLOW", "ORANGE", "RED"])
+    al.add_argument("--status", choices=["raised", "acknowledged", "closed"])
+    al.add_argument("--note", help="ack: what is being done")
+    al.add_argument("--reason", help="close: why (e.g. the top-up's id)")
+    al.add_argument("--from", dest="start", type=_non_negative, default=0, help="log position")
+    al.add_argument("--follow", action="store_true", help="stream: wait for new alerts")
+    al.add_argument("--count", type=_positive, help="stream: stop after this many")
+    al.add_argument("--from-day", type=_non_negative, default=0, help="indicators: first day")
+    al.add_argument("--max-pages", type=_positive, default=100)
+    _client_id(al)
     return {"remote": cmd_remote}
 
 
@@ -662,6 +696,160 @@ def _export(args: argparse.Namespace, client: Any) -> int:
     return EXIT_OK
 
 
+def _period(args: argparse.Namespace) -> dict[str, Any]:
+    if (args.from_ms is None) != (args.to_ms is None):
+        raise UsageError("--from-ms and --to-ms go together")
+    if args.day is None and args.month is None and args.from_ms is None:
+        raise UsageError(f"disclosure {args.action} needs --day, --month or --from-ms/--to-ms")
+    return {"day": args.day, "month": args.month, "from_ms": args.from_ms, "to_ms": args.to_ms}
+
+
+def _disclosure_dict(d: Any) -> dict[str, Any]:
+    return {
+        "platform": d.platform_id,
+        "period_type": d.period_type,
+        "period_label": d.period_label,
+        "from_ms": d.from_ms,
+        "to_ms": d.to_ms,
+        "checkpoint_size": d.checkpoint_size,
+        "built_by": d.built_by,
+        "built_time_ms": d.built_time_ms,
+    }
+
+
+def _disclosure(args: argparse.Namespace, client: Any) -> int:
+    if args.action == "list":
+        rows = [_disclosure_dict(d) for d in client.iter_disclosures(max_pages=args.max_pages)]
+        cols = ["period_type", "period_label", "from_ms", "to_ms", "checkpoint_size", "built_by"]
+        _emit(args, rows, _table(rows, cols))
+        return EXIT_OK
+    period = _period(args)
+    want = args.out is not None
+    if args.action == "build":
+        d = client.build_disclosure(
+            checkpoint_size=args.checkpoint_size, html=want, csv=want, **period
+        )
+    else:
+        d = client.get_disclosure(
+            checkpoint_size=args.checkpoint_size, html=want, csv=want, **period
+        )
+    data: dict[str, Any] = {**_disclosure_dict(d), "sha256": d.sha256, "vkey": d.vkey}
+    if want:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        what = d.period_label or f"{d.from_ms}-{d.to_ms}"
+        name = args.name or f"{d.platform_id}-disclosure-{what}-{d.checkpoint_size}"
+        files = {"json": d.json, "note": d.note, "html": d.html, "csv": d.csv}
+        paths = {}
+        for ext, content in files.items():
+            path = out / f"{name}.{ext}"
+            partial = path.with_name(path.name + ".partial")
+            partial.write_bytes(content)
+            partial.replace(path)
+            paths[ext] = str(path)
+        data["files"] = paths
+        text = "\n".join(paths.values()) + (
+            f"\nverify with: custody-verify disclosure {paths['json']} BUNDLE --vkey '{d.vkey}'"
+        )
+    else:
+        text = d.json.decode()
+    _emit(args, data, text)
+    return EXIT_OK
+
+
+def _liabilities(args: argparse.Namespace, client: Any) -> int:
+    if args.action == "statement":
+        rows = [
+            {
+                "currency": st.currency,
+                "snapshot_size": st.snapshot_size,
+                "depth": st.depth,
+                "root": st.root,
+                "total_minor": st.total_minor,
+                "position": st.position,
+                "tlog_proof": st.tlog_proof.decode(),
+            }
+            for st in client.get_liabilities_statement(args.currency, args.snapshot_size)
+        ]
+        cols = ["currency", "snapshot_size", "depth", "total_minor", "position", "root"]
+        _emit(args, rows, _table(rows, cols))
+        return EXIT_OK
+    if not args.account_id or not args.currency or not args.out:
+        raise UsageError("liabilities proof needs ACCOUNT, --currency and --out")
+    proof = client.get_customer_proof(args.account_id, args.currency, args.snapshot_size)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(proof.proof_json)
+    partial.replace(out)
+    data = {"out": str(out), "snapshot_size": proof.snapshot_size, "position": proof.position}
+    text = (
+        f"wrote {out} (0600: it proves the balance; deliver it privately)\n"
+        f"the customer checks it with: custody-verify liabilities {out} --vkey VKEY"
+    )
+    _emit(args, data, text)  # never the file's content: it carries the salt
+    return EXIT_OK
+
+
+def _alert_dict(a: Any) -> dict[str, Any]:
+    """An AlertInfo or AlertEvent as JSON-able fields (the record bytes left out)."""
+    return {k: v for k, v in dataclasses.asdict(a).items() if k != "record"}
+
+
+def _alerts(args: argparse.Namespace, client: Any) -> int:
+    if args.action == "list":
+        rows = [
+            _alert_dict(a)
+            for a in client.iter_alerts(args.level, args.status, max_pages=args.max_pages)
+        ]
+        cols = ["alert_id", "level", "rule", "status", "subject", "raised_position", "summary"]
+        _emit(args, rows, _table(rows, cols))
+        return EXIT_OK
+    if args.action == "indicators":
+        series, position = client.get_risk_indicators(args.from_day)
+        data = {"engine_position": position, "series": series}
+        lines = [f"engine read up to position {position}"]
+        lines += [
+            f"{name}\t" + " ".join(f"{d}:{v}" for d, v in pts) for name, pts in series.items()
+        ]
+        _emit(args, data, "\n".join(lines))
+        return EXIT_OK
+    if args.action == "stream":
+        count = 0
+        stream = client.stream_alerts(args.start, follow=args.follow)
+        try:
+            for e in stream:
+                if getattr(args, "json", False):
+                    row = _alert_dict(e)
+                    row["record"] = json.loads(e.record)
+                    print(json.dumps(row, ensure_ascii=False, sort_keys=True), flush=True)
+                else:
+                    print(
+                        f"{e.position}\t{e.step}\t{e.level}\t{e.alert_id}\t{e.actor}\t{e.text}",
+                        flush=True,
+                    )
+                count += 1
+                if args.count is not None and count >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stream.close()
+        return EXIT_OK
+    if not args.alert_id:
+        raise UsageError(f"alerts {args.action} needs an ALERT_ID")
+    cid = args.client_id or str(uuid.uuid4())
+    if args.action == "ack":
+        if not args.note:
+            raise UsageError("alerts ack needs --note")
+        return _receipt(args, client.acknowledge_alert(cid, args.alert_id, args.note))
+    if not args.reason:
+        raise UsageError("alerts close needs --reason")
+    return _receipt(args, client.close_alert(cid, args.alert_id, args.reason))
+
+
 SUBCOMMANDS: Final[dict[str, Callable[[argparse.Namespace, Any], int]]] = {
     "balance": _balance,
     "statement": _statement,
@@ -674,6 +862,9 @@ SUBCOMMANDS: Final[dict[str, Callable[[argparse.Namespace, Any], int]]] = {
     "subscribe": _subscribe,
     "checkpoint": _checkpoint,
     "export": _export,
+    "disclosure": _disclosure,
+    "liabilities": _liabilities,
+    "alerts": _alerts,
 }
 
 
