@@ -13,8 +13,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ledger.api import auth, certs
 from ledger.api.client import CustodyClient, CustodyError
 from ledger.api.pb import SERVICE_MODULES, SERVICE_NAMES, account_pb
-from ledger.api.servicers import all_services
 from ledger.api.server import InsecureBindRefused, ServeError, build_server, running_server, serve
+from ledger.api.servicers import all_services
 from ledger.config import Config
 from ledger.service import LedgerService
 
