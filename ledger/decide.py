@@ -16,7 +16,7 @@ from controls.base import Proposal, Refusal
 from controls.codes import Code
 from controls.policy import DEFAULT_POLICY, policy_problem
 from ledger import commands as c
-from ledger.domain import AccountKind, HoldStatus, PlatformState
+from ledger.domain import CUSTOMER_MONEY_KINDS, AccountKind, HoldStatus, PlatformState
 
 Effects = dict[str, Any]
 Plan = tuple[Proposal, Effects] | Refusal
@@ -315,8 +315,18 @@ def plan_publish_liabilities(state: PlatformState, cmd: c.PublishLiabilities) ->
 def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Plan:
     if cmd.snapshot_size > state.next_seq:
         return _refuse(Code.INVALID_ARGUMENT, "the snapshot cannot be after the log's end")
-    if any(r["id"] == cmd.reconciliation_id for r in state.reconciliations.values()):
+    if cmd.reconciliation_id in state.reconciliation_ids:
         return _refuse(Code.INVALID_ARGUMENT, f"reconciliation {cmd.reconciliation_id!r} exists")
+    if cmd.snapshot_size == state.next_seq:  # taken now: the requirement is checkable here
+        requirement = sum(
+            a.posted_minor
+            for a in state.accounts.values()
+            if a.currency == cmd.currency and a.kind in CUSTOMER_MONEY_KINDS
+        )
+        if requirement != cmd.requirement_minor:
+            return _refuse(
+                Code.INVALID_ARGUMENT, f"the requirement at this position is {requirement}"
+            )
     spec = {
         "id": cmd.reconciliation_id,
         "ccy": cmd.currency,

@@ -320,6 +320,7 @@ class PlatformState:
         "pending_holds",
         "platform_id",
         "policy",
+        "reconciliation_ids",
         "reconciliations",
         "requests",
         "standing",
@@ -350,6 +351,7 @@ class PlatformState:
         self.liabilities: dict[tuple[str, int], int] = {}
         # currency -> the last reconciliation_completed record's figures (and its position)
         self.reconciliations: dict[str, dict[str, Any]] = {}
+        self.reconciliation_ids: set[str] = set()  # one a business day per currency
         # customer authorisation: (account, nonce) -> expiry, and recent failures per account
         self.nonces: dict[tuple[str, str], int] = {}
         self.auth_failures: dict[str, tuple[int, ...]] = {}

@@ -301,6 +301,7 @@ def _liabilities_published(state: PlatformState, rec: dict[str, Any], seq: int) 
 def _reconciliation_completed(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
     spec = rec["reconciliation"]
     state.reconciliations[spec["ccy"]] = {**spec, "seq": seq}
+    state.reconciliation_ids.add(spec["id"])
 
 
 def _alert_raised(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
