@@ -15,6 +15,9 @@ import msgspec
 RECORD_VERSION: Final = 1
 CHAIN_GENESIS: Final = b"\x00" * 32
 HASH_LEN: Final = 32
+FINGERPRINT_LEN: Final = 16  # bytes of BLAKE2b in an idempotency fingerprint
+_BLAKE2B: Final = hashlib.blake2b
+_FROM_BYTES: Final = int.from_bytes
 
 ENCODER: Final = msgspec.json.Encoder(order="sorted")
 _DECODER: Final = msgspec.json.Decoder()
@@ -75,14 +78,15 @@ def chain_next(prev_hash: bytes, record_bytes: bytes) -> bytes:
 
 
 def fingerprint(cmd_bytes: bytes) -> int:
-    """Idempotency fingerprint of an instruction's canonical bytes, held only in memory.
+    """Idempotency fingerprint of an instruction's canonical bytes: BLAKE2b-128, as an int.
 
-    Python's keyed 64-bit SipHash: recomputed from the records at every start (so the per-process
-    key does not matter), ~5x cheaper than a cryptographic digest on the hot path, and memory
-    stays small for millions of instructions. Two different instructions with the same client id
-    would have to collide on a secret 64-bit keyed hash to be mistaken for a replay.
+    Stable across processes (unlike Python's keyed `hash()`), so the `done` table can be kept
+    in a state snapshot (`ledger/snapshot.py`) instead of being recomputed from every record at
+    each start. 128 bits: two different instructions with the same client id would need a
+    BLAKE2b collision (~2^64 work) to be mistaken for a replay. Costs ~0.4 µs more than
+    `hash()` per instruction (measured: 0.13 -> 0.59 µs including the call).
     """
-    return hash(cmd_bytes)
+    return _FROM_BYTES(_BLAKE2B(cmd_bytes, digest_size=FINGERPRINT_LEN).digest(), "big")
 
 
 def pack_state(chain_hash: bytes, record_bytes: bytes) -> bytes:

@@ -1,0 +1,483 @@
+"""State snapshots (`custody-snapshot/v1`): a restart replays only the log's tail.
+
+A snapshot is the writer's complete live state at a committed position P (P records stored):
+every table of `PlatformState`, the chain head (the stored hash of record P-1) and the Merkle
+tree (`MerkleLog.snapshot()`). It is msgpack (msgspec), stored in its own `snapshots` table
+beside the log, never in it: the log stays the only source of truth and a snapshot is only a
+cache of its fold. Design and threat model: docs/SNAPSHOTS.md.
+
+Body bytes: MAGIC, then a 32-byte MAC of the payload (SHA-256, or HMAC-SHA256 when the writer
+has a snapshot key), then the msgpack payload. Loading checks, in order: magic, MAC, format and
+code version, platform and position against the row, P <= the stored log end, the stored chain
+hash of record P-1 == the snapshot's head, that record's time and Merkle leaf. Any failure means
+"not this snapshot" and the caller falls back to a full replay.
+
+The payload also names the code it was made by (a digest of the fold's source and the state's
+layout): after an upgrade that changes how records fold, old snapshots are ignored and the
+first start replays the whole log.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from controls import policy as _policy_module
+from controls.policy import Policy
+from ledger import domain as _domain_module
+from ledger import fold as _fold_module
+from ledger import records
+from ledger.domain import (
+    Account,
+    AccountKind,
+    AccountStatus,
+    Alert,
+    Done,
+    Hold,
+    HoldStatus,
+    PendingRequest,
+    PlatformState,
+    Standing,
+)
+from ledger.merkle import Fetch, MerkleLog
+
+FORMAT: Final = "custody-snapshot/v1"
+MAGIC: Final = b"custody-snapshot/v1\n"
+MAC_LEN: Final = 32
+KEEP_DEFAULT: Final = 2
+TABLE: Final = "snapshots"
+PART_BYTES: Final = 64 << 20  # stored in parts: SQLite and PostgreSQL cap one value at 1 GB
+
+_FP_LEN: Final = records.FINGERPRINT_LEN
+assert _FP_LEN == 16, "fingerprints are packed as two unsigned 64-bit halves"
+_FP_STRUCT: Final = struct.Struct(">QQ")
+_LOW64: Final = (1 << 64) - 1
+
+
+class SnapshotError(ValueError):
+    """This snapshot cannot be used (corrupt, forged, foreign, stale or from other code)."""
+
+
+def _layout() -> dict[str, list[str]]:
+    classes: list[Any] = [Account, Hold, Done, PendingRequest, Standing, Alert, PlatformState]
+    out = {cls.__name__: list(cls.__slots__) for cls in classes}
+    out["Policy"] = list(Policy.__struct_fields__)
+    return out
+
+
+def _code_version() -> str:
+    """Digest of what decides the shape and meaning of the state: the fold, the domain, the
+    policy and this module. Any change invalidates existing snapshots (one full replay)."""
+    h = hashlib.sha256(msgspec.json.encode(_layout()))
+    for module in (_domain_module, _fold_module, _policy_module):
+        try:
+            h.update(Path(module.__file__ or "").read_bytes())
+        except OSError:  # no source (frozen app): the layout alone has to do
+            h.update(module.__name__.encode())
+    try:
+        h.update(Path(__file__).read_bytes())
+    except OSError:
+        h.update(FORMAT.encode())
+    return h.hexdigest()[:32]
+
+
+CODE_VERSION: Final = _code_version()
+
+# Every PlatformState slot this module captures. A slot added to the state without being added
+# here makes `capture` refuse: a snapshot must never silently miss part of the state.
+CAPTURED_SLOTS: Final = frozenset(
+    {
+        "_sp",  # must be None (no linked batch open)
+        "accounts",
+        "alerts",
+        "auth_failures",
+        "created",
+        "day",
+        "day_counters",
+        "day_lvt",
+        "day_outflow",
+        "day_start_custody",
+        "done",
+        "gate",
+        "holds",
+        "last_ts_ms",
+        "liabilities",
+        "next_seq",
+        "nonces",
+        "omnibus_ids",
+        "pending_holds",
+        "platform_id",
+        "policy",
+        "reconciliation_ids",
+        "reconciliations",
+        "requests",
+        "standing",
+        "totals_by_currency",
+    }
+)
+
+
+class Payload(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything a restart needs; small tables as lists (insertion order is kept)."""
+
+    format: str
+    code: str
+    platform: str
+    position: int  # records covered: 0 .. position-1
+    head: bytes  # chain hash of record position-1
+    created_ms: int
+    # PlatformState scalars
+    next_seq: int
+    last_ts_ms: int
+    created: bool
+    gate: str
+    policy: Policy
+    day: int
+    totals: list[tuple[str, int, int]]
+    omnibus_ids: list[str]
+    # objects: slot values in the class's __slots__ order
+    accounts: list[list[Any]]
+    holds: list[list[Any]]
+    pending_holds: list[str]
+    requests: list[list[Any]]
+    standing: list[list[Any]]
+    alerts: list[list[Any]]
+    # the done table, column by column (millions of rows: the one table that must be fast)
+    done_cids: list[str]
+    done_fps: bytes  # 16 bytes per row, big-endian
+    done_seqs: list[int]
+    done_kinds: bytes  # one byte per row: index into kind_names
+    kind_names: list[str]
+    done_entries: list[Any]
+    done_reversed: list[tuple[str, str]]
+    # per-day and authorisation tables
+    liabilities: list[tuple[str, int, int]]
+    reconciliations: list[tuple[str, dict[str, Any]]]
+    reconciliation_ids: list[str]
+    nonces: list[tuple[Any, str, int]]
+    auth_failures: list[tuple[str, list[int]]]
+    day_counters: list[tuple[str, str, int, int]]
+    day_lvt: list[tuple[str, str, int]]
+    day_outflow: list[tuple[str, int]]
+    day_start_custody: list[tuple[str, int]]
+    tree: bytes  # MerkleLog.snapshot()
+
+
+# sorted keys: the dicts kept from records (sealed holders, requests, reconciliations) come out
+# exactly as a replay decodes them from canonical JSON, whatever order the writer built them in
+_ENCODER: Final = msgspec.msgpack.Encoder(order="sorted")
+_DECODER: Final = msgspec.msgpack.Decoder(Payload)
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Millions of new containers, none of them garbage: no collection while building."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _mac(key: bytes | None, payload: bytes | memoryview) -> bytes:
+    if key is None:
+        return hashlib.sha256(payload).digest()
+    return hmac.new(key, payload, hashlib.sha256).digest()
+
+
+def _slots(obj: Any, names: tuple[str, ...]) -> list[Any]:
+    return [getattr(obj, name) for name in names]
+
+
+def _build(cls: type, names: tuple[str, ...], values: list[Any]) -> Any:
+    if len(values) != len(names):
+        raise SnapshotError(f"{cls.__name__}: {len(values)} values for {len(names)} slots")
+    obj: Any = object.__new__(cls)
+    for name, value in zip(names, values, strict=True):
+        setattr(obj, name, value)
+    return obj
+
+
+# -- capture --------------------------------------------------------------------------------------
+
+
+def capture(
+    state: PlatformState,
+    head: bytes,
+    tree: MerkleLog,
+    created_ms: int,
+    key: bytes | None = None,
+) -> bytes:
+    """The snapshot body of a committed, quiescent state (no savepoint, tree == state)."""
+    if state._sp is not None:
+        raise SnapshotError("a linked batch is open")
+    unknown = set(PlatformState.__slots__) - CAPTURED_SLOTS
+    if unknown:
+        raise SnapshotError(f"state slots not captured by this snapshot format: {sorted(unknown)}")
+    position = state.next_seq
+    if tree.size != position:
+        raise SnapshotError(f"tree holds {tree.size} records, state {position}")
+    with _no_gc():
+        done = state.done
+        rows = list(done.values())
+        kind_names = sorted({d.kind for d in rows})
+        if len(kind_names) > 256:
+            raise SnapshotError("too many record kinds")
+        kind_index = {k: i for i, k in enumerate(kind_names)}
+        pack = _FP_STRUCT.pack
+        payload = Payload(
+            format=FORMAT,
+            code=CODE_VERSION,
+            platform=state.platform_id,
+            position=position,
+            head=head,
+            created_ms=created_ms,
+            next_seq=state.next_seq,
+            last_ts_ms=state.last_ts_ms,
+            created=state.created,
+            gate=state.gate,
+            policy=state.policy,
+            day=state.day,
+            totals=[(ccy, d, c) for ccy, (d, c) in state.totals_by_currency.items()],
+            omnibus_ids=list(state.omnibus_ids),
+            accounts=[_slots(a, Account.__slots__) for a in state.accounts.values()],
+            holds=[_slots(h, Hold.__slots__) for h in state.holds.values()],
+            pending_holds=list(state.pending_holds),
+            requests=[_slots(r, PendingRequest.__slots__) for r in state.requests.values()],
+            standing=[_slots(s, Standing.__slots__) for s in state.standing.values()],
+            alerts=[_slots(a, Alert.__slots__) for a in state.alerts.values()],
+            done_cids=list(done),
+            done_fps=b"".join(
+                [pack(fp >> 64, fp & _LOW64) for fp in map(attrgetter("fingerprint"), rows)]
+            ),
+            done_seqs=list(map(attrgetter("seq"), rows)),
+            done_kinds=bytes(map(kind_index.__getitem__, map(attrgetter("kind"), rows))),
+            kind_names=kind_names,
+            done_entries=list(map(attrgetter("entries"), rows)),
+            done_reversed=[(cid, d.reversed_by) for cid, d in done.items() if d.reversed_by],
+            liabilities=[(a, size, seq) for (a, size), seq in state.liabilities.items()],
+            reconciliations=list(state.reconciliations.items()),
+            reconciliation_ids=sorted(state.reconciliation_ids),
+            nonces=[(a, n, exp) for (a, n), exp in state.nonces.items()],
+            auth_failures=[(a, list(t)) for a, t in state.auth_failures.items()],
+            day_counters=[(a, op, s, n) for (a, op), (s, n) in state.day_counters.items()],
+            day_lvt=[(a, d, s) for (a, d), s in state.day_lvt.items()],
+            day_outflow=list(state.day_outflow.items()),
+            day_start_custody=list(state.day_start_custody.items()),
+            tree=tree.snapshot(),
+        )
+        data = _ENCODER.encode(payload)
+    return MAGIC + _mac(key, data) + data
+
+
+# -- restore --------------------------------------------------------------------------------------
+
+
+def open_body(body: bytes, key: bytes | None = None) -> Payload:
+    """Check the magic and MAC, decode, check format and code version. Raises SnapshotError."""
+    if not body.startswith(MAGIC) or len(body) < len(MAGIC) + MAC_LEN:
+        raise SnapshotError("not a custody-snapshot/v1 body")
+    view = memoryview(body)
+    mac = bytes(view[len(MAGIC) : len(MAGIC) + MAC_LEN])
+    data = view[len(MAGIC) + MAC_LEN :]
+    if not hmac.compare_digest(mac, _mac(key, data)):
+        raise SnapshotError("digest does not match the snapshot body")
+    try:
+        with _no_gc():
+            payload = _DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise SnapshotError(f"snapshot does not decode: {exc}") from None
+    if payload.format != FORMAT:
+        raise SnapshotError(f"unknown snapshot format {payload.format!r}")
+    if payload.code != CODE_VERSION:
+        raise SnapshotError("snapshot made by other code (fold or state layout changed)")
+    if payload.position != payload.next_seq or payload.position < 1:
+        raise SnapshotError("snapshot position and state disagree")
+    if len(payload.head) != records.HASH_LEN:
+        raise SnapshotError("chain head is not 32 bytes")
+    return payload
+
+
+def restore(payload: Payload, fetch: Fetch | None = None) -> tuple[PlatformState, MerkleLog]:
+    """The live state and Merkle tree a snapshot describes. Raises SnapshotError."""
+    try:
+        with _no_gc():
+            return _restore(payload, fetch)
+    except SnapshotError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
+        raise SnapshotError(f"snapshot is inconsistent: {exc!r}") from None
+
+
+def _restore(p: Payload, fetch: Fetch | None) -> tuple[PlatformState, MerkleLog]:
+    state = PlatformState(p.platform)
+    state.next_seq = p.next_seq
+    state.last_ts_ms = p.last_ts_ms
+    state.created = p.created
+    state.gate = p.gate
+    state.policy = p.policy
+    state.day = p.day
+    state.totals_by_currency = {ccy: [d, c] for ccy, d, c in p.totals}
+
+    accounts: dict[str, Account] = {}
+    for values in p.accounts:
+        account = _build(Account, Account.__slots__, values)
+        account.kind = AccountKind(account.kind)
+        account.status = AccountStatus(account.status)
+        account.tokens = tuple(account.tokens)
+        accounts[account.id] = account
+    state.accounts = accounts
+    for account_id in p.omnibus_ids:
+        if accounts[account_id].kind is not AccountKind.OMNIBUS:
+            raise SnapshotError(f"{account_id} is not an omnibus account")
+    state.omnibus_ids = list(p.omnibus_ids)
+
+    holds: dict[str, Hold] = {}
+    for values in p.holds:
+        hold = _build(Hold, Hold.__slots__, values)
+        hold.status = HoldStatus(hold.status)
+        holds[hold.id] = hold
+    state.holds = holds
+    state.pending_holds = {hold_id: holds[hold_id] for hold_id in p.pending_holds}
+    if any(h.status is not HoldStatus.PENDING for h in state.pending_holds.values()) or sum(
+        h.status is HoldStatus.PENDING for h in holds.values()
+    ) != len(state.pending_holds):
+        raise SnapshotError("pending holds disagree with hold statuses")
+
+    state.requests = {
+        r.id: r for r in (_build(PendingRequest, PendingRequest.__slots__, v) for v in p.requests)
+    }
+    state.standing = {
+        s.id: s for s in (_build(Standing, Standing.__slots__, v) for v in p.standing)
+    }
+    state.alerts = {a.id: a for a in (_build(Alert, Alert.__slots__, v) for v in p.alerts)}
+
+    n = len(p.done_cids)
+    if not (
+        len(p.done_fps) == n * _FP_LEN
+        and len(p.done_seqs) == n
+        and len(p.done_kinds) == n
+        and len(p.done_entries) == n
+    ):
+        raise SnapshotError("done columns differ in length")
+    fps = [hi << 64 | lo for hi, lo in _FP_STRUCT.iter_unpack(p.done_fps)]
+    kinds = map(p.kind_names.__getitem__, p.done_kinds)
+    done = dict(zip(p.done_cids, map(Done, fps, p.done_seqs, kinds, p.done_entries), strict=True))
+    if len(done) != n:
+        raise SnapshotError("a client id appears twice in the done table")
+    for cid, by in p.done_reversed:
+        done[cid].reversed_by = by
+    state.done = done
+
+    state.liabilities = {(a, size): seq for a, size, seq in p.liabilities}
+    state.reconciliations = dict(p.reconciliations)
+    state.reconciliation_ids = set(p.reconciliation_ids)
+    state.nonces = {(a, nonce): exp for a, nonce, exp in p.nonces}
+    state.auth_failures = {a: tuple(times) for a, times in p.auth_failures}
+    state.day_counters = {(a, op): (s, k) for a, op, s, k in p.day_counters}
+    state.day_lvt = {(a, d): s for a, d, s in p.day_lvt}
+    state.day_outflow = dict(p.day_outflow)
+    state.day_start_custody = dict(p.day_start_custody)
+
+    tree = MerkleLog.restore(p.tree, fetch)
+    if tree.size != p.position:
+        raise SnapshotError(f"tree holds {tree.size} records, snapshot claims {p.position}")
+    return state, tree
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+class SnapshotStore:
+    """The `snapshots` table beside the log: (platform, position, part, created_ms, body).
+
+    A snapshot is written in parts (PART_BYTES each) in ONE transaction, with the older ones
+    beyond `keep` deleted in the same transaction. The log's table is never touched.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._datastore = store.datastore
+        self._pg = bool(store.is_postgres)
+        self._ph = "%s" if self._pg else "?"
+        schema = getattr(self._datastore, "schema", "") if self._pg else ""
+        self._table = f'"{schema}".{TABLE}' if schema else TABLE
+        blob = "BYTEA" if self._pg else "BLOB"
+        with self._datastore.transaction(commit=True) as cur:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._table} (platform TEXT NOT NULL, "
+                "position BIGINT NOT NULL, part INTEGER NOT NULL, created_ms BIGINT NOT NULL, "
+                f"body {blob} NOT NULL, PRIMARY KEY (platform, position, part))"
+            )
+
+    def save(
+        self, platform_id: str, position: int, created_ms: int, body: bytes, keep: int
+    ) -> None:
+        assert keep >= 1
+        ph = self._ph
+        t = self._table
+        view = memoryview(body)
+        parts = [view[i : i + PART_BYTES] for i in range(0, len(body), PART_BYTES)] or [view]
+        with self._datastore.transaction(commit=True) as cur:
+            # a snapshot at the same position (taken again) replaces the old one
+            cur.execute(
+                f"DELETE FROM {t} WHERE platform={ph} AND position={ph}", (platform_id, position)
+            )
+            for index, part in enumerate(parts):
+                cur.execute(
+                    f"INSERT INTO {t} (platform, position, part, created_ms, body) "
+                    f"VALUES ({ph},{ph},{ph},{ph},{ph})",
+                    (platform_id, position, index, created_ms, bytes(part)),
+                )
+            cur.execute(
+                f"SELECT DISTINCT position FROM {t} WHERE platform={ph} ORDER BY position DESC",
+                (platform_id,),
+            )
+            positions = [_col(row, "position") for row in cur.fetchall()]
+            for old in positions[keep:]:
+                cur.execute(
+                    f"DELETE FROM {t} WHERE platform={ph} AND position={ph}", (platform_id, old)
+                )
+
+    def positions(self, platform_id: str) -> list[int]:
+        """Stored snapshot positions, newest first."""
+        ph = self._ph
+        with self._datastore.transaction(commit=False) as cur:
+            cur.execute(
+                f"SELECT DISTINCT position FROM {self._table} WHERE platform={ph} "
+                "ORDER BY position DESC",
+                (platform_id,),
+            )
+            return [int(_col(row, "position")) for row in cur.fetchall()]
+
+    def body(self, platform_id: str, position: int) -> bytes:
+        ph = self._ph
+        with self._datastore.transaction(commit=False) as cur:
+            cur.execute(
+                f"SELECT part, body FROM {self._table} WHERE platform={ph} AND position={ph} "
+                "ORDER BY part",
+                (platform_id, position),
+            )
+            rows = cur.fetchall()
+        parts = [_col(row, "part") for row in rows]
+        if parts != list(range(len(parts))):
+            raise SnapshotError("snapshot parts are missing")
+        return b"".join(bytes(_col(row, "body")) for row in rows)
+
+    def delete(self, platform_id: str) -> None:
+        with self._datastore.transaction(commit=True) as cur:
+            cur.execute(f"DELETE FROM {self._table} WHERE platform={self._ph}", (platform_id,))
+
+
+def _col(row: Any, name: str) -> Any:
+    return row[name]
