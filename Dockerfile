@@ -7,6 +7,8 @@ COPY ledger ./ledger
 COPY controls ./controls
 COPY projections ./projections
 COPY custody_verify ./custody_verify
+COPY risk ./risk
+COPY reconciliation ./reconciliation
 COPY protos ./protos
 COPY setup.py MANIFEST.in ./
 RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /wheels

@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="also serve plain-text health checks on 127.0.0.1:PORT (for probes without certs)",
     )
+    serve.add_argument(
+        "--dashboard-port",
+        type=int,
+        help="serve the read-only risk dashboard on http://127.0.0.1:PORT/dashboard",
+    )
 
     certs = sub.add_parser(
         "certs",
@@ -708,6 +713,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_dir=args.tls_dir,
             insecure_dev=args.insecure_dev,
             maintenance_port=args.health_port,
+            dashboard_port=args.dashboard_port,
         )
     except ServeError as exc:
         print(f"cannot serve: {exc}", file=sys.stderr)

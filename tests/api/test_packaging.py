@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,17 +32,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # What the Dockerfile's build stage must copy: the build files and every package of the wheel
 # (pyproject's packages.find); `test_dockerfile_copies_every_package_the_wheel_needs` checks it.
-SOURCES = (
-    "pyproject.toml",
-    "README.md",
-    "setup.py",
-    "MANIFEST.in",
-    "ledger",
-    "controls",
-    "projections",
-    "custody_verify",
-    "protos",
-)
+def _wheel_packages() -> tuple[str, ...]:
+    """The top-level packages pyproject's packages.find includes (`ledger*` -> `ledger`)."""
+    with (REPO / "pyproject.toml").open("rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    return tuple(pattern.rstrip("*") for pattern in include)
+
+
+SOURCES = ("pyproject.toml", "README.md", "setup.py", "MANIFEST.in", *_wheel_packages(), "protos")
 
 
 def _free_port() -> int:
