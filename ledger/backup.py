@@ -736,8 +736,11 @@ def restore(
             f"{', ...' if len(entries) > 5 else ''}); "
             "restore into an empty folder, or pass --force to move what it replaces aside"
         )
+    if config.store == STORE_POSTGRES and not force:
+        _pg_check_target(config, pg_bin)
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".restore-staging-", dir=data_dir))
+    placed = False
     try:
         manifest = _stage_archive(archive, staging)
         if manifest["store"] != config.store:
@@ -758,7 +761,9 @@ def restore(
         aside = data_dir / f"before-restore-{_now_ms()}"
         if config.store == STORE_POSTGRES:
             _pg_restore(config, staging / DB_POSTGRES, manifest, force, pg_bin, report)
+            placed = True
         else:
+            placed = True  # from the first file moved aside on
             for suffix in ("", "-wal", "-shm", "-journal"):
                 p = config.sqlite_path.with_name(config.sqlite_path.name + suffix)
                 _move_aside(p, aside, data_dir, report.moved_aside)
@@ -772,6 +777,8 @@ def restore(
         _fsync_dir(data_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if not placed:  # refused before any data was placed: leave no marker behind
+            (data_dir / MARKER).unlink(missing_ok=True)
         raise
     shutil.rmtree(staging, ignore_errors=True)
     verify_restored(config, manifest, report, checkpoints=checkpoints, verifiers=verifiers)
@@ -852,6 +859,30 @@ def _finish(config: Config, manifest: dict[str, Any], report: RestoreReport) -> 
 # -- PostgreSQL restore ---------------------------------------------------------------------------
 
 
+def _pg_relations(conn: Any, schema: str) -> tuple[int] | None:
+    """(number of relations) in `schema`, or None if it does not exist."""
+    row = conn.execute(
+        "SELECT count(c.oid) FROM pg_namespace n LEFT JOIN pg_class c "
+        "ON c.relnamespace = n.oid WHERE n.nspname = %s GROUP BY n.oid",
+        (schema,),
+    ).fetchone()
+    return None if row is None else (int(row[0]),)
+
+
+def _pg_check_target(config: Config, pg_bin: str | Path | None) -> None:
+    """Before anything is touched: the tools exist and the target schema is empty."""
+    _pg_tool("pg_restore", pg_bin)
+    _pg_tool("psql", pg_bin)
+    target = _pg_schema(config)
+    with _pg_connect(config) as conn:
+        row = _pg_relations(conn, target)
+    if row is not None and row[0] > 0:
+        raise RestoreRefused(
+            f"schema {target} is not empty; restore into an empty or new schema, or pass "
+            "--force to rename it aside"
+        )
+
+
 def _pg_restore(
     config: Config,
     dump: Path,
@@ -872,11 +903,7 @@ def _pg_restore(
     target = _pg_schema(config)
     with _pg_connect(config) as conn:
         conn.autocommit = True
-        row = conn.execute(
-            "SELECT count(c.oid) FROM pg_namespace n LEFT JOIN pg_class c "
-            "ON c.relnamespace = n.oid WHERE n.nspname = %s GROUP BY n.oid",
-            (target,),
-        ).fetchone()
+        row = _pg_relations(conn, target)
         if row is not None and row[0] > 0:
             if not force:
                 raise RestoreRefused(

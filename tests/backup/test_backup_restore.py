@@ -464,3 +464,38 @@ def test_restore_refuses_another_stores_archive(tmp_path: Path) -> None:
     with pytest.raises(bk.RestoreRefused, match="sqlite backup but CUSTODY_STORE is postgres"):
         bk.restore(pg, archive)
     assert os.listdir(tmp_path / "pg") == []
+
+
+def test_postgres_non_empty_schema_is_refused_and_force_renames_it_aside(
+    tmp_path: Path,
+) -> None:
+    from helpers import pg_env, pg_execute, require_postgres
+
+    require_postgres()
+    with pg_env(tmp_path / "src") as env:
+        config = Config.from_env(env)
+        service, _ = _seed(config)
+        service.close()
+        archive = tmp_path / "b.backup"
+        bk.backup(config, archive)
+        # the target is the source's own (non-empty) schema
+        target_env_ = dict(env, CUSTODY_DATA_DIR=str(tmp_path / "restored"))
+        code, _, err = run_cli(["restore", str(archive)], target_env_)
+        assert code == EXIT_REFUSED and "is not empty" in err
+        assert not (tmp_path / "restored").exists() or os.listdir(tmp_path / "restored") == []
+        code, out, err = run_cli(["restore", str(archive), "--force"], target_env_)
+        assert code == 0, out + err
+        aside = [
+            name
+            for (name,) in pg_execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                (env["POSTGRES_SCHEMA"] + "_before_restore_%",),
+            )
+        ]
+        try:
+            assert len(aside) == 1 and f"schema {aside[0]}" in out
+            [(moved,)] = pg_execute(f"SELECT count(*) FROM {aside[0]}.custody_events")
+            assert moved == len(stored_rows(Config.from_env(target_env_), "p1")) + 1
+        finally:
+            for name in aside:
+                pg_execute(f"DROP SCHEMA {name} CASCADE")
