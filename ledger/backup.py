@@ -1092,6 +1092,9 @@ def _verify_platform(
 
     check = PlatformCheck(pid)
     writer = PlatformWriter(store, pid)
+    # a restore proves the whole log: never start from a state snapshot (a cache stored in the
+    # same database, so it came with the backup), re-chain and replay every record
+    writer.use_snapshots = False
     try:
         writer.load()
     except Exception as exc:  # any failure to reload is a broken log; say where
