@@ -31,7 +31,10 @@ FORMAT = "custody-disclosure/v1"
 DAY = 86_400_000
 OFFSET_DEFAULT = 28_800_000
 DAYS_MAX = 3700
-ALERTS_ENGINE = "not available: early warning not implemented"
+ALERTS_ENGINE = (
+    "alert records in the log (raised by the early-warning engine, docs/RISK.md, "
+    "or by an operator)"
+)
 LEVELS = ["GREEN", "YELLOW", "ORANGE", "RED"]
 ROLE_KEYS = ["borrower", "guarantor", "lender", "other"]
 PURPOSE_KEYS = ["bid", "clearing", "compensation", "disbursement", "repayment", "transfer"]

@@ -33,8 +33,11 @@ FORMAT: Final = "custody-disclosure/v1"
 DAY_MS: Final = 86_400_000
 DEFAULT_DAY_OFFSET_MS: Final = 8 * 3_600_000  # the built-in policy's (records without one)
 MAX_DAYS: Final = 3700  # about ten years of business days in one snapshot
-# Alerts are counted from the log's alert records; no automatic rule raises them yet.
-ALERTS_ENGINE: Final = "not available: early warning not implemented"
+# Alerts are counted from the log's alert records.
+ALERTS_ENGINE: Final = (
+    "alert records in the log (raised by the early-warning engine, docs/RISK.md, "
+    "or by an operator)"
+)
 ALERT_LEVELS: Final = ("GREEN", "YELLOW", "ORANGE", "RED")
 RECONCILIATION_RESULTS: Final = ("balanced", "excess", "shortfall")
 ROLES: Final = ("borrower", "guarantor", "lender", "other")

@@ -311,7 +311,10 @@ EXPECTED_MANUAL: Final = {
     "record_reconciliation": {"count": 1, "approved": 1},
 }
 EXPECTED_ALERTS: Final = {
-    "engine": "not available: early warning not implemented",
+    "engine": (
+        "alert records in the log (raised by the early-warning engine, docs/RISK.md, "
+        "or by an operator)"
+    ),
     "by_level": {
         "GREEN": {"raised": 0, "acknowledged": 0, "closed": 0, "open_at_end": 0},
         "YELLOW": {"raised": 1, "acknowledged": 0, "closed": 1, "open_at_end": 0},
