@@ -13,8 +13,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import START_MS, FakeClock, actor_for
-from workload import CCY, CHECKER, OPERATOR, PLATFORM, POLICY, Workload
+from helpers import START_MS, FakeClock, actor_for  # type: ignore[import-not-found]
+from workload import (  # type: ignore[import-not-found]
+    CCY,
+    CHECKER,
+    OPERATOR,
+    PLATFORM,
+    POLICY,
+    Workload,
+)
 
 from controls.policy import DAY_MS
 from ledger import commands as c

@@ -1,0 +1,222 @@
+"""Benchmark: restart with a long log, with and without a state snapshot (BRIEF §9: serving in
+<= 5 s with 10 million records).
+
+Steps (one fresh database):
+  1. generate   --records records through the in-process batched path (LedgerService.execute,
+                batches of 1,000 transfers between --accounts customer accounts, like
+                bench/transfers.py; not timed as part of any figure below)
+  2. full       a fresh writer replays and re-chains every record (snapshots off): the baseline
+  3. save       that writer captures a snapshot (the part that holds the platform lock) and
+                stores it (one transaction): times and size
+  4. tail       --tail more transfers are appended after the snapshot
+  5. restart    a fresh writer loads the snapshot, checks it against the log and replays the
+                tail; then a whole `LedgerService.start()` (what `custody serve` does before
+                serving: every platform loaded, GC tuned)
+  6. check      the snapshot-loaded state equals the full replay's (balances, done table size,
+                chain head, Merkle root)
+
+Prints each figure and the ratio full replay / snapshot restart, measured in this run.
+
+Examples:
+  python bench/restart.py                                  # 1,000,000 records, SQLite
+  python bench/restart.py --records 100000 --store postgres
+  python bench/restart.py --records 10000000               # ~4 min to generate, ~8 GB RAM
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# bench/ itself must not be on the path: bench/controls.py would shadow the `controls` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ledger.config import Config  # noqa: E402
+from ledger.service import LedgerService  # noqa: E402
+from ledger.snapshot import SnapshotStore  # noqa: E402
+from ledger.writer import PlatformWriter  # noqa: E402
+
+
+def _load_transfers() -> Any:
+    """bench/transfers.py by path: putting bench/ on sys.path would shadow `controls`."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_transfers", ROOT / "bench" / "transfers.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_transfers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_tb = _load_transfers()
+ACTOR, PLATFORM, check = _tb.ACTOR, _tb.PLATFORM, _tb.check
+fresh_config, make_workload = _tb.fresh_config, _tb.make_workload
+seed_ledger, transfer_cmds = _tb.seed_ledger, _tb.transfer_cmds
+BATCH = 1_000
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append(svc: LedgerService, n: int, accounts: int, seed: int, prefix: str) -> None:
+    work = make_workload(n, accounts, seed)
+    t0 = time.perf_counter()
+    for start in range(0, n, 100_000):
+        cmds = transfer_cmds(work[start : start + 100_000], f"{prefix}{start}-")
+        for i in range(0, len(cmds), BATCH):
+            out = svc.execute(PLATFORM, cmds[i : i + BATCH], ACTOR)
+            check(all(o.status in ("accepted", "refused") for o in out), "unexpected outcome")
+        done = start + len(cmds)
+        rate = done / (time.perf_counter() - t0)
+        print(f"  generated {done:,} / {n:,} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+
+
+def fresh_writer(cfg: Config, svc: LedgerService, use_snapshots: bool) -> PlatformWriter:
+    writer = svc._new_writer(PLATFORM)
+    writer.use_snapshots = use_snapshots
+    return writer
+
+
+def fingerprint(writer: PlatformWriter) -> tuple[Any, ...]:
+    st = writer.state
+    return (
+        st.next_seq,
+        writer.head,
+        writer.tree.root(),
+        len(st.done),
+        sorted((a.id, a.posted_minor, a.available_minor) for a in st.accounts.values()),
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"store": args.store, "tail": args.tail}
+    with fresh_config(args.store) as cfg:
+        svc = LedgerService(cfg)
+        svc.start()
+        try:
+            seed_ledger(svc, args.accounts)
+            setup = 2 + 2 * args.accounts
+            append(svc, args.records - setup - args.tail, args.accounts, args.seed, "t")
+        finally:
+            svc.close()
+
+        svc = LedgerService(cfg)  # not started: only its store, vault and writer factory
+        try:
+            gc.collect()
+            full = fresh_writer(cfg, svc, use_snapshots=False)
+            t0 = time.perf_counter()
+            full.load()
+            out["full_replay_s"] = time.perf_counter() - t0
+            out["records_at_snapshot"] = full.state.next_seq
+            print(f"full replay: {out['full_replay_s']:.2f} s", file=sys.stderr)
+
+            t0 = time.perf_counter()
+            captured = full.capture_snapshot()
+            out["capture_s"] = time.perf_counter() - t0
+            check(captured is not None, "no snapshot captured")
+            assert captured is not None
+            position, body = captured
+            t0 = time.perf_counter()
+            full.store_snapshot(position, body)
+            out["store_s"] = time.perf_counter() - t0
+            out["snapshot_bytes"] = len(body)
+            del body, captured
+            del full
+            gc.collect()
+        finally:
+            svc.close()
+
+        svc = LedgerService(cfg)
+        svc.start()
+        try:
+            append(svc, args.tail, args.accounts, args.seed + 1, "tail")
+        finally:
+            svc.close()
+
+        svc = LedgerService(cfg)
+        try:
+            gc.collect()
+            fast = fresh_writer(cfg, svc, use_snapshots=True)
+            t0 = time.perf_counter()
+            fast.load()
+            out["snapshot_restart_s"] = time.perf_counter() - t0
+            check(fast.snapshot_position == position, "the snapshot was not used")
+            out["records"] = fast.state.next_seq
+            print(f"snapshot restart: {out['snapshot_restart_s']:.2f} s", file=sys.stderr)
+            fast_print = fingerprint(fast)
+            del fast
+            gc.collect()
+            if not args.no_check:
+                t0 = time.perf_counter()
+                again = fresh_writer(cfg, svc, use_snapshots=False)
+                again.load()
+                out["full_replay_with_tail_s"] = time.perf_counter() - t0
+                check(fingerprint(again) == fast_print, "snapshot restart != full replay")
+                del again
+                gc.collect()
+        finally:
+            svc.close()
+
+        # the whole service start, as `custody serve` does it (snapshot + tail + GC tuning)
+        served = LedgerService(cfg)
+        t0 = time.perf_counter()
+        served.start()
+        out["service_start_s"] = time.perf_counter() - t0
+        served.close()
+        tables = SnapshotStore(LedgerService(cfg).store).positions(PLATFORM)
+        out["snapshots_kept"] = tables
+    out["ratio_full_over_snapshot"] = out["full_replay_s"] / out["snapshot_restart_s"]
+    out["peak_rss_mib"] = round(rss_mib())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--records", type=int, default=1_000_000, help="records in the log")
+    p.add_argument("--tail", type=int, default=10_000, help="records after the snapshot")
+    p.add_argument("--accounts", type=int, default=1_000, help="customer accounts")
+    p.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-check", action="store_true", help="skip the second full replay")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    args = p.parse_args(argv)
+    check(args.records > 2 + 2 * args.accounts + args.tail, "--records too small")
+    res = run(args)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    n = res["records"]
+    print(f"store {res['store']}, {n:,} records ({res['records_at_snapshot']:,} in the snapshot)")
+    print(f"  full replay (re-chain + fold every record) {res['full_replay_s']:8.2f} s")
+    print(f"  snapshot capture (platform lock held)       {res['capture_s']:8.2f} s")
+    print(f"  snapshot store (one transaction)            {res['store_s']:8.2f} s")
+    print(f"  snapshot size                               {res['snapshot_bytes'] / 2**20:8.1f} MiB")
+    print(
+        f"  restart: snapshot + {res['tail']:,}-record tail     {res['snapshot_restart_s']:8.2f} s"
+    )
+    print(f"  LedgerService.start() with the snapshot     {res['service_start_s']:8.2f} s")
+    if "full_replay_with_tail_s" in res:
+        print(
+            f"  full replay incl. tail (check: same state)  {res['full_replay_with_tail_s']:8.2f} s"
+        )
+    print(f"  ratio full replay / snapshot restart        {res['ratio_full_over_snapshot']:8.1f}x")
+    print(f"  peak RSS {res['peak_rss_mib']:,} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
