@@ -19,7 +19,7 @@ CUSTODY_PROJECTIONS      embedded (default: `custody serve` keeps the read model
 CUSTODY_RISK             embedded (default: `custody serve` runs the early-warning engine) | off
 CUSTODY_GROUP_MAX        most instructions in one database transaction (default 8192)
 CUSTODY_QUEUE_MAX        most instructions waiting for a platform's writer (default 100000)
-CUSTODY_SERVER_ID        names this server in the writers table (default <hostname>-<pid>)
+CUSTODY_SERVER_ID        names this server in the writers table (default <hostname>-<pid>-<random>)
 CUSTODY_ADVERTISE        HOST:PORT clients use to reach this server; written to the writers table
                          when it takes a platform's write role, and handed to callers that ask
                          another server to write that platform (default: empty = unknown)
@@ -30,6 +30,7 @@ CUSTODY_LEASE_POLL_MS    PostgreSQL: how often a server checks its write leases'
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,7 +84,9 @@ def _int(env: Mapping[str, str], key: str, default: int, low: int, high: int) ->
 
 
 def _server_id(env: Mapping[str, str]) -> str:
-    value = env.get("CUSTODY_SERVER_ID") or f"{socket.gethostname()[:40]}-{os.getpid()}"
+    value = env.get("CUSTODY_SERVER_ID") or (
+        f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+    )
     if len(value) > 64 or not all(ch.isalnum() or ch in "-_.:" for ch in value):
         raise ConfigError("CUSTODY_SERVER_ID must be 1..64 of [A-Za-z0-9._:-]")
     return value
