@@ -136,7 +136,8 @@ class Cluster:
 
     def start_node(self, port: int) -> Node:
         self.generation[port] += 1
-        node = Node(f"s{self.ports.index(port)}-g{self.generation[port]}", port, self.env, self.out_dir)
+        server_id = f"s{self.ports.index(port)}-g{self.generation[port]}"
+        node = Node(server_id, port, self.env, self.out_dir)
         self.nodes[port] = node
         return node
 
@@ -153,9 +154,7 @@ class Cluster:
                 return
             for node in self.nodes.values():
                 if not node.alive() and node.killed_at_ms is None:
-                    raise AssertionError(
-                        f"{node.server_id} died: {node.err.read_text()[-3000:]}"
-                    )
+                    raise AssertionError(f"{node.server_id} died: {node.err.read_text()[-3000:]}")
             time.sleep(0.005)
         raise AssertionError(f"timed out waiting for {what}")
 
@@ -170,7 +169,7 @@ class Cluster:
         self.wait(lambda: self.writer_of(platform) is not None, timeout, f"a writer of {platform}")
         found = self.writer_of(platform)
         assert found is not None
-        victim, role = found
+        victim, _ = found
         written = [p for p in self.platforms() if victim.writes(p) is not None]
         epochs = {p: r.epoch for p in written if (r := victim.writes(p)) is not None}
         killed_at = victim.kill()
@@ -344,9 +343,7 @@ def check_log(config: Config, platforms: list[str], acks: dict[str, Ack]) -> Fin
     lost = [cid for cid, ack in acks.items() if cid_count[ack.platform, cid] == 0]
     duplicates = [f"{p}/{cid}" for (p, cid), n in cid_count.items() if n > 1]
     misplaced = [
-        cid
-        for cid, ack in acks.items()
-        if cid_where.get((ack.platform, cid), ack.seq) != ack.seq
+        cid for cid, ack in acks.items() if cid_where.get((ack.platform, cid), ack.seq) != ack.seq
     ]
     outside: list[str] = []
     for cid, ack in acks.items():
