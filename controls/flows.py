@@ -25,6 +25,8 @@ ALLOWED_FLOWS: Final[dict[str, frozenset[tuple[str, str]]]] = {
     "top_up_shortfall": frozenset({(OWN, CUST), (OWN, SUSP)}),
     "place_hold": frozenset({(CUST, CUST)}),  # fees are charged per schedule, never held
     "request_withdrawal": frozenset({(CUST, OMNI), (OWN, PBANK), (FEE, PBANK)}),
+    # the platform covers a shortfall from its own bank (own -> pbank) or takes back an excess
+    "settle_reconciliation": frozenset({(OWN, PBANK), (PBANK, OWN)}),
 }
 # A reversal posts the mirror image of a deposit, transfer, fee, top-up or captured hold.
 ALLOWED_FLOWS["reverse"] = frozenset(

@@ -40,6 +40,7 @@ GOVERNANCE_OPS: Final = frozenset(
         "freeze_account",
         "publish_liabilities",  # disclosure matters most when a platform is in trouble
         "record_reconciliation",
+        "settle_reconciliation",
         "raise_alert",
         "acknowledge_alert",
         "close_alert",

@@ -30,12 +30,13 @@ MANUAL_OPS: Final = frozenset(
         "reset_key",
         "clear_suspense",  # a transfer out of suspense, after the receipt was identified
         "record_reconciliation",  # the checker signs the day's reconciliation off
+        "settle_reconciliation",  # covering a shortfall or returning an excess
     }
 )
 # Manual operations whose approval no policy can switch off: otherwise one person could first
 # remove the second pair of eyes and then act alone.
 ALWAYS_APPROVED_OPS: Final = frozenset(
-    {"set_policy", "set_gate", "reset_key", "record_reconciliation"}
+    {"set_policy", "set_gate", "reset_key", "record_reconciliation", "settle_reconciliation"}
 )
 # The platform gate from open to shut; the early-warning system may move it towards FROZEN
 # without a checker when `auto_restrict` is on (tightening is safe; loosening never is).

@@ -65,6 +65,7 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
             "reset_key",
             "publish_liabilities",
             "record_reconciliation",
+            "settle_reconciliation",
             "raise_alert",
             "acknowledge_alert",
             "close_alert",

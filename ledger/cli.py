@@ -21,8 +21,9 @@ import msgspec
 
 from controls.policy import Policy, decode_policy, policy_problem
 from controls.roles import ROLES
-from ledger import cli_controls, cli_remote, records
+from ledger import cli_backup, cli_controls, cli_remote, records
 from ledger import commands as c
+from ledger.backup import RestoreUnverified
 from ledger.config import Config, ConfigError
 from ledger.store import log_stream
 from ledger.validate import is_actor
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-port",
         type=int,
         help="also serve plain-text health checks on 127.0.0.1:PORT (for probes without certs)",
+    )
+    serve.add_argument(
+        "--accept-restore",
+        action="store_true",
+        help="serve a restored ledger whose verification against checkpoints failed (recorded)",
     )
     serve.add_argument(
         "--dashboard-port",
@@ -294,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     HANDLERS.update(risk_cli.register(sub))
     HANDLERS.update(cli_remote.register(sub))
     HANDLERS.update(recon_cli.register(sub))
+    HANDLERS.update(cli_backup.register(sub))
     return parser
 
 
@@ -411,9 +418,12 @@ def _print(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 
 def _service(args: argparse.Namespace) -> Any:
+    from ledger.backup import restore_guard
     from ledger.service import LedgerService
 
-    service = LedgerService(_config(args))
+    config = _config(args)
+    restore_guard(config)  # never write on top of a restore nobody verified or accepted
+    service = LedgerService(config)
     service.start(progress=_progress if sys.stderr.isatty() else None)
     return service
 
@@ -703,6 +713,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from ledger.api.server import ServeError, serve
+    from ledger.backup import RestoreUnverified, restore_guard
+
+    try:
+        warning = restore_guard(_config(args), accept_restore=args.accept_restore)
+    except RestoreUnverified as exc:
+        print(f"cannot serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if warning:
+        print(warning, file=sys.stderr)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -762,6 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RestoreUnverified as exc:
+        print(f"refused: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except LookupError as exc:
         print(f"not found: {exc}", file=sys.stderr)

@@ -257,6 +257,21 @@ class RecordReconciliation(Command, tag="record_reconciliation", frozen=True, kw
     result: str  # balanced | shortfall | excess
 
 
+class SettleReconciliation(Command, tag="settle_reconciliation", frozen=True, kw_only=True):
+    """Book the bank transfer that settles a reconciliation's difference (maker-checker).
+
+    Shortfall: the platform paid `amount_minor` from its own bank account into the custody
+    account (own funds -> platform bank mirror; customer liabilities unchanged, the custody
+    bank balance rises). Excess: the custody bank returned it to the platform's bank account
+    (platform bank mirror -> own funds)."""
+
+    reconciliation_id: str
+    own_account_id: str
+    platform_bank_account_id: str
+    amount_minor: int
+    currency: str
+
+
 class RaiseAlert(Command, tag="raise_alert", frozen=True, kw_only=True):
     """An early-warning rule fired (or an operator raised one by hand)."""
 
@@ -306,6 +321,7 @@ AnyCommand = (
     | RejectRequest
     | PublishLiabilities
     | RecordReconciliation
+    | SettleReconciliation
     | RaiseAlert
     | AcknowledgeAlert
     | CloseAlert
@@ -340,6 +356,7 @@ COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     RejectRequest,
     PublishLiabilities,
     RecordReconciliation,
+    SettleReconciliation,
     RaiseAlert,
     AcknowledgeAlert,
     CloseAlert,

@@ -315,7 +315,9 @@ def plan_publish_liabilities(state: PlatformState, cmd: c.PublishLiabilities) ->
 def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Plan:
     if cmd.snapshot_size > state.next_seq:
         return _refuse(Code.INVALID_ARGUMENT, "the snapshot cannot be after the log's end")
-    if cmd.reconciliation_id in state.reconciliation_ids:
+    if cmd.reconciliation_id in state.reconciliation_ids or cmd.reconciliation_id in (
+        state.reconciliation_open
+    ):
         return _refuse(Code.INVALID_ARGUMENT, f"reconciliation {cmd.reconciliation_id!r} exists")
     if cmd.snapshot_size == state.next_seq:  # taken now: the requirement is checkable here
         requirement = sum(
@@ -341,6 +343,24 @@ def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Pl
         "result": cmd.result,
     }
     return Proposal("record_reconciliation", cmd), {"reconciliation": spec}
+
+
+def plan_settle_reconciliation(state: PlatformState, cmd: c.SettleReconciliation) -> Plan:
+    """Covers a shortfall (own -> platform bank) or returns an excess (platform bank -> own),
+    never more than what is left of the recorded difference."""
+    left = state.reconciliation_open.get(cmd.reconciliation_id)
+    if left is None:
+        return _refuse(
+            Code.INVALID_ARGUMENT, f"no unsettled reconciliation {cmd.reconciliation_id!r}"
+        )
+    if cmd.amount_minor > abs(left):
+        return _refuse(Code.INVALID_AMOUNT, f"only {abs(left)} is left to settle")
+    own, bank = cmd.own_account_id, cmd.platform_bank_account_id
+    debit, credit = (own, bank) if left < 0 else (bank, own)
+    planned = _move("settle_reconciliation", cmd, debit, credit)
+    assert not isinstance(planned, Refusal)
+    planned[1]["settles"] = cmd.reconciliation_id
+    return planned
 
 
 def plan_raise_alert(state: PlatformState, cmd: c.RaiseAlert) -> Plan:
@@ -401,6 +421,7 @@ _PLANNERS: dict[type, Callable[[PlatformState, Any], Plan]] = {
     c.RejectRequest: plan_reject,
     c.PublishLiabilities: plan_publish_liabilities,
     c.RecordReconciliation: plan_reconciliation,
+    c.SettleReconciliation: plan_settle_reconciliation,
     c.RaiseAlert: plan_raise_alert,
     c.AcknowledgeAlert: plan_alert_step,
     c.CloseAlert: plan_alert_step,

@@ -321,6 +321,7 @@ class PlatformState:
         "platform_id",
         "policy",
         "reconciliation_ids",
+        "reconciliation_open",
         "reconciliations",
         "requests",
         "standing",
@@ -351,7 +352,9 @@ class PlatformState:
         self.liabilities: dict[tuple[str, int], int] = {}
         # currency -> the last reconciliation_completed record's figures (and its position)
         self.reconciliations: dict[str, dict[str, Any]] = {}
-        self.reconciliation_ids: set[str] = set()  # one a business day per currency
+        self.reconciliation_ids: set[str] = set()  # settled or balanced: one a day per currency
+        # reconciliation id -> signed difference still to settle (shortfall < 0, excess > 0)
+        self.reconciliation_open: dict[str, int] = {}
         # customer authorisation: (account, nonce) -> expiry, and recent failures per account
         self.nonces: dict[tuple[str, str], int] = {}
         self.auth_failures: dict[str, tuple[int, ...]] = {}

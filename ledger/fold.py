@@ -65,6 +65,9 @@ def apply_record(state: PlatformState, rec: dict[str, Any], fingerprint: int | N
         executes = rec.get("executes")
         if executes is not None:
             _executed(state, executes, rec["cid"], seq)
+        settles = rec.get("settles")
+        if settles is not None:
+            _settled(state, settles, posted, seq)
         _note_activity(state, rec, kind, posted)
         if fingerprint is not None:
             state.add_done(rec["cid"], Done(fingerprint, seq, kind, posted))
@@ -120,6 +123,23 @@ def _note_activity(
         if auth is not None and auth.get("nonce"):
             account_id = cmd.get("from_account_id") or cmd.get("account_id")
             put(state.nonces, (account_id, auth["nonce"]), auth["expires_at_ms"])
+
+
+def _settled(
+    state: PlatformState, reconciliation_id: str, posted: list[list[Any]] | None, seq: int
+) -> None:
+    """A settlement reduces what is left of a reconciliation's difference, never past zero."""
+    assert state._sp is None, "settlements never run inside a linked batch"
+    left = state.reconciliation_open.get(reconciliation_id)
+    amount = sum(e[2] for e in posted or ())
+    if left is None or not 0 < amount <= abs(left):
+        raise StateError(f"record {seq}: settles more than {reconciliation_id!r} has left")
+    left = left + amount if left < 0 else left - amount
+    if left:
+        state.reconciliation_open[reconciliation_id] = left
+    else:
+        del state.reconciliation_open[reconciliation_id]
+        state.reconciliation_ids.add(reconciliation_id)
 
 
 def _executed(state: PlatformState, request_id: str, by_cid: str, seq: int) -> None:
@@ -301,7 +321,10 @@ def _liabilities_published(state: PlatformState, rec: dict[str, Any], seq: int) 
 def _reconciliation_completed(state: PlatformState, rec: dict[str, Any], seq: int) -> None:
     spec = rec["reconciliation"]
     state.reconciliations[spec["ccy"]] = {**spec, "seq": seq}
-    state.reconciliation_ids.add(spec["id"])
+    if spec["difference"]:
+        state.reconciliation_open[spec["id"]] = spec["difference"]
+    else:
+        state.reconciliation_ids.add(spec["id"])
 
 
 def _alert_raised(state: PlatformState, rec: dict[str, Any], seq: int) -> None:

@@ -50,6 +50,7 @@ KIND_BY_OP: Final[dict[str, str]] = {
     "reject_request": "approval_rejected",
     "publish_liabilities": "liabilities_published",
     "record_reconciliation": "reconciliation_completed",
+    "settle_reconciliation": "reconciliation_settled",
     "raise_alert": "alert_raised",
     "acknowledge_alert": "alert_acknowledged",
     "close_alert": "alert_closed",

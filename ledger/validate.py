@@ -39,6 +39,8 @@ ID_FIELDS: Final = frozenset(
         "withdrawal_id",
         "movement_id",
         "standing_id",
+        "own_account_id",
+        "platform_bank_account_id",
         "reconciliation_id",
         "alert_id",
         "rule",
