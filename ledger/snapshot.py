@@ -118,6 +118,7 @@ CAPTURED_SLOTS: Final = frozenset(
         "platform_id",
         "policy",
         "reconciliation_ids",
+        "reconciliation_open",
         "reconciliations",
         "requests",
         "standing",
@@ -163,6 +164,7 @@ class Payload(msgspec.Struct, forbid_unknown_fields=True):
     liabilities: list[tuple[str, int, int]]
     reconciliations: list[tuple[str, dict[str, Any]]]
     reconciliation_ids: list[str]
+    reconciliation_open: list[tuple[str, int]]  # id -> difference not yet explained
     nonces: list[tuple[Any, str, int]]
     auth_failures: list[tuple[str, list[int]]]
     day_counters: list[tuple[str, str, int, int]]
@@ -269,6 +271,7 @@ def capture(
             liabilities=[(a, size, seq) for (a, size), seq in state.liabilities.items()],
             reconciliations=list(state.reconciliations.items()),
             reconciliation_ids=sorted(state.reconciliation_ids),
+            reconciliation_open=list(getattr(state, "reconciliation_open", {}).items()),
             nonces=[(a, n, exp) for (a, n), exp in state.nonces.items()],
             auth_failures=[(a, list(t)) for a, t in state.auth_failures.items()],
             day_counters=[(a, op, s, n) for (a, op), (s, n) in state.day_counters.items()],
@@ -383,6 +386,8 @@ def _restore(p: Payload, fetch: Fetch | None) -> tuple[PlatformState, MerkleLog]
     state.liabilities = {(a, size): seq for a, size, seq in p.liabilities}
     state.reconciliations = dict(p.reconciliations)
     state.reconciliation_ids = set(p.reconciliation_ids)
+    if "reconciliation_open" in PlatformState.__slots__:
+        state.reconciliation_open = dict(p.reconciliation_open)  # type: ignore[attr-defined,unused-ignore]
     state.nonces = {(a, nonce): exp for a, nonce, exp in p.nonces}
     state.auth_failures = {a: tuple(times) for a, times in p.auth_failures}
     state.day_counters = {(a, op): (s, k) for a, op, s, k in p.day_counters}
