@@ -25,6 +25,9 @@ CUSTODY_ADVERTISE        HOST:PORT clients use to reach this server; written to 
                          another server to write that platform (default: empty = unknown)
 CUSTODY_LEASE_POLL_MS    PostgreSQL: how often a server checks its write leases' connection and
                          tries to take the leases of platforms nobody writes (default 1000)
+CUSTODY_METRICS_PORT     `custody serve` answers GET /metrics (Prometheus text format) on
+                         127.0.0.1:PORT, or HOST:PORT when given so (default 0 = off)
+CUSTODY_LOG_FORMAT       json | text | auto (default: text on a terminal, else JSON lines)
 """
 
 from __future__ import annotations
@@ -109,6 +112,23 @@ def _advertise(env: Mapping[str, str]) -> str:
     return value
 
 
+def _metrics_address(env: Mapping[str, str]) -> tuple[str, int]:
+    """CUSTODY_METRICS_PORT: PORT (on 127.0.0.1) or HOST:PORT; 0 or empty = no endpoint."""
+    value = env.get("CUSTODY_METRICS_PORT", "").strip()
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]")
+    if (
+        (value and not port.isdigit())
+        or (port.isdigit() and int(port) > 65_535)
+        or (sep and not host)
+        or any(ch.isspace() or ch in "/@?#" for ch in host)
+    ):
+        raise ConfigError("CUSTODY_METRICS_PORT must be PORT or HOST:PORT (0 = off)")
+    return host, int(port) if port else 0
+
+
 @dataclass(frozen=True)
 class Config:
     store: str
@@ -128,6 +148,9 @@ class Config:
     server_id: str = "local"
     advertise: str = ""
     lease_poll_ms: int = 1000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0 = no /metrics endpoint
+    log_format: str = "auto"  # json | text | auto (text on a terminal)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -144,6 +167,7 @@ class Config:
             postgres.setdefault("POSTGRES_USER", "postgres")
             postgres.setdefault("POSTGRES_PASSWORD", "")
             postgres.setdefault("POSTGRES_DBNAME", "postgres")
+        metrics = _metrics_address(env)
         return cls(
             store=store,
             data_dir=data_dir,
@@ -164,4 +188,7 @@ class Config:
             server_id=_server_id(env),
             advertise=_advertise(env),
             lease_poll_ms=_int(env, "CUSTODY_LEASE_POLL_MS", 1000, 50, 60_000),
+            metrics_host=metrics[0],
+            metrics_port=metrics[1],
+            log_format=_choice(env, "CUSTODY_LOG_FORMAT", ("auto", "json", "text")),
         )

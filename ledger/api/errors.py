@@ -10,6 +10,7 @@ becomes UNKNOWN or INTERNAL.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from controls.codes import INPUT_CODES, Code
+from ledger import logs
 from ledger.service import Overloaded, PlatformNotFound, ServiceClosed
 from ledger.writer import CommitFailed, Outcome, WriterFenced
 from projections.base import NotProjected, ProjectionError
@@ -354,9 +356,27 @@ def from_exception(exc: BaseException) -> ApiError | None:
     return None
 
 
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status
+):
+    pass
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ApiError) -> NoReturn:
-    """End the call with the error's status and rich details (raises grpc.aio.AbortError)."""
-    await context.abort_with_status(error.to_status())
+    """End the call with the error's status and rich details (raises grpc.aio.AbortError).
+
+    The trailing metadata also carries the call's `x-request-id` (aborting replaces what the
+    call gate set), and the call's log context records the reason."""
+    status = error.to_status()
+    call = logs.current_call()
+    if call is not None:
+        call.reason = error.reason
+        status = _Status(
+            status.code,
+            status.details,
+            (*status.trailing_metadata, (logs.REQUEST_ID_HEADER, call.request_id)),
+        )
+    await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

@@ -8,7 +8,14 @@ Every custody.v1 call passes the same gate before its servicer runs, in this ord
    MALFORMED_REQUEST, never the INTERNAL grpcio would answer.
 
 The gate then calls the servicer's coroutine (or async generator, for server streaming) as
-`method(request, context, identity)`. It used to be three server interceptors; as interceptors
+`method(request, context, identity)`.
+
+It is also where calls are observed, once for every custody.v1 call: a request id (the caller's
+`x-request-id` if well formed, else a new one; returned in the trailing metadata, see
+`ledger.logs`) kept in a context variable for the call's log records, one access log line
+(`ledger.api.access`: method, status, reason, duration; WARNING for server faults, INFO
+otherwise), and the RPC metrics (`ledger.metrics.rpc_done`: count by method and status code,
+latency of unary calls). It used to be three server interceptors; as interceptors
 they rebuilt a handler on every call. Wrapping each method's handler once when the servicers are
 registered gives the same checks with a single coroutine frame per call. Health checking and
 reflection are registered without the gate (open to any caller that passed the transport).
@@ -16,21 +23,25 @@ reflection are registered without the gate (open to any caller that passed the t
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
+from ledger import logs, metrics
 from ledger.api import errors
 from ledger.api.auth import Access, Identity, IdentitySource, authorize
 from ledger.api.deadlines import check_deadline
 from ledger.api.decode_guard import guarded_deserializer, refuse_undecodable
 from ledger.api.errors import ApiError
+from ledger.validate import is_platform_id
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -63,15 +74,73 @@ class Gate:
         return identity
 
 
+access_log = logging.getLogger("ledger.api.access")
+_perf = time.perf_counter
+# answers that mean the server (or its database) failed, not the caller
+_SERVER_FAULTS: Final = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNAVAILABLE"})
+_TRAILER: Final = logs.REQUEST_ID_HEADER
+
+
+def _begin(name: str, context: Context) -> tuple[logs.Call, Any]:
+    """Start observing a call: its request id, in the context and in the trailing metadata."""
+    call, token = logs.begin_call(name, context.invocation_metadata())
+    context.set_trailing_metadata(((_TRAILER, call.request_id),))
+    return call, token
+
+
+def _identify(call: logs.Call, identity: Identity, request: Any) -> None:
+    call.role = identity.role.value
+    platform = identity.platform_id or getattr(request, "platform_id", "")
+    if platform and isinstance(platform, str) and is_platform_id(platform):
+        call.platform = platform
+
+
+def _code_of(context: Context) -> str:
+    code = context.code()
+    return "OK" if code is None else getattr(code, "name", str(code))
+
+
+def _end(
+    call: logs.Call, token: Any, code: str, started: float, streaming: bool = False
+) -> None:
+    elapsed = _perf() - started
+    metrics.rpc_done(call.method, code, None if streaming else elapsed)
+    level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(
+            level,
+            "rpc",
+            extra={"status": code, "duration_ms": round(elapsed * 1000, 3)},
+        )
+    logs.end_call(token)
+
+
 def _unary(gate: Gate, method: str, inner: Unary) -> Callable[[Any, Context], Awaitable[Any]]:
     check = gate.check
+    name = metrics.short_method(method)
 
     async def behavior(request: Any, context: Context) -> Any:
+        started = _perf()
+        call, token = _begin(name, context)
+        code = "OK"
         try:
-            identity = check(method, request, context)
-        except ApiError as exc:
-            await errors.abort(context, exc)
-        return await inner(request, context, identity)
+            try:
+                identity = check(method, request, context)
+            except ApiError as exc:
+                await errors.abort(context, exc)
+            _identify(call, identity, request)
+            return await inner(request, context, identity)
+        except grpc.aio.AbortError:
+            code = _code_of(context)
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            _end(call, token, code, started)
 
     return behavior
 
@@ -80,14 +149,32 @@ def _streaming(
     gate: Gate, method: str, inner: Streaming
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     check = gate.check
+    name = metrics.short_method(method)
 
     async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+        started = _perf()
+        call, token = _begin(name, context)
+        code = "OK"
         try:
-            identity = check(method, request, context)
-        except ApiError as exc:
-            await errors.abort(context, exc)
-        async for item in inner(request, context, identity):
-            yield item
+            try:
+                identity = check(method, request, context)
+            except ApiError as exc:
+                await errors.abort(context, exc)
+            _identify(call, identity, request)
+            async for item in inner(request, context, identity):
+                yield item
+            code = _code_of(context)
+        except grpc.aio.AbortError:
+            code = _code_of(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            _end(call, token, code, started, streaming=True)
 
     return behavior
 

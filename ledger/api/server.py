@@ -42,6 +42,7 @@ from ledger.api.pb import SERVICE_NAMES
 from ledger.api.readmodels import ReadModels
 from ledger.api.servicers import Core, add_servicers
 from ledger.config import Config
+from ledger.metrics import MetricsServer
 from ledger.service import LedgerService
 from projections.runner import EmbeddedRunner, ProjectionRunner
 from risk.engine import EmbeddedRisk, RiskEngine
@@ -163,11 +164,16 @@ class RunningServer:
         self.pool = pool
         self.maintenance = maintenance
         self.dashboard: DashboardServer | None = None
+        self.metrics: MetricsServer | None = None
         self._stopped = False
 
     @property
     def dashboard_port(self) -> int | None:
         return None if self.dashboard is None else self.dashboard.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics is None else self.metrics.port
 
     @property
     def maintenance_port(self) -> int | None:
@@ -177,6 +183,8 @@ class RunningServer:
         _on_loop(self._start())
         if self.dashboard is not None:
             self.dashboard.start()
+        if self.metrics is not None:
+            self.metrics.start()
 
     async def _start(self) -> None:
         await self.server.start()
@@ -196,6 +204,8 @@ class RunningServer:
             if self.dashboard is not None:
                 self.dashboard.close()
             _on_loop(self._stop(grace), grace + 10)
+            if self.metrics is not None:  # last: a scrape may watch the drain
+                self.metrics.close()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.core.read_models.close()
@@ -219,12 +229,16 @@ def build_server(
     maintenance_port: int | None = None,
     projector: ProjectionRunner | None = None,
     dashboard_port: int | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> RunningServer:
     """A bound (not yet started) server; the caller owns the LedgerService.
 
     `projector`: the projection runner queries catch up with (the embedded follower's, so they
     take turns); without one the server makes its own. `dashboard_port`: also serve the risk
     dashboard read-only over HTTP on 127.0.0.1:PORT (`ledger.api.dashboard`; 0 picks a port).
+    `metrics_port`: also answer GET /metrics (Prometheus text format, `ledger.metrics`) on
+    metrics_host:PORT (loopback unless told otherwise; 0 picks a port).
     """
     options = options or ServerOptions()
     tls_dir = None if tls_dir is None else Path(tls_dir)
@@ -254,10 +268,16 @@ def build_server(
         liabilities_dir=None if options.liabilities_dir is None else Path(options.liabilities_dir),
     )
     dashboard: DashboardServer | None = None
+    metrics: MetricsServer | None = None
     try:
         if dashboard_port is not None:
             try:
                 dashboard = DashboardServer(service, dashboard_port)
+            except OSError as exc:
+                raise ServeError(str(exc)) from None
+        if metrics_port is not None:
+            try:
+                metrics = MetricsServer(service, metrics_port, metrics_host)
             except OSError as exc:
                 raise ServeError(str(exc)) from None
         running = _on_loop(
@@ -266,10 +286,13 @@ def build_server(
     except BaseException:
         if dashboard is not None:
             dashboard.close()
+        if metrics is not None:
+            metrics.close()
         pool.shutdown(wait=False)
         core.read_models.close()
         raise
     running.dashboard = dashboard
+    running.metrics = metrics
     return running
 
 
@@ -337,6 +360,7 @@ def running_server(
     maintenance_port: int | None = None,
     projector: ProjectionRunner | None = None,
     dashboard_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[RunningServer]:
     """A started server (port 0 picks a free port: see `.port`), always stopped on exit."""
     srv = build_server(
@@ -349,6 +373,7 @@ def running_server(
         maintenance_port=maintenance_port,
         projector=projector,
         dashboard_port=dashboard_port,
+        metrics_port=metrics_port,
     )
     srv.start()
     try:
@@ -389,7 +414,8 @@ def serve(
     With neither a TLS folder nor `insecure_dev`, a loopback server uses mutual TLS with a
     development PKI in `<data dir>/tls`, created on first use (so `custody serve` needs no
     configuration); any other address needs an explicit TLS folder. `dashboard_port` (else
-    $CUSTODY_DASHBOARD_PORT, else none) serves the risk dashboard on 127.0.0.1 (read-only).
+    $CUSTODY_DASHBOARD_PORT, else none) serves the risk dashboard on 127.0.0.1 (read-only);
+    CUSTODY_METRICS_PORT (`config.metrics_port`, 0 = off) the Prometheus metrics.
     """
     if insecure_dev and not is_loopback(host):  # refuse before touching any data
         raise InsecureBindRefused(
@@ -427,6 +453,8 @@ def serve(
             maintenance_port=maintenance_port,
             projector=None if projector is None else projector.runner,
             dashboard_port=dashboard_port,
+            metrics_port=config.metrics_port or None,
+            metrics_host=config.metrics_host,
         )
         stop = stop_event or threading.Event()
         previous: dict[signal.Signals, Any] = {}
@@ -442,6 +470,9 @@ def serve(
             )
             if srv.dashboard_port is not None:
                 log.info("risk dashboard on http://127.0.0.1:%d/dashboard", srv.dashboard_port)
+            if srv.metrics is not None:
+                address = _address(srv.metrics.host, srv.metrics.port)
+                log.info("metrics on http://%s/metrics", address)
             if ready is not None:
                 ready(srv)
             stop.wait()

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import bisect
 import collections
+import contextvars
 import functools
 import json
 import os
@@ -220,7 +221,10 @@ class Core:
     async def run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run blocking work (locks, database reads) in the worker pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+        # in the call's context: log records in the pool carry its request id (ledger.logs)
+        return await loop.run_in_executor(
+            self.pool, contextvars.copy_context().run, functools.partial(fn, *args, **kwargs)
+        )
 
     async def follow_log(
         self,
