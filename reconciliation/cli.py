@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ledger.config import Config, ConfigError
 from reconciliation import daily
 from reconciliation.csv_import import load_mapping
@@ -82,10 +84,19 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
         action="store_true",
         help="first book unmatched bank receipts into suspense (as the operator)",
     )
+    st = sub.add_parser(
+        "settle",
+        help="ask a checker to settle a recorded shortfall (cover) or excess (return)",
+    )
+    st.add_argument("--platform", required=True)
+    st.add_argument("--reconciliation", required=True, help="the reconciliation id")
+    st.add_argument(
+        "--amount", type=int, help="minor units (default: what is left of the difference)"
+    )
     br = sub.add_parser("breaks", help="statement breaks, conflicts, results and open items")
     br.add_argument("--platform", required=True)
     br.add_argument("--day", type=_day, help="open items of this day (default: the latest run)")
-    for p in (imp, mt, rn, br):
+    for p in (imp, mt, rn, st, br):
         p.add_argument("--accounts", help="reconciliation config JSON (see module help)")
     recon.set_defaults(handler=cmd_recon)
     return {"recon": cmd_recon}
@@ -123,6 +134,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
         action = args.recon_action
         if action == "run":
             return _run(args, cfg, pcfg)
+        if action == "settle":
+            return _settle(args, cfg)
         from ledger.store import LedgerStore
 
         store = LedgerStore(cfg)
@@ -222,13 +235,56 @@ def _run(args: argparse.Namespace, cfg: Config, pcfg: PlatformConfig) -> int:
         rec = res.record.get(f.currency)
         if rec is not None:
             lines.append(f"  record: {rec.status} {rec.client_id} {rec.code}".rstrip())
-        top = res.top_up.get(f.currency)
-        if top is not None:
-            lines.append(f"  top-up: {top.status} {top.client_id} {top.code}".rstrip())
+        settle = res.settlement.get(f.currency)
+        if settle is not None:
+            lines.append(f"  settlement: {settle.status} {settle.client_id} {settle.code}".rstrip())
     lines += [f"  to do: {a}" for a in res.actions]
     _print(args, payload, "\n".join(lines))
-    refused = [o for o in [*res.record.values(), *res.top_up.values()] if not o.ok]
+    refused = [o for o in [*res.record.values(), *res.settlement.values()] if not o.ok]
     return EXIT_REFUSED if refused else EXIT_OK
+
+
+def _settle(args: argparse.Namespace, cfg: Config) -> int:
+    actor = getattr(args, "actor", None) or ""
+    if not actor.startswith("operator:"):
+        print(f"recon settle needs --actor operator:NAME, not {actor!r}", file=sys.stderr)
+        return EXIT_USAGE
+    from ledger.service import LedgerService
+    from reconciliation.ledger_view import read as read_ledger
+
+    service = LedgerService(cfg)
+    service.start()
+    try:
+        if args.platform not in service.platform_ids():
+            print(f"not found: platform {args.platform!r}", file=sys.stderr)
+            return EXIT_REFUSED
+        view = read_ledger(service.store, args.platform)
+        recorded = view.reconciliations.get(args.reconciliation)
+        cmd, outcome = daily.prepare_settlement(
+            service, args.platform, args.reconciliation, actor, args.amount, view
+        )
+    finally:
+        service.close()
+    assert recorded is not None  # prepare_settlement refused an unknown reconciliation
+    shortfall = recorded.difference_minor < 0
+    payload = {
+        "reconciliation": recorded.to_json(),
+        "direction": "cover_shortfall" if shortfall else "return_excess",
+        "settlement": msgspec.to_builtins(cmd),
+        "outcome": msgspec.to_builtins(outcome),
+    }
+    lines = [
+        f"{args.reconciliation}: {'shortfall' if shortfall else 'excess'} "
+        f"{recorded.difference_minor}, left {recorded.left_minor}",
+        f"  settlement {cmd.amount_minor} {cmd.currency}: {outcome.status} {outcome.client_id} "
+        f"{outcome.code}".rstrip(),
+    ]
+    if outcome.status == "pending":
+        lines.append(f"  to do: {daily.settlement_action(cmd, shortfall)}")
+    elif not outcome.ok:
+        lines.append(f"  refused: {outcome.message}")
+    _print(args, payload, "\n".join(lines))
+    return EXIT_OK if outcome.ok else EXIT_REFUSED
 
 
 def _breaks(args: argparse.Namespace, recon: ReconStore) -> int:

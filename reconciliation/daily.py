@@ -11,10 +11,14 @@ For business day D and each currency of the platform's omnibus accounts:
 - **difference** = resource − requirement: 0 balanced, < 0 shortfall, > 0 excess.
 
 `run_daily` submits `RecordReconciliation` as the operator (always a request: a checker signs
-it off with `custody requests approve`). A shortfall also submits `TopUpShortfall` from the
-platform's own funds into suspense (a request where the policy lists `top_up_shortfall`). An
-excess is documented (event `reconciliation_excess` with the return instruction): no ledger
-flow returns customer-side money to own funds (see docs/RECONCILIATION.md).
+it off with `custody requests approve`). Once a shortfall or an excess is recorded,
+`prepare_settlement` (called by `run_daily` when the record is already there, or by
+`custody recon settle`) submits `SettleReconciliation` for what is left of the difference, as
+the operator; a checker always approves it. A shortfall's settlement books the platform's
+payment from its own bank into the omnibus account (own funds -> platform bank), an excess's
+the omnibus account's payment back to the platform's bank (platform bank -> own funds); the
+next statement shows it and matching pairs it with that bank line. A `TopUpShortfall` is not
+used for a reconciliation difference (docs/RECONCILIATION.md §4 says when it is right).
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ class DailyResult:
     figures: list[Figures]
     match: matching.MatchResult
     record: dict[str, Outcome] = field(default_factory=dict)  # currency -> outcome
-    top_up: dict[str, Outcome] = field(default_factory=dict)
+    settlement: dict[str, Outcome] = field(default_factory=dict)  # currency -> its request
     receipts: list[Outcome] = field(default_factory=list)  # suggested deposits booked
     actions: list[str] = field(default_factory=list)  # what is left for people to do
 
@@ -141,7 +145,7 @@ class DailyResult:
             "figures": [f.to_json() for f in self.figures],
             "match": self.match.to_json(),
             "record": {k: out(v) for k, v in self.record.items()},
-            "top_up": {k: out(v) for k, v in self.top_up.items()},
+            "settlement": {k: out(v) for k, v in self.settlement.items()},
             "receipts": [out(o) for o in self.receipts],
             "actions": list(self.actions),
         }
@@ -262,6 +266,93 @@ def book_receipts(
     return [service.execute(platform, [cmd], actor)[0] for cmd in suggestions]
 
 
+def settlement_command(
+    view: ledger_view.LedgerView,
+    reconciliation_id: str,
+    amount_minor: int | None = None,
+    now_ms: int | None = None,
+) -> c.SettleReconciliation:
+    """The settlement of what is left of a recorded reconciliation's difference (or of
+    `amount_minor` of it). Without an amount, a settlement request still waiting for a checker
+    is given again (re-running replays it). Raises ReconciliationError for an unknown, balanced
+    or settled reconciliation, an amount beyond what is left once the waiting requests are
+    counted, or missing platform accounts; the ledger checks the difference again when the
+    checker approves."""
+    recorded = view.reconciliations.get(reconciliation_id)
+    if recorded is None:
+        raise ReconciliationError(f"no recorded reconciliation {reconciliation_id!r}")
+    left = abs(recorded.left_minor)
+    if left == 0:
+        what = "balanced" if recorded.difference_minor == 0 else "settled"
+        raise ReconciliationError(f"reconciliation {reconciliation_id!r} is {what}")
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    waiting = recorded.pending_at(now)
+    if amount_minor is None and waiting:
+        first = waiting[min(waiting)][2]
+        cmd: c.SettleReconciliation = msgspec.convert(first, c.SettleReconciliation)
+        return cmd
+    available = left - sum(amount for amount, _, _ in waiting.values())
+    amount = available if amount_minor is None else amount_minor
+    if not 0 < amount <= available:
+        pending = f" ({left - available} in requests waiting for a checker)" if waiting else ""
+        raise ReconciliationError(
+            f"reconciliation {reconciliation_id!r}: {amount} is not in 1..{available}, what "
+            f"is left{pending}"
+        )
+    ccy = recorded.currency
+    own = view.accounts_of("own_funds", ccy)
+    bank = view.accounts_of("platform_bank", ccy)
+    if not own or not bank:
+        raise ReconciliationError(f"no own-funds or platform bank account in {ccy}")
+    return c.SettleReconciliation(
+        # a new client id per instruction: a refused or rejected one is never reused
+        client_id=f"settle:{reconciliation_id}:{recorded.attempts + 1}",
+        reconciliation_id=reconciliation_id,
+        own_account_id=own[0],
+        platform_bank_account_id=bank[0],
+        amount_minor=amount,
+        currency=ccy,
+    )
+
+
+def settlement_action(cmd: c.SettleReconciliation, shortfall: bool) -> str:
+    """What the people do once the checker approved the settlement."""
+    if shortfall:
+        move = (
+            f"the platform pays {cmd.amount_minor} {cmd.currency} from its own bank account "
+            "into the omnibus account"
+        )
+    else:
+        move = (
+            f"the omnibus account pays {cmd.amount_minor} {cmd.currency} back to the "
+            "platform's own bank account"
+        )
+    return (
+        f"{cmd.currency}: a checker approves settlement {cmd.client_id}; then {move} with "
+        f"end-to-end id {cmd.reconciliation_id} (in transit until the statement shows it)"
+    )
+
+
+def prepare_settlement(
+    service: LedgerService,
+    platform: str,
+    reconciliation_id: str,
+    actor: str,
+    amount_minor: int | None = None,
+    view: ledger_view.LedgerView | None = None,
+    now_ms: int | None = None,
+) -> tuple[c.SettleReconciliation, Outcome]:
+    """Submit `SettleReconciliation` for a recorded shortfall or excess, as the operator
+    `actor` (a request: a checker approves it)."""
+    if not actor.startswith("operator:"):
+        raise ReconciliationError(f"a settlement is prepared by an operator, not {actor!r}")
+    if view is None:
+        view = ledger_view.read(service.store, platform)
+    cmd = settlement_command(view, reconciliation_id, amount_minor, now_ms)
+    [outcome] = service.execute(platform, [cmd], actor)
+    return cmd, outcome
+
+
 def run_daily(
     service: LedgerService,
     platform: str,
@@ -271,8 +362,9 @@ def run_daily(
     book_unmatched_receipts: bool = False,
     now_ms: int | None = None,
 ) -> DailyResult:
-    """Match, compute and submit the day's reconciliation record (and a top-up request on a
-    shortfall) as the operator `actor`."""
+    """Match, compute and submit the day's reconciliation record as the operator `actor`; once
+    it is recorded (a later run, after the checker's approval), also the settlement request of
+    a shortfall, or of an excess when no unknown receipt might be customer money."""
     if not actor.startswith("operator:"):
         raise ReconciliationError(f"the reconciliation is submitted by an operator, not {actor!r}")
     recon = ReconStore(service.store)
@@ -288,7 +380,6 @@ def run_daily(
             f"{len(result.suggestions)} unmatched bank receipt(s): book into suspense "
             "(recon run --book-receipts), then clear suspense to the customer with a checker"
         )
-    view = ledger_view.read(service.store, platform)
     for f in figures:
         [rec] = service.execute(platform, [f.command()], actor)
         out.record[f.currency] = rec
@@ -297,37 +388,45 @@ def run_daily(
                 f"{f.currency}: a checker approves reconciliation request {rec.client_id}"
             )
         detail = f.to_json()
-        if f.result == "shortfall":
-            recon.add_event(platform, RECON_SHORTFALL, detail, key=f.reconciliation_id, at_ms=now)
-            own = view.accounts_of("own_funds", f.currency)
-            susp = view.accounts_of("suspense", f.currency)
-            if not own or not susp:
-                out.actions.append(f"{f.currency}: no own-funds or suspense account to top up")
-                continue
-            top = c.TopUpShortfall(
-                client_id=f"topup:{f.reconciliation_id}",
-                from_account_id=own[0],
-                to_account_id=susp[0],
-                amount_minor=-f.difference_minor,
-                currency=f.currency,
-                reason=f"reconciliation {f.reconciliation_id}: shortfall",
-            )
-            [t] = service.execute(platform, [top], actor)
-            out.top_up[f.currency] = t
-            if t.status == "pending":
-                out.actions.append(f"{f.currency}: a checker approves top-up {t.client_id}")
-            elif not t.ok:
-                out.actions.append(
-                    f"{f.currency}: top-up {t.status} ({t.code}): the platform must fund "
-                    f"{-f.difference_minor} into own funds first"
-                )
-        elif f.result == "excess":
-            recon.add_event(platform, RECON_EXCESS, detail, key=f.reconciliation_id, at_ms=now)
-            out.actions.append(
-                f"{f.currency}: excess {f.difference_minor}: find its cause in the open items; "
-                "if it is platform money, pay it from the omnibus account to the platform's own "
-                "bank account (it is then an item in transit until the statement shows it)"
-            )
-        else:
+        if f.result == "balanced":
             recon.add_event(platform, RECON_BALANCED, detail, key=f.reconciliation_id, at_ms=now)
+            continue
+        shortfall = f.result == "shortfall"
+        event = RECON_SHORTFALL if shortfall else RECON_EXCESS
+        recon.add_event(platform, event, detail, key=f.reconciliation_id, at_ms=now)
+        if rec.status == "pending":
+            out.actions.append(
+                f"{f.currency}: once the reconciliation is approved, run again (or recon settle "
+                f"--reconciliation {f.reconciliation_id}) to prepare its settlement"
+            )
+            continue
+        if not rec.ok:
+            continue
+        receipts_open = [s for s in result.suggestions if s.currency == f.currency]
+        if not shortfall and receipts_open:
+            # an unknown receipt is probably a customer's: it goes to suspense, never back
+            out.actions.append(
+                f"{f.currency}: excess {f.difference_minor} with {len(receipts_open)} unknown "
+                "receipt(s): book customer money into suspense (--book-receipts); only what is "
+                f"platform money is returned: recon settle --reconciliation {f.reconciliation_id}"
+            )
+            continue
+        view = ledger_view.read(service.store, platform)
+        recorded = view.reconciliations.get(f.reconciliation_id)
+        if recorded is None or recorded.left_minor == 0:
+            continue  # settled already
+        try:
+            cmd, t = prepare_settlement(
+                service, platform, f.reconciliation_id, actor, view=view, now_ms=now
+            )
+        except ReconciliationError as exc:
+            out.actions.append(f"{f.currency}: cannot prepare the settlement: {exc}")
+            continue
+        out.settlement[f.currency] = t
+        if t.status == "pending":
+            out.actions.append(settlement_action(cmd, shortfall))
+        elif not t.ok:
+            out.actions.append(
+                f"{f.currency}: settlement {t.status} ({t.code}): {t.message}".rstrip(": ")
+            )
     return out

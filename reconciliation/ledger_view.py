@@ -5,6 +5,10 @@ One pass over the log (chain-checked, like every other reader) gives:
   suspense account (the requirement) and the log size there (`snapshot_size`);
 - every movement of an omnibus bank mirror (deposits = receipts, withdrawal settlements =
   payouts, reversals touching the mirror), with its references, time and counterparty;
+- every reconciliation settlement (`reconciliation_settled`): it posts own funds <-> platform
+  bank only, but it is a bank transfer into (a shortfall's cover) or out of (an excess
+  returned) the omnibus account, so the bank shows it there;
+- the recorded reconciliations: what is left to settle of each one's difference;
 - the policy's business-day offset (the ledger's calendar).
 
 Reads only: the ledger's store is never written here.
@@ -40,13 +44,39 @@ class LedgerItem:
     seq: int
     ts: int
     day: str  # business day of `ts` in the ledger's calendar
-    kind: str  # receipt | payout | return
-    mirror: str  # the omnibus mirror account
+    kind: str  # receipt | payout | return | settlement
+    mirror: str  # the omnibus mirror account (a settlement: the currency's first one)
     amount_minor: int  # signed like the bank: + receipt, - payout
     currency: str
     refs: tuple[str, ...]  # bank_ref, client id, withdrawal id, ...
     counterparty: str  # the customer/suspense account credited, or the payout's payee alias
     reverses: str = ""  # a reversal: the client id it reverses
+    # a settlement: the reconciliation it settles. It names no omnibus account, so it matches
+    # a bank line on any omnibus account of its currency.
+    settles: str = ""
+
+
+@dataclass
+class Recorded:
+    """A `reconciliation_completed` record and what is left of its difference."""
+
+    reconciliation_id: str
+    currency: str
+    day: str  # business day of its cut-off (`as_of`)
+    difference_minor: int  # as recorded: < 0 shortfall, > 0 excess
+    left_minor: int  # signed like the difference; 0 once settled (or balanced)
+    settlements: int = 0  # reconciliation_settled records so far
+    attempts: int = 0  # settlement instructions logged (requests and refusals)
+    # settlement requests waiting for a checker: request id -> (amount, expiry ms, the cmd)
+    pending: dict[str, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
+
+    def pending_at(self, now_ms: int) -> dict[str, tuple[int, int, dict[str, Any]]]:
+        return {k: v for k, v in self.pending.items() if v[1] >= now_ms}
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "pending"}
+        d["pending"] = {k: v[0] for k, v in self.pending.items()}
+        return d
 
 
 @dataclass
@@ -67,6 +97,8 @@ class LedgerView:
     snapshot_size: int = 0  # log size at the cut-off
     # currency -> sum of customer and suspense balances at the cut-off
     requirement: dict[str, int] = field(default_factory=dict)
+    # reconciliation id -> the recorded reconciliation (whole log, not only up to the cut-off)
+    reconciliations: dict[str, Recorded] = field(default_factory=dict)
 
     def kind_of(self, account: str) -> str | None:
         acc = self.accounts.get(account)
@@ -135,6 +167,7 @@ class _Folder:
         self.snapped = False
         self.holds: dict[str, dict[str, Any]] = {}  # hold id -> spec (+ payee alias)
         self.requests: dict[str, dict[str, Any]] = {}  # request id -> the maker's cmd
+        self.settle_requests: dict[str, str] = {}  # request id -> reconciliation id
 
     def snapshot(self, size: int) -> None:
         v = self.v
@@ -163,6 +196,7 @@ class _Folder:
         refs: list[str],
         counterparty: str,
         reverses: str = "",
+        settles: str = "",
     ) -> None:
         v = self.v
         key = rec.get("executes") or rec["cid"]
@@ -180,12 +214,22 @@ class _Folder:
                 refs=tuple(refs),
                 counterparty=counterparty,
                 reverses=reverses,
+                settles=settles,
             )
         )
+
+    def _settle_attempt(self, rec: dict[str, Any], cmd: dict[str, Any]) -> Recorded | None:
+        if cmd.get("op") != "settle_reconciliation":
+            return None
+        recorded = self.v.reconciliations.get(cmd.get("reconciliation_id", ""))
+        if recorded is not None:
+            recorded.attempts += 1
+        return recorded
 
     def record(self, rec: dict[str, Any], seq: int) -> None:
         kind = rec["kind"]
         if kind == records.REFUSED_KIND:
+            self._settle_attempt(rec, rec.get("cmd", {}))
             return
         v = self.v
         policy = rec.get("policy")
@@ -195,17 +239,35 @@ class _Folder:
         if "executes" in rec:
             cmd = self.requests.get(rec["executes"], cmd)
         if kind == "approval_requested":
-            self.requests[rec["request"]["id"]] = cmd
+            request = rec["request"]
+            self.requests[request["id"]] = cmd
+            recorded = self._settle_attempt(rec, cmd)
+            if recorded is not None:
+                recorded.pending[request["id"]] = (cmd["amount_minor"], request["expires"], cmd)
+                self.settle_requests[request["id"]] = recorded.reconciliation_id
             return
+        done = rec.get("executes") or rec.get("rejects")
+        if done in self.settle_requests:
+            rid = self.settle_requests.pop(done)
+            v.reconciliations[rid].pending.pop(done, None)
         spec = rec.get("account")
         if spec is not None:
             v.accounts[spec["id"]] = _Acc(spec["kind"], spec["ccy"])
+            return
+        if kind == "reconciliation_completed":
+            r = rec["reconciliation"]
+            v.reconciliations[r["id"]] = Recorded(
+                r["id"], r["ccy"], v.day_of(r["as_of"]), r["difference"], r["difference"]
+            )
             return
         entries = rec.get("entries")
         if entries is not None:
             for debit, credit, amount in entries:
                 self._post(debit, credit, amount, seq)
-                self._mirror_entry(rec, cmd, kind, debit, credit, amount)
+                if "settles" in rec:
+                    self._settlement(rec, cmd, debit, credit, amount)
+                else:
+                    self._mirror_entry(rec, cmd, kind, debit, credit, amount)
             return
         hold = rec.get("hold")
         if hold is not None:
@@ -221,6 +283,32 @@ class _Folder:
             if self.v.kind_of(h["credit"]) in MIRROR_KINDS:
                 refs = [cmd.get("bank_ref", ""), hold_id]
                 self._item(rec, cmd, "payout", h["credit"], -captured, refs, h["payee"])
+
+    def _settlement(
+        self, rec: dict[str, Any], cmd: dict[str, Any], debit: str, credit: str, amt: int
+    ) -> None:
+        """Own funds -> platform bank covers a shortfall: the platform's bank pays into the
+        omnibus account (+amt there); platform bank -> own funds returns an excess (-amt)."""
+        v = self.v
+        rid = rec["settles"]
+        recorded = v.reconciliations.get(rid)
+        if recorded is None:
+            raise LedgerReadError(f"record {rec['seq']}: settles unknown reconciliation {rid!r}")
+        recorded.settlements += 1
+        left = recorded.left_minor
+        recorded.left_minor = left + amt if left < 0 else left - amt
+        cover = v.kind_of(debit) == "own_funds"
+        omnibus = v.accounts_of("omnibus", rec["ccy"])
+        self._item(
+            rec,
+            cmd,
+            "settlement",
+            omnibus[0] if omnibus else "",
+            amt if cover else -amt,
+            [rid],
+            credit if cover else debit,  # the platform's bank account
+            settles=rid,
+        )
 
     def _mirror_entry(
         self, rec: dict[str, Any], cmd: dict[str, Any], kind: str, debit: str, credit: str, amt: int

@@ -10,7 +10,15 @@ Passes, each over what the previous ones left:
    (the bank account mapped through the configuration's `counterparties`), closest day first;
 3. **batch**: one bank entry for several ledger payouts (or receipts) within the date window
    whose amounts add up to it: a subset-sum search over at most `batch_max_items` candidates
-   and `batch_max_steps` nodes per entry (bounded: it gives up rather than run away).
+   and `batch_max_steps` nodes per entry (bounded: it gives up rather than run away);
+4. **returned excess**: a bank receipt the ledger cannot book (platform money, e.g. interest the
+   contract gives the platform) that a recorded excess was settled for: one unmatched credit of
+   exactly a returning settlement's amount, booked by the day of the reconciliation it settles,
+   is explained by that settlement (method `returned_excess`, no ledger side of its own: the
+   settlement itself matches the bank's return debit). It gets no suspense suggestion.
+
+A reconciliation settlement names no omnibus account: it matches a bank line on any omnibus
+account of its currency.
 
 Then every item gets a state:
 - `matched` (with the method), or `timing` when the ledger side is after the cut-off: the bank
@@ -67,7 +75,7 @@ class BankItem:
 class Match:
     bank: tuple[BankItem, ...]
     ledger: tuple[LedgerItem, ...]
-    method: str  # reference | amount_date | batch
+    method: str  # reference | amount_date | batch | returned_excess
     state: str  # matched | timing
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +203,7 @@ def match(
     m.by_reference(bank)
     m.by_amount_date(bank)
     m.by_batch(bank)
+    m.returned_excess(bank, view, cutoff)
     for bank_side, ledger_side, method in m.pairs:
         late = any(x.ts > cutoff for x in ledger_side)
         res.matches.append(
@@ -226,7 +235,7 @@ class _Matcher:
         x = self.ledger[i]
         return (
             i in self.free
-            and x.mirror == b.mirror
+            and (x.mirror == b.mirror or bool(x.settles))
             and x.currency == b.entry.currency
             and (x.amount_minor > 0) == (b.amount_minor > 0)
         )
@@ -276,14 +285,17 @@ class _Matcher:
         index: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i in sorted(self.free):
             x = self.ledger[i]
-            index[(x.mirror, x.amount_minor)].append(i)
+            index[("" if x.settles else x.mirror, x.amount_minor)].append(i)
         for b in bank:
             if b.key in self.bank_done:
                 continue
             cp = self._counterparty(b)
             cands = [
                 i
-                for i in index.get((b.mirror, b.amount_minor), ())
+                for i in (
+                    *index.get((b.mirror, b.amount_minor), ()),
+                    *index.get(("", b.amount_minor), ()),
+                )
                 if self._fits(b, i)
                 and self._in_window(b, i)
                 and (not cp or not self.ledger[i].counterparty or self.ledger[i].counterparty == cp)
@@ -317,6 +329,25 @@ class _Matcher:
             )
             if found is not None and len(found) >= 2:
                 self._take(b, [cands[k] for k in found], "batch")
+
+    def returned_excess(self, bank: Sequence[BankItem], view: LedgerView, cutoff: int) -> None:
+        """Each settlement (by the cut-off) returning an excess explains one unmatched bank
+        credit of its amount booked by its reconciliation's day (the platform money it
+        returned); the settlement stays free to match the bank's return debit."""
+        for x in self.ledger:
+            recorded = view.reconciliations.get(x.settles) if x.settles else None
+            if recorded is None or x.amount_minor >= 0 or x.ts > cutoff:
+                continue
+            for b in bank:
+                if (
+                    b.key not in self.bank_done
+                    and b.amount_minor == -x.amount_minor
+                    and b.entry.currency == x.currency
+                    and b.date <= recorded.day
+                ):
+                    self.bank_done.add(b.key)
+                    self.pairs.append(([b], [], "returned_excess"))
+                    break
 
 
 def subset_sum(values: Sequence[int], target: int, max_steps: int) -> list[int] | None:

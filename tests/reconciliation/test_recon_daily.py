@@ -1,6 +1,7 @@
 """Matching (reference, amount + date + counterparty, batch payouts, timing, unmatched on both
-sides) and the daily internal reconciliation: balanced, excess, shortfall cured by a top-up a
-checker approves, missing statement; the CLI group."""
+sides) and the daily internal reconciliation: balanced, excess, shortfall covered by a
+settlement a checker approves, missing statement; the CLI group (test_recon_settle.py follows
+settlements to the next day's statement)."""
 
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def test_balanced_day_is_recorded_after_a_checker_signs_it_off(
     assert (f.bank_closing_minor, f.in_transit_minor, f.requirement_minor) == (42_000, 0, 42_000)
     assert (f.result, f.breaks) == ("balanced", 0)
     assert res.record["CNY"].status == "pending"  # always a checker's sign-off
-    assert res.top_up == {} and _completed(service) == []
+    assert res.settlement == {} and _completed(service) == []
     assert _approve(service, res.record["CNY"].client_id).status == "accepted"
     [rec] = _completed(service)
     spec = rec["reconciliation"]
@@ -238,15 +239,15 @@ def test_excess_is_recorded_and_documented(service: LedgerService, clock: FakeCl
         195_000,
     )
     assert (f.difference_minor, f.result, f.breaks) == (9_345, "excess", 2)
-    assert res.top_up == {}
-    assert any("excess" in a for a in res.actions)
+    assert res.settlement == {}
+    assert any("once the reconciliation is approved" in a for a in res.actions)
     [event] = recon.events("p1", [statements.RECON_EXCESS])
     assert event.detail["difference_minor"] == 9_345
     assert _approve(service, res.record["CNY"].client_id).status == "accepted"
     assert _completed(service)[0]["reconciliation"]["result"] == "excess"
 
 
-def test_shortfall_is_cured_by_a_top_up_a_checker_approves(
+def test_shortfall_is_covered_by_a_settlement_a_checker_approves(
     service: LedgerService, clock: FakeClock
 ) -> None:
     recon = two_days(service, clock)
@@ -264,21 +265,26 @@ def test_shortfall_is_cured_by_a_top_up_a_checker_approves(
         "shortfall",
     )
     assert f.breaks == 1  # the ghost deposit the bank never received
-    record, top_up = res.record["CNY"], res.top_up["CNY"]
-    assert (record.status, top_up.status) == ("pending", "pending")
-    own_before = bal(service, "p1", "own")[0]
+    record = res.record["CNY"]
+    assert record.status == "pending" and res.settlement == {}  # nothing to settle yet
     assert _approve(service, record.client_id).status == "accepted"
-    assert _approve(service, top_up.client_id).kind == "shortfall_topped_up"
-    assert bal(service, "p1", "own")[0] == own_before - 3_000
-    assert bal(service, "p1", "susp")[0] == 12_345 + 3_000
     [rec] = _completed(service)
     assert (rec["reconciliation"]["difference"], rec["reconciliation"]["breaks"]) == (-3_000, 1)
     assert recon.events("p1", [statements.RECON_SHORTFALL])
+    # recorded: running again replays the record and asks a checker for the settlement
+    again = daily.run_daily(service, "p1", D2, CONFIG, OPERATOR, now_ms=clock.now)
+    assert again.record["CNY"].status == "replayed"
+    settlement = again.settlement["CNY"]
+    assert settlement.status == "pending"
+    own_before = bal(service, "p1", "own")[0]
+    assert _approve(service, settlement.client_id).kind == "reconciliation_settled"
+    assert bal(service, "p1", "own")[0] == own_before - 3_000
+    assert bal(service, "p1", "susp")[0] == 12_345  # customer money is not touched
     # the booked receipt now matches its bank line by reference (as a timing item at D2)
     view = read_ledger(service.store, "p1", D2)
-    again = matching.match(view, matching.bank_items(recon, "p1", D2)[0], D2, CONFIG)
-    assert again.of_state(matching.UNMATCHED_BANK) == []
-    assert [m.state for m in again.matches if m.ledger[0].key.startswith("recon-receipt:")] == [
+    matched = matching.match(view, matching.bank_items(recon, "p1", D2)[0], D2, CONFIG)
+    assert matched.of_state(matching.UNMATCHED_BANK) == []
+    assert [m.state for m in matched.matches if m.ledger[0].key.startswith("recon-receipt:")] == [
         matching.TIMING
     ]
 
