@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve plain-text health checks on 127.0.0.1:PORT (for probes without certs)",
     )
     serve.add_argument(
+        "--server-id", help="this server's name among several (CUSTODY_SERVER_ID)"
+    )
+    serve.add_argument(
+        "--advertise",
+        help="HOST:PORT other servers redirect writes to when this one writes a platform "
+        "(CUSTODY_ADVERTISE; default the address it binds)",
+    )
+    serve.add_argument(
         "--accept-restore",
         action="store_true",
         help="serve a restored ledger whose verification against checkpoints failed (recorded)",
@@ -436,6 +444,14 @@ def _config(args: argparse.Namespace) -> Config:
     env = dict(os.environ)
     if args.data_dir:
         env["CUSTODY_DATA_DIR"] = args.data_dir
+    if getattr(args, "server_id", None):
+        env["CUSTODY_SERVER_ID"] = args.server_id
+    if getattr(args, "command", "") == "serve":
+        # where other servers send this server's platforms' writers: the flag, the
+        # environment, or the address it binds
+        env["CUSTODY_ADVERTISE"] = (
+            args.advertise or env.get("CUSTODY_ADVERTISE") or f"{args.host}:{args.port}"
+        )
     return Config.from_env(env)
 
 

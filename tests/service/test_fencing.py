@@ -18,7 +18,7 @@ def _deposit(cid: str) -> c.Deposit:
 
 
 def test_second_writer_is_fenced_and_the_chain_stays_linear(config: Any) -> None:
-    first = LedgerService(config)
+    first = LedgerService(config, lease=False)  # this test is about the store's own guard
     first.start()
     assert first.create_platform("p1", "P", "operator:test").ok
     setup = [
@@ -29,7 +29,7 @@ def test_second_writer_is_fenced_and_the_chain_stays_linear(config: Any) -> None
     ]
     assert all(o.ok for o in first.execute("p1", setup, "platform:p1"))
 
-    second = LedgerService(config)  # e.g. a standby that started without taking over
+    second = LedgerService(config, lease=False)  # a standby started without a lease
     second.start()
     assert second.execute("p1", [_deposit("by-second")], "platform:p1")[0].ok
 
