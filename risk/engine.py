@@ -43,7 +43,20 @@ from ledger.store import log_stream
 from ledger.writer import verify_stored_chain
 from risk import store as rs
 from risk.feed import NullFeed, ReconciliationFeed
-from risk.rules import Finding, Output, Rules, State, decode_state, encode_state
+from risk.rules import (
+    REC_DECODER,
+    STATE_FORMAT,
+    Finding,
+    Output,
+    Rec,
+    Rules,
+    State,
+    changes,
+    decode_state,
+    encode_state,
+    load_rows,
+    new_state,
+)
 from risk.ruleset import DEFAULT_RULES, RuleSet
 
 log = logging.getLogger("custody.risk")
@@ -54,6 +67,7 @@ BATCH_MAX: Final = 10_000
 SEND_CHUNK: Final = 500  # commands per ledger request
 GENESIS_HEX: Final = records.CHAIN_GENESIS.hex()
 _DECODE: Final = msgspec.json.Decoder().decode
+_REC_DECODE: Final = REC_DECODER.decode
 _CMD_ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
 
 
@@ -102,17 +116,50 @@ class RiskEngine:
             cur.execute(
                 f"INSERT INTO {db.t('risk_positions')} (platform, position, head, state) "
                 f"VALUES ({ph}, -1, {ph}, {ph}) ON CONFLICT DO NOTHING",
-                (platform, GENESIS_HEX, encode_state(State())),
+                (platform, GENESIS_HEX, encode_state(new_state())),
             )
             row = db.fetchone(
                 cur,
                 f"SELECT position, head, state FROM {db.t('risk_positions')} WHERE platform = {ph}",
                 (platform,),
             )
-        assert row is not None
-        pos = _Pos(int(row[0]), bytes.fromhex(row[1]), decode_state(bytes(row[2])))
+            assert row is not None
+            state = decode_state(bytes(row[2]))
+            if state.format != STATE_FORMAT:
+                # stored by an engine before per-account rows: evaluate the log again (alerts
+                # already in the log are read back, not raised again)
+                log.info("risk state of %s is format %d: rebuilding", platform, state.format)
+                self._reset(cur, platform)
+                row, state = (-1, GENESIS_HEX), new_state()
+            else:
+                load_rows(
+                    state,
+                    (
+                        (str(k), bytes(v))
+                        for k, v in db.fetchall(
+                            cur,
+                            f"SELECT key, value FROM {db.t('risk_state')} WHERE platform = {ph} "
+                            "ORDER BY key",
+                            (platform,),
+                        )
+                    ),
+                )
+        pos = _Pos(int(row[0]), bytes.fromhex(row[1]), state)
         self._pos[platform] = pos
         return pos
+
+    def _reset(self, cur: Any, platform: str) -> None:
+        """Forget the platform's rule state and read model (not the outbox) in `cur`'s
+        transaction: the next batch starts again from the first record."""
+        db, ph = self.db, self.db.ph
+        for table, _ in rs.READ_MODEL:
+            cur.execute(f"DELETE FROM {db.t(table)} WHERE platform = {ph}", (platform,))
+        cur.execute(f"DELETE FROM {db.t('risk_state')} WHERE platform = {ph}", (platform,))
+        cur.execute(
+            f"UPDATE {db.t('risk_positions')} SET position = -1, head = {ph}, state = {ph} "
+            f"WHERE platform = {ph}",
+            (GENESIS_HEX, encode_state(new_state()), platform),
+        )
 
     def _commit(
         self,
@@ -123,9 +170,11 @@ class RiskEngine:
         recs: list[dict[str, Any]],
         out: Output,
     ) -> None:
-        """Position, state, read model and outbox in one transaction (compare-and-set)."""
+        """Position, state, read model and outbox in one transaction (compare-and-set). The
+        state: its platform-wide part whole, and only the keyed rows that changed."""
         db, ph = self.db, self.db.ph
         commands = self._commands(out)
+        upsert, delete = changes(old.state)
         with db.tx() as cur:
             cur.execute(
                 f"UPDATE {db.t('risk_positions')} SET position = {ph}, head = {ph}, state = {ph} "
@@ -134,6 +183,18 @@ class RiskEngine:
             )
             if cur.rowcount != 1:
                 raise PositionConflict(f"{platform}: risk position moved from {old.position}")
+            state_table = db.t("risk_state")
+            if upsert:
+                cur.executemany(
+                    f"INSERT INTO {state_table} (platform, key, value) VALUES ({ph}, {ph}, {ph}) "
+                    "ON CONFLICT (platform, key) DO UPDATE SET value = excluded.value",
+                    [(platform, k, v) for k, v in upsert],
+                )
+            if delete:
+                cur.executemany(
+                    f"DELETE FROM {state_table} WHERE platform = {ph} AND key = {ph}",
+                    [(platform, k) for k in delete],
+                )
             rs.apply_records(db, cur, platform, recs)
             rs.write_indicators(db, cur, platform, out.counters, out.gauges)
             for n, (client_id, op, body) in enumerate(commands):
@@ -175,37 +236,44 @@ class RiskEngine:
         rows = self.store.read(log_stream(platform), after=pos.position, limit=self.batch_size)
         if not rows:
             return 0
-        recs: list[dict[str, Any]] = []
+        # each record decoded once: into the typed fields the rules read, and, for the few
+        # governance kinds (`Rules.general`), into the whole record as well
+        recs: list[tuple[Rec, dict[str, Any] | None]] = []
         head = pos.head
         expected = pos.position + 1
         broken: tuple[int, str] | None = None
+        general = Rules.general
+        sha256 = hashlib.sha256
         for seq, kind, packed in rows:
             if seq != expected:
                 break  # a gap: not visible yet (or deleted: the scheduled verify names it)
             link, data = packed[: records.HASH_LEN], packed[records.HASH_LEN :]
-            if hashlib.sha256(head + data).digest() != link:
+            if sha256(head + data).digest() != link:
                 broken = (seq, "chain link does not match the record and its predecessor")
                 break
-            rec = _DECODE(data)
-            if (
-                not isinstance(rec, dict)
-                or rec.get("seq") != seq
-                or rec.get("kind") != kind
-                or rec.get("platform") != platform
-            ):
+            try:
+                rec = _REC_DECODE(data)
+            except msgspec.MsgspecError:
+                rec = None
+            if rec is None or rec.seq != seq or rec.kind != kind or rec.platform != platform:
                 broken = (seq, "record position, kind or platform differs from where it is stored")
                 break
-            recs.append(rec)
+            recs.append((rec, _DECODE(data) if general(rec) else None))
             head = link
             expected += 1
         out = Output()
         state = pos.state
-        for rec in recs:
-            self.rules.apply(state, rec, out)
+        apply, apply_rec = self.rules.apply, self.rules.apply_rec
+        for rec, whole in recs:
+            if whole is None:
+                apply_rec(state, rec, out)
+            else:
+                apply(state, whole, out)
         if broken is not None:
             self.rules.integrity_failure(state, broken[0], broken[1], out)
-        last = recs[-1]["seq"] if recs else pos.position
-        self._commit(platform, pos, last, head, recs, out)
+        last = recs[-1][0].seq if recs else pos.position
+        whole_recs = [whole for _, whole in recs if whole is not None]
+        self._commit(platform, pos, last, head, whole_recs, out)
         return len(recs)
 
     # -- time -----------------------------------------------------------------------------------
@@ -337,17 +405,15 @@ class RiskEngine:
         """Forget this platform's rule state and read model (not the outbox's history) and
         evaluate the log again; alerts already in the log are not raised again (their ids are
         read back from it)."""
-        db, ph = self.db, self.db.ph
-        with self._lock, db.tx() as cur:
-            for table, _ in rs.READ_MODEL:
-                cur.execute(f"DELETE FROM {db.t(table)} WHERE platform = {ph}", (platform,))
-            cur.execute(
-                f"UPDATE {db.t('risk_positions')} SET position = -1, head = {ph}, state = {ph} "
-                f"WHERE platform = {ph}",
-                (GENESIS_HEX, encode_state(State()), platform),
-            )
-            self._pos.pop(platform, None)
+        self.reset(platform)
         return self.catch_up(platform)
+
+    def reset(self, platform: str) -> None:
+        """Forget this platform's rule state and read model (not the outbox's history); the
+        next step evaluates the log from its first record."""
+        with self._lock, self.db.tx() as cur:
+            self._reset(cur, platform)
+            self._pos.pop(platform, None)
 
     def dump(self, platform: str) -> list[bytes]:
         """The read model's rows, canonical and in key order (rebuilds compare these)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections import deque
+from collections.abc import Iterable
 from typing import Any, Final
 
 import msgspec
@@ -72,9 +74,17 @@ class Output:
         self.counters[key] = self.counters.get(key, 0) + amount
 
 
-class State(msgspec.Struct, kw_only=True):
-    """Everything the rules remember about one platform (stored with the engine's position)."""
+STATE_FORMAT: Final = 2  # 1: one msgpack blob with everything (before per-account rows)
 
+
+class Core(msgspec.Struct, kw_only=True):
+    """The platform-wide part of the rule state: small, stored whole with the position.
+
+    Keyed collections that grow with the platform (accounts, alert ids, pending holds, open LVT
+    reports) are not here: they are rows of `risk_state`, written only when they changed.
+    """
+
+    format: int = 0  # STATE_FORMAT; 0 = a blob from before per-account rows (rebuilt)
     # policy figures, from platform_created / policy_set
     day_offset_ms: int = DEFAULT_POLICY.day_offset_ms
     lvt: dict[str, list[int]] = {}  # currency -> [individual, corporate]
@@ -82,36 +92,13 @@ class State(msgspec.Struct, kw_only=True):
     gate: str = "NORMAL"
     restrict_pending: int = 0
     last_ts: int = 0
-    known: set[str] = set()  # alert ids already found (raised or queued)
-    alert_status: dict[str, str] = {}  # alert id -> raised | acknowledged | closed (from the log)
-    kinds: dict[str, str] = {}  # account -> kind
-    corporate: set[str] = set()
-    holds: dict[str, list[Any]] = {}  # pending: id -> [debit, credit, amount, expires, kind, seq]
     # W01/W02/W03
     shortfalls: dict[str, list[Any]] = {}  # recon id -> [ccy, amount, day_end_ms, topped_up]
     excess_since: dict[str, int] = {}  # currency -> first business day in excess
     recon_start: dict[str, int] = {}  # currency -> day the omnibus account opened
     reconciled: dict[str, list[int]] = {}  # currency -> business days reconciled (recent)
-    # W06
-    lvt_open: dict[str, list[Any]] = {}  # key -> [account, side, due_ms, [alert ids], orange]
-    # W07
-    near: dict[str, list[list[int]]] = {}  # account:side -> [[ts, amount]] near the threshold
-    day_legs: dict[str, list[int]] = {}  # account:side -> [day, count, sum, max, fired]
-    # W08
-    ins: dict[str, list[list[int]]] = {}
-    outs: dict[str, list[list[int]]] = {}
-    episodes: dict[str, list[int]] = {}
-    # W09
-    fan: dict[str, list[list[Any]]] = {}  # account -> [[ts, counterparty, "in"|"out"]]
-    fan_fired: dict[str, int] = {}
-    # W10
-    last_activity: dict[str, int] = {}
-    wake: dict[str, list[int]] = {}  # account -> [since, sum, count, fired]
     # W12
-    bound: set[str] = set()
-    rebound: dict[str, int] = {}  # account -> ts of the replacing binding
     watched: dict[str, list[Any]] = {}  # withdrawal hold id -> [account, rebind ts]
-    auth_fail: dict[str, list[int]] = {}
     # W15
     seg: dict[str, list[int]] = {}
     seg_red: dict[str, int] = {}
@@ -124,22 +111,262 @@ class State(msgspec.Struct, kw_only=True):
     last_verify_ms: int = 0
     # W19
     omni: dict[str, int] = {}  # currency -> omnibus balance
-    omni_moves: dict[str, list[list[int]]] = {}  # currency -> [[ts, delta]]
+    omni_moves: dict[str, Any] = {}  # currency -> deque of (ts, delta) within the window
     # W23
     refusal_hours: dict[str, list[int]] = {}  # hour -> [refusals, screening/auth, fired]
 
 
-_STATE_ENCODER: Final = msgspec.msgpack.Encoder(order="deterministic")
-_STATE_DECODER: Final = msgspec.msgpack.Decoder(State)
+class Tracked(dict[str, Any]):
+    """A dict that remembers which keys were set or deleted since the last `changes()`."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed: set[str] = set()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.changed.add(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.changed.add(key)
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self.changed.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self.changed.add(key)
+        return super().setdefault(key, default)
 
 
-def encode_state(state: State) -> bytes:
-    return _STATE_ENCODER.encode(state)
+class TrackedSet(set[str]):
+    """A set that remembers what was added since the last `changes()` (ids are never removed)."""
+
+    __slots__ = ("added",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: set[str] = set()
+
+    def add(self, item: str) -> None:
+        if item not in self:
+            self.added.add(item)
+            super().add(item)
+
+
+class Acct:
+    """What the rules remember about one account (a `risk_state` row `a:<account id>`).
+
+    Sliding windows are deques of (ts, ...) in time order (the writer stamps records with
+    non-decreasing times) with their running sums / distinct-counterparty counts kept beside
+    them, so a movement costs O(1) amortised instead of a pass over the window.
+    """
+
+    __slots__ = (
+        "auth_fail",
+        "bound",
+        "corporate",
+        "episodes",
+        "fan",
+        "fan_fired",
+        "fan_in",
+        "fan_out",
+        "in_sum",
+        "ins",
+        "kind",
+        "last_activity",
+        "legs_in",
+        "legs_out",
+        "near_in",
+        "near_out",
+        "out_sum",
+        "outs",
+        "rebound",
+        "wake",
+    )
+
+    def __init__(self) -> None:
+        self.kind: str | None = None  # None: never opened in this log
+        self.corporate = 0
+        self.last_activity: int | None = None  # W10
+        self.wake: list[int] | None = None  # W10 [since, sum, count, fired]
+        self.near_in: list[list[int]] = []  # W07 [[ts, amount]] near the threshold
+        self.near_out: list[list[int]] = []
+        self.legs_in: list[int] | None = None  # W07 [day, count, sum, max, fired]
+        self.legs_out: list[int] | None = None
+        self.ins: deque[tuple[int, int]] = deque()  # W08 window of (ts, amount) ...
+        self.in_sum = 0  # ... and its sum
+        self.outs: deque[tuple[int, int]] = deque()
+        self.out_sum = 0
+        self.episodes: list[int] = []  # W08
+        self.fan: deque[tuple[int, str, str]] = deque()  # W09 (ts, counterparty, in|out)
+        self.fan_in: dict[str, int] = {}  # W09 counterparty -> entries "in" in the window
+        self.fan_out: dict[str, int] = {}
+        self.fan_fired: int | None = None
+        self.bound = 0  # W12
+        self.rebound: int | None = None
+        self.auth_fail: list[int] = []
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.kind,
+            self.corporate,
+            self.last_activity,
+            self.wake,
+            self.near_in,
+            self.near_out,
+            self.legs_in,
+            self.legs_out,
+            list(self.ins),
+            list(self.outs),
+            self.episodes,
+            list(self.fan),
+            self.fan_fired,
+            self.bound,
+            self.rebound,
+            self.auth_fail,
+        )
+
+    @classmethod
+    def from_row(cls, row: Any) -> Acct:
+        a = cls()
+        (
+            a.kind,
+            a.corporate,
+            a.last_activity,
+            a.wake,
+            a.near_in,
+            a.near_out,
+            a.legs_in,
+            a.legs_out,
+            ins,
+            outs,
+            a.episodes,
+            fan,
+            a.fan_fired,
+            a.bound,
+            a.rebound,
+            a.auth_fail,
+        ) = row
+        a.ins = deque((t, x) for t, x in ins)
+        a.in_sum = sum(x for _, x in ins)
+        a.outs = deque((t, x) for t, x in outs)
+        a.out_sum = sum(x for _, x in outs)
+        a.fan = deque((t, cp, d) for t, cp, d in fan)
+        for _, cp, d in fan:
+            counts = a.fan_in if d == "in" else a.fan_out
+            counts[cp] = counts.get(cp, 0) + 1
+        return a
+
+
+class State(Core, kw_only=True):
+    """Everything the rules remember about one platform: the `Core` (stored whole) and the keyed
+    collections (stored as rows, only those that changed)."""
+
+    accounts: dict[str, Acct] = msgspec.field(default_factory=dict)
+    dirty: set[str] = msgspec.field(default_factory=set)  # accounts changed since changes()
+    known: TrackedSet = msgspec.field(default_factory=TrackedSet)  # alert ids found
+    alert_status: Tracked = msgspec.field(default_factory=Tracked)  # id -> raised|ack..|closed
+    holds: Tracked = msgspec.field(default_factory=Tracked)  # id -> [debit, credit, amount,
+    #                                                           expires, kind]
+    lvt_open: Tracked = msgspec.field(default_factory=Tracked)  # key -> [account, side,
+    #                                                             due_ms, [alert ids], orange]
+    omni_sum: dict[str, int] = {}  # currency -> sum of the deltas in omni_moves (derived)
+
+    def acct(self, account: str) -> Acct:
+        """The account's state, to change: created if new, and marked to be stored."""
+        a = self.accounts.get(account)
+        if a is None:
+            a = self.accounts[account] = Acct()
+        self.dirty.add(account)
+        return a
+
+
+def new_state() -> State:
+    return State(format=STATE_FORMAT)
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, deque):
+        return list(obj)
+    raise NotImplementedError(type(obj))
+
+
+_CORE_FIELDS: Final = Core.__struct_fields__
+_STATE_ENCODER: Final = msgspec.msgpack.Encoder(order="deterministic", enc_hook=_enc_hook)
+_ROW_ENCODER: Final = msgspec.msgpack.Encoder(order="deterministic")
+_CORE_DECODER: Final = msgspec.msgpack.Decoder(Core)
+_ROW_DECODE: Final = msgspec.msgpack.Decoder().decode
+# `risk_state` row keys: a prefix per collection
+ACCOUNT_KEY: Final = "a:"
+KNOWN_KEY: Final = "k:"
+STATUS_KEY: Final = "s:"
+HOLD_KEY: Final = "h:"
+LVT_KEY: Final = "l:"
+
+
+def encode_state(state: Core) -> bytes:
+    """The platform-wide part (the `Core` fields) of the state."""
+    return _STATE_ENCODER.encode(Core(**{f: getattr(state, f) for f in _CORE_FIELDS}))
 
 
 def decode_state(data: bytes) -> State:
-    state: State = _STATE_DECODER.decode(data)
+    """The platform-wide part; the keyed rows are added by `load_rows`."""
+    core = _CORE_DECODER.decode(data)
+    state = State(**{f: getattr(core, f) for f in _CORE_FIELDS})
+    state.omni_moves = {ccy: deque((t, d) for t, d in m) for ccy, m in core.omni_moves.items()}
+    state.omni_sum = {ccy: sum(d for _, d in m) for ccy, m in state.omni_moves.items()}
     return state
+
+
+def load_rows(state: State, rows: Iterable[tuple[str, bytes]]) -> None:
+    """Add the stored `risk_state` rows to a freshly decoded state."""
+    for key, value in rows:
+        prefix, name = key[:2], key[2:]
+        if prefix == ACCOUNT_KEY:
+            state.accounts[name] = Acct.from_row(_ROW_DECODE(value))
+        elif prefix == KNOWN_KEY:
+            set.add(state.known, name)
+        elif prefix == STATUS_KEY:
+            dict.__setitem__(state.alert_status, name, _ROW_DECODE(value))
+        elif prefix == HOLD_KEY:
+            dict.__setitem__(state.holds, name, _ROW_DECODE(value))
+        elif prefix == LVT_KEY:
+            dict.__setitem__(state.lvt_open, name, _ROW_DECODE(value))
+        else:
+            raise ValueError(f"unknown risk state row {key!r}")
+
+
+def changes(state: State) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """The rows to write (key, value) and to delete since the last call, in key order; forgets
+    them (call inside the transaction that stores them: a failed one reloads the state)."""
+    enc = _ROW_ENCODER.encode
+    upsert: list[tuple[str, bytes]] = [
+        (ACCOUNT_KEY + a, enc(state.accounts[a].row())) for a in state.dirty
+    ]
+    upsert += [(KNOWN_KEY + i, b"\x01") for i in state.known.added]
+    delete: list[str] = []
+    for prefix, tracked in (
+        (STATUS_KEY, state.alert_status),
+        (HOLD_KEY, state.holds),
+        (LVT_KEY, state.lvt_open),
+    ):
+        for k in tracked.changed:
+            if k in tracked:
+                upsert.append((prefix + k, enc(tracked[k])))
+            else:
+                delete.append(prefix + k)
+        tracked.changed = set()
+    state.dirty = set()
+    state.known.added = set()
+    upsert.sort()
+    delete.sort()
+    return upsert, delete
 
 
 def _prune(items: list[list[Any]], since: int) -> list[list[Any]]:
@@ -180,10 +407,49 @@ class Calendar:
         return sum(1 for d in range(first, last + 1) if self.is_business(d)) if last >= first else 0
 
 
+class _Cmd(msgspec.Struct, frozen=True):
+    """The two command fields the movement rules read (the rest of `cmd` is skipped)."""
+
+    purpose: Any = "transfer"
+    holder_type: Any = None
+
+
+class Rec(msgspec.Struct, frozen=True):
+    """A record as the rules read it: decoded straight into the fields they use; unknown fields
+    are skipped without building objects. `seq`, `kind`, `platform`, `ts` are required (the
+    engine checks them against where the record is stored)."""
+
+    seq: int
+    kind: str
+    platform: str
+    ts: int
+    ccy: Any = ""
+    account: Any = msgspec.UNSET
+    hold: Any = msgspec.UNSET
+    entries: Any = ()
+    resolve: Any = ()
+    tags: Any = ()
+    cmd: msgspec.Raw = msgspec.Raw(b"{}")
+    # only whether they are there: such a record takes the general path (`apply`)
+    policy: msgspec.Raw = msgspec.Raw()
+    executes: msgspec.Raw = msgspec.Raw()
+
+
+REC_DECODER: Final = msgspec.json.Decoder(Rec)
+_CMD_DECODE: Final = msgspec.json.Decoder(_Cmd).decode
+_REFUSED: Final = "command_refused"
+_REQUESTED: Final = "approval_requested"
+
+
 class Rules:
     def __init__(self, rules: RuleSet) -> None:
         self.rules = rules
         self.on = rules.enabled
+        self._cal = Calendar(DEFAULT_POLICY.day_offset_ms, rules.holidays)
+        self._w07 = "W07" in self.on
+        self._w08 = "W08" in self.on
+        self._w09 = "W09" in self.on
+        self._w10 = "W10" in self.on
 
     def _emit(
         self,
@@ -213,9 +479,31 @@ class Rules:
         out.findings.append(finding)
 
     def calendar(self, state: State) -> Calendar:
-        return Calendar(state.day_offset_ms, self.rules.holidays)
+        if self._cal.offset_ms != state.day_offset_ms:
+            self._cal = Calendar(state.day_offset_ms, self.rules.holidays)
+        return self._cal
 
     # -- one record -----------------------------------------------------------------------------
+
+    @staticmethod
+    def general(r: Rec) -> bool:
+        """Whether a record needs the general path (`apply` on the whole record as a dict):
+        governance records, refusals, requests, approvals, policy changes. Movements, holds and
+        openings take `apply_rec` on the typed fields."""
+        return r.kind in _GENERAL_KINDS or bool(r.policy) or bool(r.executes)
+
+    def apply_rec(self, state: State, r: Rec, out: Output) -> None:
+        """`apply` for a record that is not `general`: the same steps on the typed fields."""
+        ts = r.ts
+        if ts > state.last_ts:
+            state.last_ts = ts
+        day = self.calendar(state).day(ts)
+        out.count(day, "records")
+        cmd: _Cmd | None = None
+        if r.account is not msgspec.UNSET:
+            cmd = _CMD_DECODE(r.cmd)
+            self._opened(state, r.account, ts, cmd.holder_type)
+        self._body(state, r.kind, ts, day, r.ccy, r.cmd, r.hold, r.entries, r.resolve, r.tags, out)
 
     def apply(self, state: State, rec: dict[str, Any], out: Output) -> None:
         kind = rec["kind"]
@@ -224,10 +512,10 @@ class Rules:
         cal = self.calendar(state)
         day = cal.day(ts)
         out.count(day, "records")
-        if kind == "command_refused":
+        if kind == _REFUSED:
             self._refused(state, rec, out, day)
             return
-        if kind == "approval_requested":
+        if kind == _REQUESTED:
             req = rec["request"]
             state.requests[req["id"]] = [rec["actor"], ts, req["expires"]]
             return
@@ -239,11 +527,40 @@ class Rules:
         if handler is not None:
             handler(self, state, rec, out)
         if "account" in rec:
-            self._opened(state, rec)
-        if "hold" in rec:
-            self._hold(state, rec, out)
-        legs = list(rec.get("entries", ()))
-        for hold_id, captured, _status in rec.get("resolve", ()):
+            self._opened(state, rec["account"], ts, rec["cmd"].get("holder_type"))
+        self._body(
+            state,
+            kind,
+            ts,
+            day,
+            rec.get("ccy", ""),
+            rec.get("cmd"),
+            rec.get("hold", msgspec.UNSET),
+            rec.get("entries", ()),
+            rec.get("resolve", ()),
+            rec.get("tags", ()),
+            out,
+        )
+
+    def _body(
+        self,
+        state: State,
+        kind: str,
+        ts: int,
+        day: int,
+        ccy: Any,
+        cmd: Any,
+        hold: Any,
+        entries: Any,
+        resolve: Any,
+        tags: Any,
+        out: Output,
+    ) -> None:
+        """Holds, money legs and LVT tags of a record (both paths)."""
+        if hold is not msgspec.UNSET:
+            self._hold(state, hold, ts, out)
+        legs = list(entries)
+        for hold_id, captured, _status in resolve:
             held = state.holds.pop(hold_id, None)
             if held is not None and captured > 0:
                 legs.append([held[0], held[1], captured])
@@ -262,8 +579,15 @@ class Rules:
                     floor="RED",
                 )
         if legs:
-            self._legs(state, rec, legs, out, day)
-        for tag in rec.get("tags", ()):
+            purpose = ""
+            if kind == "transferred":
+                if isinstance(cmd, msgspec.Raw):
+                    purpose = _CMD_DECODE(cmd).purpose
+                else:
+                    assert cmd is not None
+                    purpose = cmd.get("purpose", "transfer")
+            self._legs(state, ts, ccy, purpose, legs, out, day)
+        for tag in tags:
             self._lvt_tag(state, tag, out, day)
 
     def _policy(self, state: State, policy: dict[str, Any]) -> None:
@@ -274,89 +598,93 @@ class Rules:
             for ccy, t in policy.get("lvt", {}).items()
         }
 
-    def _opened(self, state: State, rec: dict[str, Any]) -> None:
-        acc = rec["account"]
-        state.kinds[acc["id"]] = acc["kind"]
+    def _opened(self, state: State, acc: dict[str, Any], ts: int, holder_type: Any) -> None:
+        a = state.acct(acc["id"])
+        a.kind = acc["kind"]
         if acc["kind"] == CUSTOMER:
-            state.last_activity[acc["id"]] = rec["ts"]
-            if rec["cmd"].get("holder_type") == "corporate":
-                state.corporate.add(acc["id"])
+            a.last_activity = ts
+            if holder_type == "corporate":
+                a.corporate = 1
         elif acc["kind"] == OMNIBUS:
             ccy = acc["ccy"]
             if ccy not in state.recon_start:
-                state.recon_start[ccy] = self.calendar(state).day(rec["ts"])
+                state.recon_start[ccy] = self.calendar(state).day(ts)
 
-    def _hold(self, state: State, rec: dict[str, Any], out: Output) -> None:
-        h = rec["hold"]
+    def _hold(self, state: State, h: dict[str, Any], ts: int, out: Output) -> None:
         state.holds[h["id"]] = [h["debit"], h["credit"], h["amount"], h["expires"], h["kind"]]
         if h["kind"] == "withdrawal":
-            self._withdrawal_attempt(state, h["debit"], rec["ts"], out, h["id"])
+            self._withdrawal_attempt(state, h["debit"], ts, out, h["id"])
 
     # -- money legs: W07, W08, W09, W10, W19 ---------------------------------------------------
 
     def _legs(
-        self, state: State, rec: dict[str, Any], legs: list[list[Any]], out: Output, day: int
+        self,
+        state: State,
+        ts: int,
+        ccy: Any,
+        purpose: Any,
+        legs: list[list[Any]],
+        out: Output,
+        day: int,
     ) -> None:
-        ts = rec["ts"]
-        ccy = rec.get("ccy", "")
-        kinds = state.kinds
-        purpose = rec["cmd"].get("purpose", "transfer") if rec["kind"] == "transferred" else ""
+        accounts = state.accounts
+        fan = self._w09 and purpose in self.rules.fan.purposes
         touched: dict[str, int] = {}
         for debit, credit, amount in legs:
-            dkind, ckind = kinds.get(debit), kinds.get(credit)
+            da, ca = accounts.get(debit), accounts.get(credit)
+            dkind = da.kind if da is not None else None
+            ckind = ca.kind if ca is not None else None
             if dkind == OMNIBUS:
                 self._omnibus(state, ccy, ts, amount, out, day)
             if ckind == OMNIBUS:
                 self._omnibus(state, ccy, ts, -amount, out, day)
             if dkind == CUSTOMER:
-                self._customer_leg(state, debit, "out", credit, ckind, amount, ts, ccy, out)
+                self._customer_leg(state, debit, "out", amount, ts, ccy, out)
                 touched[debit] = touched.get(debit, 0) + amount
             if ckind == CUSTOMER:
-                self._customer_leg(state, credit, "in", debit, dkind, amount, ts, ccy, out)
+                self._customer_leg(state, credit, "in", amount, ts, ccy, out)
                 touched[credit] = touched.get(credit, 0) + amount
-            if purpose in self.rules.fan.purposes and dkind == CUSTOMER and ckind == CUSTOMER:
+            if fan and dkind == CUSTOMER and ckind == CUSTOMER:
                 self._fan(state, debit, "out", credit, ts, out)
                 self._fan(state, credit, "in", debit, ts, out)
-        for account, amount in sorted(touched.items()):
-            self._activity(state, account, amount, ts, out)
+        if self._w10:
+            for account, amount in sorted(touched.items()):
+                self._activity(state, account, amount, ts, out)
 
     def _customer_leg(
-        self,
-        state: State,
-        account: str,
-        side: str,
-        other: str,
-        other_kind: str | None,
-        amount: int,
-        ts: int,
-        ccy: str,
-        out: Output,
+        self, state: State, account: str, side: str, amount: int, ts: int, ccy: Any, out: Output
     ) -> None:
-        self._structuring(state, account, side, amount, ts, ccy, out)
-        self._rapid(state, account, side, amount, ts, out)
+        if self._w07:
+            self._structuring(state, account, side, amount, ts, ccy, out)
+        if self._w08:
+            self._rapid(state, account, side, amount, ts, out)
 
-    def _threshold(self, state: State, account: str, ccy: str) -> int:
+    def _threshold(self, state: State, account: str, ccy: Any) -> int:
         t = state.lvt.get(ccy)
         if t is None:
             return 0
-        return t[1] if account in state.corporate else t[0]
+        a = state.accounts.get(account)
+        return t[1] if a is not None and a.corporate else t[0]
 
     def _structuring(
-        self, state: State, account: str, side: str, amount: int, ts: int, ccy: str, out: Output
+        self, state: State, account: str, side: str, amount: int, ts: int, ccy: Any, out: Output
     ) -> None:
         threshold = self._threshold(state, account, ccy)
         if threshold <= 0:
             return
         p = self.rules.structuring
-        key = f"{account}:{side}"
+        a = state.acct(account)
         cal = self.calendar(state)
         day = cal.day(ts)
         if threshold * p.near_low_bp <= amount * 10_000 <= threshold * p.near_high_bp:
-            near = _prune(state.near.get(key, []), ts - p.near_window_ms)
+            near = _prune(a.near_in if side == "in" else a.near_out, ts - p.near_window_ms)
             near.append([ts, amount])
-            state.near[key] = near
+            if side == "in":
+                a.near_in = near
+            else:
+                a.near_out = near
             if len(near) >= p.near_count:
-                total = sum(a for _, a in near)
+                total = sum(x for _, x in near)
                 self._emit(
                     out,
                     state,
@@ -369,14 +697,20 @@ class Rules:
                     f"threshold {threshold} within {p.near_window_ms // DAY_MS} days, "
                     f"total {total}",
                 )
-                state.near[key] = []
-        legs = state.day_legs.get(key)
+                if side == "in":
+                    a.near_in = []
+                else:
+                    a.near_out = []
+        legs = a.legs_in if side == "in" else a.legs_out
         if legs is None or legs[0] != day:
             legs = [day, 0, 0, 0, 0]
+            if side == "in":
+                a.legs_in = legs
+            else:
+                a.legs_out = legs
         legs[1] += 1
         legs[2] += amount
         legs[3] = max(legs[3], amount)
-        state.day_legs[key] = legs
         if legs[1] >= p.split_min_count and legs[2] >= threshold > legs[3] and not legs[4]:
             legs[4] = 1
             self._emit(
@@ -395,23 +729,30 @@ class Rules:
         self, state: State, account: str, side: str, amount: int, ts: int, out: Output
     ) -> None:
         p = self.rules.rapid
+        a = state.acct(account)
         since = ts - p.window_ms
-        ins = _prune(state.ins.get(account, []), since)
-        outs = _prune(state.outs.get(account, []), since)
-        (ins if side == "in" else outs).append([ts, amount])
-        state.ins[account], state.outs[account] = ins, outs
-        if side != "out":
+        ins, outs = a.ins, a.outs
+        while ins and ins[0][0] < since:
+            a.in_sum -= ins.popleft()[1]
+        while outs and outs[0][0] < since:
+            a.out_sum -= outs.popleft()[1]
+        if side == "in":
+            ins.append((ts, amount))
+            a.in_sum += amount
             return
-        inflow = sum(a for _, a in ins)
-        outflow = sum(a for _, a in outs)
+        outs.append((ts, amount))
+        a.out_sum += amount
+        inflow, outflow = a.in_sum, a.out_sum
         if inflow < p.min_inflow_minor or outflow * 10_000 < inflow * p.out_share_bp:
             return
-        state.ins[account], state.outs[account] = [], []  # one episode per money that passed
-        episodes = [t for t in state.episodes.get(account, []) if t >= ts - p.repeat_window_ms]
+        ins.clear()  # one episode per money that passed
+        outs.clear()
+        a.in_sum = a.out_sum = 0
+        episodes = [t for t in a.episodes if t >= ts - p.repeat_window_ms]
         episodes.append(ts)
-        state.episodes[account] = episodes
+        a.episodes = episodes
         if len(episodes) >= p.repeat_count:
-            state.episodes[account] = []
+            a.episodes = []
             self._emit(
                 out,
                 state,
@@ -427,16 +768,26 @@ class Rules:
 
     def _fan(self, state: State, account: str, side: str, other: str, ts: int, out: Output) -> None:
         p = self.rules.fan
-        items = _prune(state.fan.get(account, []), ts - p.window_ms)
-        items.append([ts, other, side])
-        state.fan[account] = items
-        if state.fan_fired.get(account, -(2**62)) >= ts - p.window_ms:
+        a = state.acct(account)
+        since = ts - p.window_ms
+        items = a.fan
+        while items and items[0][0] < since:
+            _t, cp, d = items.popleft()
+            counts = a.fan_in if d == "in" else a.fan_out
+            left = counts[cp] - 1
+            if left:
+                counts[cp] = left
+            else:
+                del counts[cp]
+        items.append((ts, other, side))
+        counts = a.fan_in if side == "in" else a.fan_out
+        counts[other] = counts.get(other, 0) + 1
+        if a.fan_fired is not None and a.fan_fired >= since:
             return
-        senders = {cp for _, cp, d in items if d == "in"}
-        receivers = {cp for _, cp, d in items if d == "out"}
+        senders, receivers = len(a.fan_in), len(a.fan_out)
         for many, few, shape in ((senders, receivers, "fan-in"), (receivers, senders, "fan-out")):
-            if len(many) >= p.min_distinct and 1 <= len(few) <= p.max_other:
-                state.fan_fired[account] = ts
+            if many >= p.min_distinct and 1 <= few <= p.max_other:
+                a.fan_fired = ts
                 self._emit(
                     out,
                     state,
@@ -445,26 +796,27 @@ class Rules:
                     f"{shape}:{ts}",
                     3,
                     matrix.SEVERITY_REPORTABLE,
-                    f"{shape}: {len(senders)} payers in and {len(receivers)} payees out within "
+                    f"{shape}: {senders} payers in and {receivers} payees out within "
                     f"{p.window_ms // HOUR_MS} h",
                 )
                 return
 
     def _activity(self, state: State, account: str, amount: int, ts: int, out: Output) -> None:
         p = self.rules.dormant
-        last = state.last_activity.get(account, ts)
-        state.last_activity[account] = ts
-        wake = state.wake.get(account)
+        a = state.acct(account)
+        last = a.last_activity if a.last_activity is not None else ts
+        a.last_activity = ts
+        wake = a.wake
         if ts - last >= p.dormant_ms:
             wake = [ts, 0, 0, 0]
         if wake is None:
             return
         if ts - wake[0] > p.window_ms:
-            del state.wake[account]
+            a.wake = None
             return
         wake[1] += amount
         wake[2] += 1
-        state.wake[account] = wake
+        a.wake = wake
         if not wake[3] and (wake[1] >= p.min_amount_minor or wake[2] >= p.min_count):
             wake[3] = 1
             self._emit(
@@ -479,18 +831,25 @@ class Rules:
                 f"totalling {wake[1]} within {p.window_ms // DAY_MS} days",
             )
 
-    def _omnibus(self, state: State, ccy: str, ts: int, delta: int, out: Output, day: int) -> None:
+    def _omnibus(self, state: State, ccy: Any, ts: int, delta: int, out: Output, day: int) -> None:
         p = self.rules.run
         balance = state.omni.get(ccy, 0) + delta
         state.omni[ccy] = balance
         out.gauges[(day, f"custody_{ccy}")] = balance
         out.count(day, f"inflow_{ccy}" if delta > 0 else f"outflow_{ccy}", abs(delta))
-        moves = _prune(state.omni_moves.get(ccy, []), ts - p.window_ms)
-        moves.append([ts, delta])
-        state.omni_moves[ccy] = moves
+        moves = state.omni_moves.get(ccy)
+        if moves is None:
+            moves = state.omni_moves[ccy] = deque()
+        net = state.omni_sum.get(ccy, 0)
+        since = ts - p.window_ms
+        while moves and moves[0][0] < since:
+            net -= moves.popleft()[1]
+        moves.append((ts, delta))
+        net += delta
+        state.omni_sum[ccy] = net
         if delta >= 0:
             return
-        net_out = -sum(d for _, d in moves)
+        net_out = -net
         start = balance + net_out  # the custody balance 24 h ago
         if start < p.min_balance_minor or net_out <= 0:
             return
@@ -611,19 +970,20 @@ class Rules:
                 del state.shortfalls[rid]
 
     def _payee_bound(self, state: State, rec: dict[str, Any], out: Output) -> None:
-        account = rec["payee"]["account"]
-        if account in state.bound:
-            state.rebound[account] = rec["ts"]
-        state.bound.add(account)
+        a = state.acct(rec["payee"]["account"])
+        if a.bound:
+            a.rebound = rec["ts"]
+        a.bound = 1
 
     def _withdrawal_attempt(
         self, state: State, account: str, ts: int, out: Output, hold_id: str = ""
     ) -> None:
-        rebind = state.rebound.get(account)
+        a = state.accounts.get(account)
+        rebind = a.rebound if a is not None else None
         if rebind is None:
             return
         if ts - rebind > self.rules.takeover.window_ms:
-            del state.rebound[account]
+            state.acct(account).rebound = None
             return
         if hold_id:
             state.watched[hold_id] = [account, rebind]
@@ -747,11 +1107,12 @@ class Rules:
         failed = rec.get("auth_failed")
         if failed:
             p = self.rules.takeover
-            fails = [t for t in state.auth_fail.get(failed, []) if t >= ts - p.auth_window_ms]
+            a = state.acct(failed)
+            fails = [t for t in a.auth_fail if t >= ts - p.auth_window_ms]
             fails.append(ts)
-            state.auth_fail[failed] = fails
+            a.auth_fail = fails
             if len(fails) >= p.auth_failures:
-                state.auth_fail[failed] = []
+                a.auth_fail = []
                 self._emit(
                     out,
                     state,
@@ -1061,3 +1422,5 @@ _HANDLERS: Final = {
     "alert_closed": Rules._alert_step,
     "gate_set": Rules._gate_set,
 }
+# records that take the general path (`Rules.apply` on the whole record)
+_GENERAL_KINDS: Final = frozenset({*_HANDLERS, _REFUSED, _REQUESTED})

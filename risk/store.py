@@ -4,7 +4,11 @@ Same database as the log (the SQLite file, or the PostgreSQL schema), through th
 connection pool, so that a batch's position, rule state, outbox rows and read-model rows commit
 in ONE transaction. Nothing here writes the event table.
 
-- `risk_positions` (platform): last position read, its chain hash, the rule state (msgpack);
+- `risk_positions` (platform): last position read, its chain hash, the platform-wide part of
+  the rule state (msgpack);
+- `risk_state` (platform, key): the keyed part of the rule state, one msgpack row per account
+  (`a:<id>`), alert id found (`k:`), alert status (`s:`), pending hold (`h:`), open LVT report
+  (`l:`); a batch writes only the rows that changed, in the same transaction as the position;
 - `risk_outbox` (platform, client_id): commands for the ledger and what became of them;
 - `risk_alerts` (platform, alert_id): every alert in the log and where it is in its lifecycle;
 - `risk_alert_events` (platform, seq): the lifecycle steps, one per alert record;
@@ -28,6 +32,11 @@ _TABLES: Final = (
         "risk_positions",
         "platform TEXT NOT NULL, position BIGINT NOT NULL, head TEXT NOT NULL, "
         "state {blob} NOT NULL, PRIMARY KEY (platform)",
+    ),
+    (
+        "risk_state",
+        "platform TEXT NOT NULL, key TEXT NOT NULL, value {blob} NOT NULL, "
+        "PRIMARY KEY (platform, key)",
     ),
     (
         "risk_outbox",
