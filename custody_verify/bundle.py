@@ -14,8 +14,10 @@ boundaries and the alert ids are kept; the alert ids grow by one entry per alert
   account goes below zero available, a refusal changes nothing, holds are captured at most up to
   their amount, every record names the bundle's platform and its own position, time never runs
   backwards; roles, maker-checker, policy versions, reconciliations (a checker's sign-off of the
-  operator's figures, which add up), alerts (by level and role) and the automatic restriction of
-  the gate (system, auto_restrict, tightening only) are replayed as docs/BUNDLE.md §2 says.
+  operator's figures, which add up) and their settlements (a checker's approval, own funds <->
+  platform bank in the direction of the difference, never beyond what is left of it), alerts
+  (by level and role) and the automatic restriction of the gate (system, auto_restrict,
+  tightening only) are replayed as docs/BUNDLE.md §2 says.
 
 The first problem stops verification and is reported as a `Failure` naming where it is: the
 record position, the checkpoint (by tree size), the header or the end line.
@@ -84,6 +86,7 @@ EFFECT_KEYS = frozenset(
         "rejects",
         "liabilities",
         "reconciliation",
+        "settles",
         "alert",
         "alert_acknowledged",
         "alert_closed",
@@ -131,6 +134,8 @@ SHAPES: dict[str, tuple[frozenset[str], ...]] = {
     # `executes` is required in effect: record_reconciliation always needs a checker, so the
     # maker-checker rule names a record without it (a clearer reason than a missing key)
     "reconciliation_completed": _shape({"reconciliation"}, _EXEC),
+    # the same for settle_reconciliation; it never posts to a customer, so it carries no tags
+    "reconciliation_settled": _shape({"ccy", "entries", "settles"}, _EXEC),
     "alert_raised": _shape({"alert"}),
     "alert_acknowledged": _shape({"alert_acknowledged"}),
     "alert_closed": _shape({"alert_closed"}),
@@ -212,6 +217,7 @@ KIND_OF_OP: dict[str, str] = {
     "reject_request": "approval_rejected",
     "publish_liabilities": "liabilities_published",
     "record_reconciliation": "reconciliation_completed",
+    "settle_reconciliation": "reconciliation_settled",
     "raise_alert": "alert_raised",
     "acknowledge_alert": "alert_acknowledged",
     "close_alert": "alert_closed",
@@ -279,6 +285,7 @@ ROLE_OPS: dict[str, frozenset[str]] = {
             "reset_key",
             "publish_liabilities",
             "record_reconciliation",
+            "settle_reconciliation",
             "raise_alert",
             "acknowledge_alert",
             "close_alert",
@@ -293,7 +300,9 @@ CHECKER = "checker"
 MAX_ACTORS = 4096  # distinct actors whose role is remembered (memory stays bounded)
 # Maker-checker: operations that always need a checker, whatever the policy says, and the
 # movements whose amount is compared with the policy's approval threshold.
-ALWAYS_APPROVED_OPS = frozenset({"set_policy", "set_gate", "reset_key", "record_reconciliation"})
+ALWAYS_APPROVED_OPS = frozenset(
+    {"set_policy", "set_gate", "reset_key", "record_reconciliation", "settle_reconciliation"}
+)
 LARGE_VALUE_OPS = frozenset({"transfer", "place_hold", "request_withdrawal"})
 AUTH_FAILED_CODE = "AUTHORISATION_INVALID"
 AUTH_CONTROL = "customer_authorisation"
@@ -362,6 +371,8 @@ class Summary:
     alerts: int = 0  # alerts raised
     open_alerts: int = 0  # ... and not closed
     reconciliations: int = 0  # reconciliation_completed records
+    settlements: int = 0  # reconciliation_settled records
+    unsettled: int = 0  # reconciliations with part of their difference still to settle
     # reconciliation requests whose requirement the replay recomputed (and found equal), and
     # those whose snapshot was neither their own position nor a remembered day boundary
     requirements_checked: int = 0
@@ -466,6 +477,7 @@ class _Ledger:
         "next_day",
         "platform",
         "pv",
+        "recon_open",
         "recon_requests",
         "reconciliations",
         "refused",
@@ -474,6 +486,8 @@ class _Ledger:
         "requirement_checked",
         "requirement_unchecked",
         "roles",
+        "settle_requests",
+        "settlements",
         "standing",
         "status",
         "totals",
@@ -518,6 +532,13 @@ class _Ledger:
         self.recon_requests: dict[str, dict[str, Any]] = {}
         self.last_recon: dict[str, str] = {}  # currency -> id of its latest reconciliation
         self.reconciliations = 0
+        # reconciliation id -> (currency, signed difference still to settle: < 0 shortfall,
+        # > 0 excess), while not settled in full: bounded by the open reconciliations
+        self.recon_open: dict[str, tuple[str, int]] = {}
+        # pending settle_reconciliation request id -> (reconciliation id, own funds account,
+        # platform bank account, amount, currency) of the operator's instruction
+        self.settle_requests: dict[str, tuple[Any, Any, Any, Any, Any]] = {}
+        self.settlements = 0
         self.requirement_checked = 0  # requests whose requirement was recomputed and matched
         self.requirement_unchecked = 0  # requests whose snapshot was not a remembered log size
 
@@ -591,7 +612,10 @@ class _Ledger:
                 raise _Fail(f"{op} by {actor!r} executed without a checker's approval")
         else:
             self._executes(rec, kind, op, cmd, actor, role, executes, ts)
-        if kind in ENTRY_KINDS:
+        if kind == "reconciliation_settled":
+            self._settled(rec, executes)
+            self._entries(rec)
+        elif kind in ENTRY_KINDS:
             entries = rec["entries"]
             if op == "transfer" and executes is None and type(entries) is list and entries:
                 self._transfer_role(entries[0][0] if type(entries[0]) is list else None, role)
@@ -706,6 +730,8 @@ class _Ledger:
             raise _Fail("request without a reason")
         if op == "record_reconciliation":
             self._reconciliation_requested(request_id, cmd, rec["seq"])
+        elif op == "settle_reconciliation":
+            self._settle_requested(request_id, cmd)
         self.requests[request_id] = (actor, expires, op)
 
     def _rejected(self, rec: dict[str, Any], cmd: dict[str, Any]) -> None:
@@ -719,6 +745,7 @@ class _Ledger:
             raise _Fail(f"request {request_id!r} rejected by its own maker")
         del self.requests[request_id]
         self.recon_requests.pop(request_id, None)
+        self.settle_requests.pop(request_id, None)
 
     # -- kinds without money --------------------------------------------------------------------
 
@@ -997,10 +1024,80 @@ class _Ledger:
         asked = self.recon_requests.pop(rec.get("executes", ""), None)
         if asked != spec:
             raise _Fail("reconciliation differs from the operator's instruction it executes")
-        if spec["id"] in self.last_recon.values():
+        if spec["id"] in self.last_recon.values() or spec["id"] in self.recon_open:
             raise _Fail(f"reconciliation {spec['id']!r} recorded twice")
         self.last_recon[spec["ccy"]] = spec["id"]
         self.reconciliations += 1
+        if spec["difference"]:
+            self.recon_open[spec["id"]] = (spec["ccy"], spec["difference"])
+
+    def _settle_requested(self, request_id: str, cmd: dict[str, Any]) -> None:
+        """The operator's settle_reconciliation: the ledger asks a checker only for a
+        reconciliation with something left to settle, and never for more than that."""
+        rid: Any = cmd.get("reconciliation_id")
+        amount: Any = cmd.get("amount_minor")
+        open_ = self.recon_open.get(rid) if type(rid) is str else None
+        if open_ is None:
+            raise _Fail(f"settlement asked for {rid!r}, which has nothing left to settle")
+        if not _is_amount(amount) or amount > abs(open_[1]):
+            raise _Fail(
+                f"settlement of {amount!r} asked for {rid!r}, which has {abs(open_[1])} left"
+            )
+        self.settle_requests[request_id] = (
+            rid,
+            cmd.get("own_account_id"),
+            cmd.get("platform_bank_account_id"),
+            amount,
+            cmd.get("currency"),
+        )
+
+    def _settled(self, rec: dict[str, Any], executes: Any) -> None:
+        """A checker's execution of the operator's settle_reconciliation (without `executes`
+        apply() has named it as executed without a checker): one posting, own funds -> platform
+        bank for a shortfall (the platform's payment into the custody account), platform bank
+        -> own funds for an excess (the custody account's payment back), never more than what
+        is left of that reconciliation's difference."""
+        asked = self.settle_requests.pop(executes, None)
+        rid = rec["settles"]
+        open_ = self.recon_open.get(rid) if type(rid) is str else None
+        if open_ is None:
+            raise _Fail(f"settles {rid!r}, which is not a reconciliation with a difference left")
+        ccy, left = open_
+        entries = rec["entries"]
+        if type(entries) is not list or len(entries) != 1 or type(entries[0]) is not list:
+            raise _Fail("a settlement posts exactly one entry")
+        entry = entries[0]
+        if len(entry) != 3:
+            raise _Fail("an entry is [debit, credit, amount]")
+        debit_id, credit_id, amount = entry
+        if rec["ccy"] != ccy:
+            raise _Fail(f"settlement in {rec['ccy']!r} of a {ccy} reconciliation")
+        debit = self.accounts.get(debit_id) if type(debit_id) is str else None
+        credit = self.accounts.get(credit_id) if type(credit_id) is str else None
+        want = ("own_funds", "platform_bank") if left < 0 else ("platform_bank", "own_funds")
+        if debit is None or credit is None or (debit[_KIND], credit[_KIND]) != want:
+            what = "shortfall" if left < 0 else "excess"
+            raise _Fail(
+                f"settlement of a {what} must post {want[0]} -> {want[1]}, not "
+                f"{debit_id!r} -> {credit_id!r}"
+            )
+        if not _is_amount(amount) or amount > abs(left):
+            raise _Fail(f"settlement of {amount!r} exceeds the {abs(left)} left of {rid!r}")
+        if asked is None or asked != (
+            rid,
+            *((debit_id, credit_id) if left < 0 else (credit_id, debit_id)),
+            amount,
+            rec["ccy"],
+        ):
+            raise _Fail(
+                f"settlement of {rid!r} differs from the operator's instruction it executes"
+            )
+        left = left + amount if left < 0 else left - amount
+        if left:
+            self.recon_open[rid] = (ccy, left)
+        else:
+            del self.recon_open[rid]
+        self.settlements += 1
 
     def _alert_raised(self, rec: dict[str, Any], cmd: dict[str, Any]) -> None:
         spec = rec["alert"]
@@ -1266,6 +1363,8 @@ class _Ledger:
         summary.alerts = len(self.alerts)
         summary.open_alerts = sum(1 for level in self.alerts.values() if level != CLOSED)
         summary.reconciliations = self.reconciliations
+        summary.settlements = self.settlements
+        summary.unsettled = len(self.recon_open)
         summary.requirements_checked = self.requirement_checked
         summary.requirements_unchecked = self.requirement_unchecked
         summary.kinds = dict(sorted(self.kinds.items()))

@@ -3,7 +3,8 @@ customer instructions (Ed25519), key registration and rotation, payout binding a
 standing authorisations, maker-checker requests (approved, rejected, expired), policy and gate
 changes, large-value tags, early-warning alerts (raised by the system and by an operator,
 acknowledged and closed by the roles allowed for their level) with an automatic restriction of
-the gate, daily reconciliations signed off by a checker, and refusals of many kinds (bad
+the gate, daily reconciliations signed off by a checker (an excess returned to the platform's
+bank in two settlements a checker approves), and refusals of many kinds (bad
 signatures among them)."""
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ class Workload:
             c.OpenAccount(client_id="o-fee", account_id="fee", kind="fee_income", currency=CCY),
             c.OpenAccount(client_id="o-own", account_id="own", kind="own_funds", currency=CCY),
             c.OpenAccount(client_id="o-susp", account_id="susp", kind="suspense", currency=CCY),
+            c.OpenAccount(
+                client_id="o-bank-p1", account_id="bank-p1", kind="platform_bank", currency=CCY
+            ),
             c.OpenAccount(client_id="o-usd", account_id="omni-usd", kind="omnibus", currency="USD"),
             c.OpenAccount(
                 client_id="o-u0", account_id="u0", kind="customer", currency="USD", role="other"
@@ -510,6 +514,20 @@ class Workload:
             self.run([c.ApproveRequest(client_id=f"ok-{rid}", request_id=rid)], CHECKER)
             assert (self.outcomes[rid], self.outcomes[f"ok-{rid}"]) == ("pending", "accepted")
             view.snapshot_size += 2  # the request and its approval; no money moved
+        if b == 1:  # the CNY excess (300) is returned to the platform's bank, in two parts
+            for part, amount in enumerate((100, 200)):
+                sid = f"settle-r-CNY-{b}-{part}"
+                settle = c.SettleReconciliation(
+                    client_id=sid,
+                    reconciliation_id=f"r-CNY-{b}",
+                    own_account_id="own",
+                    platform_bank_account_id="bank-p1",
+                    amount_minor=amount,
+                    currency=CCY,
+                )
+                self.run([settle], OPERATOR)
+                self.run([c.ApproveRequest(client_id=f"ok-{sid}", request_id=sid)], CHECKER)
+                assert (self.outcomes[sid], self.outcomes[f"ok-{sid}"]) == ("pending", "accepted")
 
     def check(self, b: int) -> None:
         """The checker decides on pending requests: most approved, some rejected, some left to
