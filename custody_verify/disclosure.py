@@ -32,8 +32,7 @@ DAY = 86_400_000
 OFFSET_DEFAULT = 28_800_000
 DAYS_MAX = 3700
 ALERTS_ENGINE = (
-    "alert records in the log (raised by the early-warning engine, docs/RISK.md, "
-    "or by an operator)"
+    "alert records in the log (raised by the early-warning engine, docs/RISK.md, or by an operator)"
 )
 LEVELS = ["GREEN", "YELLOW", "ORANGE", "RED"]
 ROLE_KEYS = ["borrower", "guarantor", "lender", "other"]
@@ -45,6 +44,7 @@ MANUAL = {
     "reverse",
     "set_gate",
     "set_policy",
+    "settle_reconciliation",
     "top_up_shortfall",
     "unfreeze_account",
 }
@@ -230,6 +230,10 @@ class Recompute:
             flows: dict[str, Any] = {name: _pair() for name in FLOW_NAMES}
             flows["transfers"] = {p: _pair() for p in PURPOSE_KEYS}
             flows["fees"] = {}
+            flows["reconciliation_settlements"] = {
+                "excess_returned": _pair(),
+                "shortfall_covered": _pair(),
+            }
             self.sections[ccy] = {
                 "flows": flows,
                 "large_value": {"in": _pair(), "out": _pair()},
@@ -540,6 +544,12 @@ class Recompute:
             _add(flows["top_ups"], amount)
         elif kind == "reversed":
             _add(flows["reversals"], amount)
+        elif kind == "reconciliation_settled":
+            # own funds -> platform bank: the platform covered a shortfall; the reverse: an
+            # excess went back to the platform's bank
+            covered = self.acct[moved[0][0]]["kind"] == "own_funds"
+            direction = "shortfall_covered" if covered else "excess_returned"
+            _add(flows["reconciliation_settlements"][direction], amount)
 
     def _tag(self, tag: dict[str, Any], moved: list[list[Any]], ccy: Any) -> None:
         side, account = tag["side"], tag["account"]

@@ -35,8 +35,7 @@ DEFAULT_DAY_OFFSET_MS: Final = 8 * 3_600_000  # the built-in policy's (records w
 MAX_DAYS: Final = 3700  # about ten years of business days in one snapshot
 # Alerts are counted from the log's alert records.
 ALERTS_ENGINE: Final = (
-    "alert records in the log (raised by the early-warning engine, docs/RISK.md, "
-    "or by an operator)"
+    "alert records in the log (raised by the early-warning engine, docs/RISK.md, or by an operator)"
 )
 ALERT_LEVELS: Final = ("GREEN", "YELLOW", "ORANGE", "RED")
 RECONCILIATION_RESULTS: Final = ("balanced", "excess", "shortfall")
@@ -51,6 +50,7 @@ MANUAL_OPS: Final = frozenset(
         "reverse",
         "set_gate",
         "set_policy",
+        "settle_reconciliation",
         "top_up_shortfall",
         "unfreeze_account",
     }
@@ -88,6 +88,9 @@ _RESOLVE_FLOW: Final = {
     ("withdrawal", "expired"): "withdrawals_expired",
 }
 _DEPOSIT_FLOW: Final = {"customer": "deposits", "suspense": "deposits_unidentified"}
+# reconciliation settlements by direction: own funds -> platform bank covers a shortfall (the
+# platform paid into the custody account), platform bank -> own funds returns an excess
+SETTLEMENT_DIRECTIONS: Final = ("excess_returned", "shortfall_covered")
 _ENCODER: Final = msgspec.json.Encoder(order="sorted")
 _DECODER: Final = msgspec.json.Decoder()
 _DAY_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -203,6 +206,7 @@ class _Currency:
         self.by_role: dict[str, int] = dict.fromkeys(ROLES, 0)
         self.flows: dict[str, list[int]] = {k: _money() for k in FLOW_KEYS}
         self.transfers: dict[str, list[int]] = {p: _money() for p in PURPOSES}
+        self.settlements: dict[str, list[int]] = {d: _money() for d in SETTLEMENT_DIRECTIONS}
         self.fees: dict[str, list[int]] = {}
         self.lvt: dict[str, list[int]] = {"in": _money(), "out": _money()}
         self.lvt_accounts: dict[str, set[str]] = {"in": set(), "out": set()}
@@ -551,6 +555,9 @@ class _Fold:
             m = cur.flows["top_ups"]
         elif kind == "reversed":
             m = cur.flows["reversals"]
+        elif kind == "reconciliation_settled":
+            covered = self._kind(postings[0][0]) == "own_funds"
+            m = cur.settlements["shortfall_covered" if covered else "excess_returned"]
         if m is not None:
             m[0] += 1
             m[1] += total
@@ -675,6 +682,7 @@ class _Fold:
                 **{k: _out(m) for k, m in cur.flows.items()},
                 "transfers": {p: _out(m) for p, m in cur.transfers.items()},
                 "fees": {code: _out(m) for code, m in cur.fees.items()},
+                "reconciliation_settlements": {d: _out(m) for d, m in cur.settlements.items()},
             },
             "large_value": {
                 side: {**_out(m), "accounts": len(cur.lvt_accounts.get(side, ()))}
@@ -1001,6 +1009,8 @@ L: Final[dict[str, tuple[str, str]]] = {
     "top_ups": ("差额补足", "Shortfall top-ups"),
     "reversals": ("冲正", "Reversals"),
     "manual_adjustments": ("人工调整", "Manual adjustments"),
+    "shortfall_covered": ("对账差额补足 (平台汇入)", "Reconciliation shortfall covered"),
+    "excess_returned": ("对账溢余退回 (退回平台)", "Reconciliation excess returned"),
     "holds_placed": ("冻结", "Holds placed"),
     "holds_captured": ("冻结扣划", "Holds captured"),
     "holds_released": ("冻结释放", "Holds released"),
@@ -1156,6 +1166,9 @@ def tables(snapshot: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any
         f = cur["flows"]
         for key in FLOW_KEYS:
             flows.append([ccy, label(key), f[key]["count"], f[key]["amount_minor"]])
+        for key in SETTLEMENT_DIRECTIONS:
+            m = f["reconciliation_settlements"][key]
+            flows.append([ccy, label(key), m["count"], m["amount_minor"]])
         for purpose, m in sorted(f["transfers"].items()):
             transfers.append([ccy, label(purpose), m["count"], m["amount_minor"]])
         for code, m in sorted(f["fees"].items()):

@@ -3,7 +3,8 @@ figures of its middle day worked out by hand (not by any code under test).
 
 Day 0 = 2023-11-14 (before the period): the platform, its accounts, alice's deposit.
 Day 1 = 2023-11-15 (the period): every kind of movement, holds, withdrawals, a maker-checker
-reversal (and a rejected one), refusals of three codes, large-value tags.
+reversal (and a rejected one), a reconciliation shortfall partly covered by a settlement a
+checker approves, refusals of three codes, large-value tags.
 Day 2 = 2023-11-16 (after the period): one deposit.
 """
 
@@ -183,6 +184,18 @@ def _alerts_and_reconciliation(service: LedgerService) -> None:
     assert _as(
         service, CHECKER, c.ApproveRequest(client_id="ok-rec1", request_id="rec1")
     ).status == ("accepted")
+    # the platform covers 4,000 of it from its own bank (own funds -> platform bank)
+    settle = c.SettleReconciliation(
+        client_id="settle1",
+        reconciliation_id="r-2023-11-15",
+        own_account_id="own",
+        platform_bank_account_id="pbank",
+        amount_minor=4_000,
+        currency="CNY",
+    )
+    assert _as(service, OPERATOR, settle).status == "pending"
+    approved = _as(service, CHECKER, c.ApproveRequest(client_id="ok-s1", request_id="settle1"))
+    assert approved.kind == "reconciliation_settled", approved
 
 
 def _refusals(service: LedgerService, p: Platform) -> None:
@@ -204,7 +217,7 @@ def _m(count: int, amount: int) -> dict[str, int]:
 EXPECTED_BALANCES: Final = {
     # 5,000,000 + 2,000,000 + 30,000 deposited, 10,000 paid out
     "custody_omnibus": 7_020_000,
-    "platform_bank": 100_000,
+    "platform_bank": 96_000,  # 100,000 - 4,000 (settle1)
     "customer_liabilities": {
         # alice: 5,000,000 - 1,200,000 - 50,000 + 10,000 (h2) + 50,000 (rev1) + 5,000 (tu1)
         "lender": 3_815_000,
@@ -217,7 +230,7 @@ EXPECTED_BALANCES: Final = {
     },
     "suspense": 0,
     "customer_money": 7_022_000,
-    "own_funds": 95_000,
+    "own_funds": 91_000,  # 100,000 - 5,000 (tu1) - 4,000 (settle1)
     "fee_income": 3_000,
     "custody_minus_customer_money": -2_000,
     "coverage_bp": 9_997,  # floor(7,020,000 * 10,000 / 7,022,000)
@@ -236,7 +249,11 @@ EXPECTED_FLOWS: Final = {
     "fees": {"svc": _m(1, 1_000), "F": _m(1, 2_000)},
     "top_ups": _m(1, 5_000),
     "reversals": _m(1, 50_000),
-    "manual_adjustments": _m(3, 85_000),  # tu1, clr, rev1
+    "manual_adjustments": _m(4, 89_000),  # tu1, clr, rev1, settle1
+    "reconciliation_settlements": {
+        "shortfall_covered": _m(1, 4_000),  # settle1
+        "excess_returned": _m(0, 0),
+    },
     "holds_placed": _m(3, 55_000),
     "holds_captured": _m(1, 10_000),
     "holds_released": _m(1, 5_000),
@@ -294,12 +311,13 @@ EXPECTED_REFUSALS: Final = {
     "authorisation_failures": 0,
 }
 EXPECTED_APPROVALS: Final = {
-    "requested": 3,
-    "approved": 2,
+    "requested": 4,
+    "approved": 3,
     "rejected": 1,
     "by_op": {
         "reverse": {"requested": 2, "approved": 1, "rejected": 1},
         "record_reconciliation": {"requested": 1, "approved": 1, "rejected": 0},
+        "settle_reconciliation": {"requested": 1, "approved": 1, "rejected": 0},
     },
     "open_at_end": 0,
     "open_past_expiry_at_end": 0,
@@ -309,6 +327,7 @@ EXPECTED_MANUAL: Final = {
     "top_up_shortfall": {"count": 1, "approved": 0},
     "clear_suspense": {"count": 1, "approved": 0},
     "record_reconciliation": {"count": 1, "approved": 1},
+    "settle_reconciliation": {"count": 1, "approved": 1},
 }
 EXPECTED_ALERTS: Final = {
     "engine": (
@@ -354,11 +373,12 @@ EXPECTED_KINDS: Final = {
     "withdrawal_settled": 1,
     "withdrawal_failed": 1,
     "shortfall_topped_up": 1,
-    "approval_requested": 3,
+    "approval_requested": 4,
     "alert_raised": 2,
     "alert_closed": 1,
     "alert_acknowledged": 1,
     "reconciliation_completed": 1,
+    "reconciliation_settled": 1,
     "reversed": 1,
     "approval_rejected": 1,
     "command_refused": 3,
