@@ -161,7 +161,7 @@ def read_floor(runner: ProjectionRunner, batch: int) -> float:
         if not rows:
             break
         recs, heads = _verified(PLATFORM, rows, after, head)
-        after, head = recs[-1]["seq"], heads[-1]
+        after, head = recs[-1].seq, heads[-1]
     return time.perf_counter() - t0
 
 

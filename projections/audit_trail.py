@@ -23,7 +23,8 @@ from typing import IO, Any, Final
 import msgspec
 
 from ledger import records
-from projections.base import INT64_MAX, Projection, ProjectionError, Record
+from ledger.store import log_stream
+from projections.base import INT64_MAX, Projection, ProjectionError, Record, log_body
 from projections.db import Db
 from projections.statements import (
     PAGE_SIZE_DEFAULT,
@@ -38,6 +39,7 @@ from projections.statements import (
 AUDIT: Final = "proj_audit"
 AUDIT_ACCOUNTS: Final = "proj_audit_accounts"
 AUDIT_HOLDS: Final = "proj_audit_holds"
+AUDIT_CLOCK: Final = "proj_audit_clock"
 EXPORT_ROWS_DEFAULT: Final = 1_000_000
 EXPORT_ROWS_MAX: Final = 10_000_000
 _EXPORT_PAGE: Final = 1_000
@@ -46,8 +48,12 @@ _REFUSED: Final = records.REFUSED_KIND
 _ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
 _ACCOUNT_OF: Final = operator.itemgetter(1)
 
-AUDIT_COLUMNS: Final = (
-    "platform",
+# The stored row is a narrow index over the log: the filter columns, and the accounts (a capture
+# or a refusal names its accounts only through earlier records, so they are worked out here).
+# Everything else a row shows is read back from the record itself, joined by position.
+AUDIT_COLUMNS: Final = ("platform", "seq", "actor", "op", "code", "accounts")
+# What a caller sees, in order (platform is implied by the query).
+PUBLIC_COLUMNS: Final = (
     "seq",
     "ts",
     "actor",
@@ -69,8 +75,31 @@ AUDIT_COLUMNS: Final = (
     "reverses",
     "linked_to",
 )
-# The columns a caller sees (platform is implied by the query).
-PUBLIC_COLUMNS: Final = AUDIT_COLUMNS[1:]
+
+
+class _Op(msgspec.Struct, gc=False):
+    op: Any = ""
+
+
+_OP_DECODE: Final = msgspec.json.Decoder(_Op).decode
+_DECODE: Final = msgspec.json.Decoder().decode
+_BAD: Final = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _op_of(raw: msgspec.Raw) -> Any:
+    """The instruction's `op` ("" if the record has no instruction object)."""
+    try:
+        return _OP_DECODE(raw).op
+    except _BAD:
+        return ""
+
+
+def _cmd_of(raw: msgspec.Raw | bytes) -> dict[str, Any]:
+    try:
+        cmd = _DECODE(raw)
+    except _BAD:
+        return {}
+    return cmd if isinstance(cmd, dict) else {}
 
 
 def role_of(actor: str) -> str:
@@ -87,34 +116,51 @@ def _cmd_accounts(cmd: dict[str, Any]) -> list[str]:
     return found
 
 
+def _amounts(rec: dict[str, Any], cmd: dict[str, Any], refused: bool) -> list[int]:
+    """The amounts a record moves (its effect fields), or the instruction's for a refusal."""
+    if refused:
+        amount = cmd.get("amount_minor")
+        return [amount] if type(amount) is int else []
+    entries = rec.get("entries")
+    if entries is not None:
+        return [a for _, _, a in entries]
+    out = []
+    hold = rec.get("hold")
+    if hold is not None:
+        out.append(hold["amount"])
+    out += [captured for _, captured, _ in rec.get("resolve", ())]
+    return out
+
+
 class AuditTrailProjection(Projection):
     name = "audit"
+    layout = 2
     tables = (
         (AUDIT, ("seq",)),
         (AUDIT_ACCOUNTS, ("account", "seq")),
         (AUDIT_HOLDS, ("hold_id",)),
+        (AUDIT_CLOCK, ("ts",)),
     )
 
     def __init__(self) -> None:
         self._platform: str | None = None
         self._holds: dict[str, tuple[str, str]] = {}
+        self._last_ts: int | None = None
 
     def reset(self) -> None:
         self._platform = None
         self._holds = {}
+        self._last_ts = None
 
     def create(self, db: Db, cur: Any) -> None:
         wr = db.without_rowid
         t = db.t
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {t(AUDIT)} (platform TEXT NOT NULL, seq BIGINT NOT NULL, "
-            "ts BIGINT NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL, op TEXT NOT NULL, "
-            "kind TEXT NOT NULL, outcome TEXT NOT NULL, code TEXT, control TEXT, message TEXT, "
-            "cid TEXT NOT NULL, pv BIGINT, ccy TEXT, amount BIGINT, accounts TEXT NOT NULL, "
-            "amounts TEXT NOT NULL, tags TEXT, executes TEXT, reverses TEXT, linked_to TEXT, "
+            "actor TEXT NOT NULL, op TEXT NOT NULL, code TEXT, accounts TEXT NOT NULL, "
             f"PRIMARY KEY (platform, seq)){wr}"
         )
-        for col in ("actor", "op", "ts"):
+        for col in ("actor", "op"):
             cur.execute(
                 f"CREATE INDEX IF NOT EXISTS {db.index_name(f'proj_audit_by_{col}')} "
                 f"ON {t(AUDIT)} (platform, {col}, seq)"
@@ -133,19 +179,31 @@ class AuditTrailProjection(Projection):
             "hold_id TEXT NOT NULL, debit TEXT NOT NULL, credit TEXT NOT NULL, "
             f"PRIMARY KEY (platform, hold_id)){wr}"
         )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_CLOCK)} (platform TEXT NOT NULL, "
+            f"ts BIGINT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (platform, ts)){wr}"
+        )
 
     def _load(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
         if self._platform != platform or len(self._holds) > _CACHE_MAX:
             self.reset()
             self._platform = platform
+        if self._last_ts is None:
+            row = db.fetchone(
+                cur,
+                f"SELECT ts FROM {db.t(AUDIT_CLOCK)} WHERE platform = {db.ph} "
+                "ORDER BY ts DESC LIMIT 1",
+                (platform,),
+            )
+            self._last_ts = -1 if row is None else int(row[0])
         want: set[str] = set()
         for rec in recs:
-            if "entries" in rec:
+            if rec.entries is not None:
                 continue
-            for r in rec.get("resolve", ()):
+            for r in rec.resolve or ():
                 want.add(r[0])
-            cmd = rec.get("cmd")
-            if rec["kind"] == _REFUSED and isinstance(cmd, dict):
+            if rec.kind == _REFUSED:
+                cmd = _cmd_of(rec.cmd)
                 for key in ("hold_id", "withdrawal_id"):
                     if isinstance(cmd.get(key), str):
                         want.add(cmd[key])
@@ -163,85 +221,72 @@ class AuditTrailProjection(Projection):
         self._load(db, cur, platform, recs)
         holds = self._holds
         rows: list[tuple[Any, ...]] = []
+        add = rows.append
         touched: list[tuple[str, str, int]] = []
+        touch = touched.append
         new_holds: list[tuple[str, str, str, str]] = []
+        clock: list[tuple[str, int, int]] = []
+        last_ts = self._last_ts
+        assert last_ts is not None
         for rec in recs:
-            seq = rec["seq"]
-            kind = rec["kind"]
-            cmd = rec.get("cmd")
-            if not isinstance(cmd, dict):
-                cmd = {}
-            accounts: list[str] = []
-            amounts: list[int] = []
-            refused = kind == _REFUSED
-            entries = rec.get("entries")
-            if refused:
+            seq = rec.seq
+            ts = rec.ts
+            if ts != last_ts:
+                if ts < last_ts:
+                    raise ProjectionError(f"record {seq}: time goes backwards")
+                clock.append((platform, ts, seq))
+                last_ts = ts
+            entries = rec.entries
+            if entries is not None and rec.kind != _REFUSED:  # the hot path
+                op = _op_of(rec.cmd)
+                if len(entries) == 1:
+                    d, c, _ = entries[0]
+                    touch((platform, d, seq))
+                    if c != d:
+                        touch((platform, c, seq))
+                        add((platform, seq, rec.actor, op, rec.code, f"{d};{c}"))
+                    else:
+                        add((platform, seq, rec.actor, op, rec.code, d))
+                    continue
+                accounts = [x for d, c, _ in entries for x in (d, c)]
+            elif rec.kind == _REFUSED:
+                cmd = _cmd_of(rec.cmd)
+                op = cmd.get("op", "")
                 accounts = _cmd_accounts(cmd)
                 for key in ("hold_id", "withdrawal_id"):
-                    ref = holds.get(cmd.get(key, ""))  # type: ignore[arg-type]
+                    value = cmd.get(key)
+                    ref = holds.get(value) if isinstance(value, str) else None
                     if ref is not None:
                         accounts += ref
-                amount = cmd.get("amount_minor")
-                if type(amount) is int:
-                    amounts.append(amount)
-            elif entries is not None:
-                for d, c, a in entries:
-                    accounts += (d, c)
-                    amounts.append(a)
             else:
-                hold = rec.get("hold")
+                op = _op_of(rec.cmd)
+                accounts = []
+                hold = rec.hold
                 if hold is not None:
                     accounts += (hold["debit"], hold["credit"])
-                    amounts.append(hold["amount"])
                     new_holds.append((platform, hold["id"], hold["debit"], hold["credit"]))
                     holds[hold["id"]] = (hold["debit"], hold["credit"])
-                for hold_id, captured, _ in rec.get("resolve", ()):
+                for hold_id, _, _ in rec.resolve or ():
                     ref = holds.get(hold_id)
                     if ref is None:
                         raise ProjectionError(f"record {seq}: unknown hold {hold_id!r}")
                     accounts += ref
-                    amounts.append(captured)
-                spec = rec.get("account")
+                spec = rec.account
                 if isinstance(spec, dict) and isinstance(spec.get("id"), str):
                     accounts.append(spec["id"])
-                subject = rec.get("subject")
+                subject = rec.subject
                 if isinstance(subject, str):
                     accounts.append(subject)
             unique = list(dict.fromkeys(accounts))
             for account in unique:
-                touched.append((platform, account, seq))
-            total = sum(amounts)
-            actor = rec.get("actor", "")
-            tags = rec.get("tags")
-            rows.append(
-                (
-                    platform,
-                    seq,
-                    rec["ts"],
-                    actor,
-                    role_of(actor),
-                    cmd.get("op", ""),
-                    kind,
-                    "refused" if refused else "accepted",
-                    rec.get("code"),
-                    rec.get("control"),
-                    rec.get("message"),
-                    rec.get("cid", ""),
-                    rec.get("pv"),
-                    rec.get("ccy") or cmd.get("currency"),
-                    total if amounts and total <= INT64_MAX else None,
-                    ";".join(unique),
-                    ";".join(map(str, amounts)),
-                    None if tags is None else _ENCODE(tags).decode(),
-                    rec.get("executes"),
-                    rec.get("reverses"),
-                    rec.get("linked_to"),
-                )
-            )
+                touch((platform, account, seq))
+            add((platform, seq, rec.actor, op, rec.code, ";".join(unique)))
+        self._last_ts = last_ts
         db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
         touched.sort(key=_ACCOUNT_OF)  # stable: one pass over each account's b-tree pages
         db.insert_many(cur, AUDIT_ACCOUNTS, ("platform", "account", "seq"), touched)
         db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
+        db.insert_many(cur, AUDIT_CLOCK, ("platform", "ts", "seq"), clock)
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -275,28 +320,65 @@ class AuditPage:
 
 
 def _seq_range(db: Db, cur: Any, platform: str, f: AuditFilter, projected: int) -> tuple[int, int]:
-    """Inclusive position range of the filter's time and position bounds."""
+    """Inclusive position range of the filter's time and position bounds (times through the
+    clock: the first position of each distinct writer time, which never decreases)."""
     ph = db.ph
     lo = 0 if f.from_seq is None else max(0, f.from_seq)
     hi = projected if f.to_seq is None else min(projected, f.to_seq)
     if f.from_ms is not None:
         row = db.fetchone(
             cur,
-            f"SELECT seq FROM {db.t(AUDIT)} WHERE platform = {ph} AND ts >= {ph} "
-            "ORDER BY ts, seq LIMIT 1",
+            f"SELECT seq FROM {db.t(AUDIT_CLOCK)} WHERE platform = {ph} AND ts >= {ph} "
+            "ORDER BY ts LIMIT 1",
             (platform, f.from_ms),
         )
         lo = max(lo, projected + 1 if row is None else int(row[0]))
     if f.to_ms is not None:
         row = db.fetchone(
             cur,
-            f"SELECT seq FROM {db.t(AUDIT)} WHERE platform = {ph} AND ts > {ph} "
-            "ORDER BY ts, seq LIMIT 1",
+            f"SELECT seq FROM {db.t(AUDIT_CLOCK)} WHERE platform = {ph} AND ts > {ph} "
+            "ORDER BY ts LIMIT 1",
             (platform, f.to_ms),
         )
         if row is not None:
             hi = min(hi, int(row[0]) - 1)
     return lo, hi
+
+
+def _public(seq: int, accounts: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """A row as callers see it: the stored accounts, the rest from the record itself."""
+    kind = rec["kind"]
+    refused = kind == _REFUSED
+    cmd = rec.get("cmd")
+    if not isinstance(cmd, dict):
+        cmd = {}
+    amounts = _amounts(rec, cmd, refused)
+    total = sum(amounts)
+    actor = rec.get("actor", "")
+    tags = rec.get("tags")
+    values = (
+        seq,
+        rec["ts"],
+        actor,
+        role_of(actor) if isinstance(actor, str) else "",
+        cmd.get("op", ""),
+        kind,
+        "refused" if refused else "accepted",
+        rec.get("code"),
+        rec.get("control"),
+        rec.get("message"),
+        rec.get("cid", ""),
+        rec.get("pv"),
+        rec.get("ccy") or cmd.get("currency"),
+        total if amounts and total <= INT64_MAX else None,
+        accounts,
+        ";".join(map(str, amounts)),
+        None if tags is None else _ENCODE(tags).decode(),
+        rec.get("executes"),
+        rec.get("reverses"),
+        rec.get("linked_to"),
+    )
+    return dict(zip(PUBLIC_COLUMNS, values, strict=True))
 
 
 def audit_page(
@@ -319,7 +401,7 @@ def audit_page(
         projected = projected_position(db, cur, platform, "audit")
         lo, hi = _seq_range(db, cur, platform, f, projected)
         lo = max(lo, after + 1)
-        params: list[Any] = []
+        params: list[Any] = [log_stream(platform)]
         if f.account is not None:
             src = (
                 f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a "
@@ -333,19 +415,36 @@ def audit_page(
             where = [f"a.platform = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
             params += [platform, lo, hi]
             order = "a.seq"
-        for col in ("actor", "role", "op", "kind", "code", "outcome"):
+        for col in ("actor", "op", "code"):
             value = getattr(f, col)
             if value is not None:
                 where.append(f"a.{col} = {ph}")
                 params.append(value)
-        cols = ", ".join(f"a.{c}" for c in PUBLIC_COLUMNS)
+        if f.kind is not None:  # the log's own column: the record's kind
+            where.append(f"e.topic = {ph}")
+            params.append(f.kind)
+        if f.outcome is not None:
+            where.append(f"e.topic {'=' if f.outcome == 'refused' else '<>'} {ph}")
+            params.append(_REFUSED)
+        if f.role is not None:  # the actor's prefix before ':' ("" when it has none)
+            if ":" in f.role:
+                where.append("1 = 0")
+            elif f.role:
+                where.append(f"substr(a.actor, 1, {len(f.role) + 1}) = {ph}")
+                params.append(f.role + ":")
+            else:
+                where.append("(a.actor NOT LIKE '%:%' OR substr(a.actor, 1, 1) = ':')")
         rows = db.fetchall(
             cur,
-            f"SELECT {cols} FROM {src} WHERE {' AND '.join(where)} "
-            f"ORDER BY {order} LIMIT {page_size + 1}",
+            f"SELECT a.seq, a.accounts, e.state FROM {src} JOIN {db.events_table()} e "
+            f"ON e.originator_id = {ph} AND e.originator_version = a.seq "
+            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {page_size + 1}",
             params,
         )
-    out = [dict(zip(PUBLIC_COLUMNS, r, strict=True)) for r in rows[:page_size]]
+    out = [
+        _public(seq, accounts, log_body(platform, seq, state, _DECODE))
+        for seq, accounts, state in rows[:page_size]
+    ]
     token = encode_token(key, out[-1]["seq"], 0) if len(rows) > page_size else ""
     return AuditPage(out, token, projected)
 

@@ -8,12 +8,42 @@ Keeping it pure is what makes rebuild-from-zero and crash recovery give identica
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
 
+import msgspec
+
+from ledger.records import HASH_LEN
 from projections.db import Db
 
-Record = dict[str, Any]
+T = TypeVar("T")
+
+
+class Record(msgspec.Struct, gc=False):
+    """The fields of a log record the projections read, decoded once per record by the runner.
+
+    A typed struct decodes faster than a dict and skips what no projection needs (`tags`,
+    `message`, ...: the audit trail reads those back from the log per page). `cmd` stays raw
+    bytes: the audit trail decodes its `op` (and, for refusals, the whole instruction) itself.
+    Fields are lenient (`Any`) so that a record kind the projections do not know still decodes.
+    """
+
+    seq: int
+    kind: str
+    platform: str
+    ts: int
+    cid: Any = ""
+    actor: Any = ""
+    code: Any = None
+    entries: Any = None
+    hold: Any = None
+    resolve: Any = None
+    account: Any = None
+    subject: Any = None
+    cmd: msgspec.Raw = msgspec.Raw(b"null")
+
+
+RECORD_DECODER: Final = msgspec.json.Decoder(Record)
 # Money fields of a record, exactly the ones ledger/fold.py applies (docs/FORMAT.md §3).
 EFFECT_KEYS: Final = frozenset({"entries", "hold", "resolve", "account", "subject", "reverses"})
 # Debit-normal mirrors of real bank accounts (docs/FORMAT.md §4); all other kinds are credit-normal.
@@ -34,6 +64,29 @@ class PositionConflict(ProjectionError):
     """Someone else moved this projection's position: our batch was rolled back, nothing lost."""
 
 
+class LogChanged(ProjectionError):
+    """A read model points at a log position whose record is not the one it projected."""
+
+
+def log_body(platform: str, seq: int, state: Any, decode: Callable[[bytes], T]) -> T:
+    """A record read back from the event table's `state` (chain hash + canonical bytes).
+
+    The runner checked its chain link when it projected it; here only that it is the record
+    the read model points at (position and platform), in case the log was swapped underneath.
+    """
+    try:
+        rec: Any = decode(bytes(state)[HASH_LEN:])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise LogChanged(f"{platform}: record at position {seq} no longer decodes") from None
+    if isinstance(rec, dict):
+        found = (rec.get("seq"), rec.get("platform"))
+    else:
+        found = (getattr(rec, "seq", None), getattr(rec, "platform", None))
+    if found != (seq, platform):
+        raise LogChanged(f"{platform}: the log at position {seq} is not the projected record")
+    return rec  # type: ignore[no-any-return]
+
+
 class NotProjected(ProjectionError):
     """A query asks about a log position the projection has not reached yet."""
 
@@ -44,6 +97,10 @@ class Projection(abc.ABC):
     name: str
     # (table, primary-key columns) in dump order; every table has a `platform` column.
     tables: tuple[tuple[str, tuple[str, ...]], ...]
+    # Bumped when the tables change shape: the runner then drops them (and `retired` tables of
+    # earlier layouts) and projects the log again from the start.
+    layout: int = 1
+    retired: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def create(self, db: Db, cur: Any) -> None:

@@ -2,7 +2,8 @@
 
 Read models live beside the event table (same SQLite file, same PostgreSQL schema) so that a
 projection's writes and its position commit in ONE transaction of the same database. Nothing
-here ever touches the event table: projections only read the log through `LedgerStore.read`.
+here ever writes the event table: projections only read the log (pages by position, and
+record bodies joined by position in queries).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class Db:
         """The qualified name of one of our tables."""
         assert name.startswith(PREFIX) and name.replace("_", "").isalnum(), name
         return f'"{self.schema}".{name}' if self.schema else name
+
+    def events_table(self) -> str:
+        """The qualified name of the ledger's event table (docs/FORMAT.md §1), read-only here:
+        queries join it by position to show what a record says instead of copying it."""
+        table = getattr(self.store.recorder, "events_table_name", None)
+        if not isinstance(table, str) or not table.replace("_", "").isalnum():
+            raise RuntimeError("the recorder does not expose its event table")
+        return f'"{self.schema}".{table}' if self.schema else table
 
     def index_name(self, name: str) -> str:
         """Index names: PostgreSQL scopes them to the schema, so no qualification is needed."""

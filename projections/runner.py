@@ -23,19 +23,27 @@ import msgspec
 from ledger import records
 from ledger.store import READ_PAGE_MAX, LedgerStore, log_stream
 from projections.audit_trail import AuditTrailProjection
-from projections.base import PositionConflict, Projection, ProjectionError, Record
+from projections.base import (
+    RECORD_DECODER,
+    PositionConflict,
+    Projection,
+    ProjectionError,
+    Record,
+)
 from projections.db import Db
 from projections.statements import StatementsProjection
 
 log = logging.getLogger("custody.projections")
 
 POSITIONS: Final = "proj_positions"
+LAYOUTS: Final = "proj_layouts"  # the table layout each projection's rows were written in
 DEFAULT_BATCH: Final = 5_000
 BATCH_MAX: Final = READ_PAGE_MAX  # one page of the log per transaction at most
 GENESIS_HEX: Final = records.CHAIN_GENESIS.hex()
 FOLLOW_POLL_S: Final = 0.2
 _HASH_LEN: Final = records.HASH_LEN
-_DECODE: Final = msgspec.json.Decoder().decode
+_DECODE: Final = RECORD_DECODER.decode
+_BAD_RECORD: Final = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 def default_projections() -> list[Projection]:
@@ -107,9 +115,38 @@ class ProjectionRunner:
                 "platform TEXT NOT NULL, position BIGINT NOT NULL, head TEXT NOT NULL, "
                 "PRIMARY KEY (name, platform))"
             )
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {db.t(LAYOUTS)} (name TEXT NOT NULL, "
+                "layout INTEGER NOT NULL, PRIMARY KEY (name))"
+            )
             for p in self.projections:
+                self._upgrade(cur, p)
                 p.create(db, cur)
         self._created = True
+
+    def _upgrade(self, cur: Any, p: Projection) -> None:
+        """A projection whose table layout changed starts again from position -1: drop its
+        tables (and retired ones) and reset its positions, in the creating transaction."""
+        db = self.db
+        row = db.fetchone(
+            cur, f"SELECT layout FROM {db.t(LAYOUTS)} WHERE name = {db.ph}", (p.name,)
+        )
+        stored = 1 if row is None else int(row[0])  # layout 1: before layouts were recorded
+        if stored == p.layout:
+            return
+        for table in (*(t for t, _ in p.tables), *p.retired):
+            cur.execute(f"DROP TABLE IF EXISTS {db.t(table)}")
+        cur.execute(
+            f"UPDATE {db.t(POSITIONS)} SET position = -1, head = {db.ph} WHERE name = {db.ph}",
+            (GENESIS_HEX, p.name),
+        )
+        cur.execute(f"DELETE FROM {db.t(LAYOUTS)} WHERE name = {db.ph}", (p.name,))
+        cur.execute(
+            f"INSERT INTO {db.t(LAYOUTS)} (name, layout) VALUES ({db.ph}, {db.ph})",
+            (p.name, p.layout),
+        )
+        p.reset()
+        log.info("projection %s: table layout %d -> %d, projecting again", p.name, stored, p.layout)
 
     def _load_positions(self, platform: str) -> dict[str, _Pos]:
         db = self.db
@@ -169,7 +206,7 @@ class ProjectionRunner:
             recs, heads = self._fetch(platform, start, starter.head)
         if not recs:
             return 0
-        last = recs[-1]["seq"]
+        last = recs[-1].seq
         for name, pos in positions.items():
             if start < pos.position <= last and heads[pos.position - start - 1] != pos.head:
                 raise ProjectionError(
@@ -361,13 +398,11 @@ def _verified(
         link, data = packed[:_HASH_LEN], packed[_HASH_LEN:]
         if sha256(head + data).digest() != link:
             raise ProjectionError(f"{platform}: chain broken at position {seq}")
-        rec: Any = _DECODE(data)
-        if (
-            not isinstance(rec, dict)
-            or rec.get("seq") != seq
-            or rec.get("kind") != kind
-            or rec.get("platform") != platform
-        ):
+        try:
+            rec = _DECODE(data)
+        except _BAD_RECORD:
+            raise ProjectionError(f"{platform}: record at position {seq} is malformed") from None
+        if rec.seq != seq or rec.kind != kind or rec.platform != platform:
             raise ProjectionError(f"{platform}: record at position {seq} is misplaced")
         recs.append(rec)
         heads.append(link)

@@ -24,6 +24,7 @@ from typing import Any, Final
 import msgspec
 
 from ledger import records
+from ledger.store import log_stream
 from projections.base import (
     ASSET_KINDS,
     STATUS_BY_KIND,
@@ -31,6 +32,7 @@ from projections.base import (
     Projection,
     ProjectionError,
     Record,
+    log_body,
 )
 from projections.db import Db
 
@@ -38,7 +40,7 @@ ACCOUNTS: Final = "proj_stmt_accounts"
 HOLDS: Final = "proj_stmt_holds"
 LINES: Final = "proj_stmt_lines"
 CLOCK: Final = "proj_stmt_clock"
-MOVES: Final = "proj_stmt_moves"
+RETIRED: Final = ("proj_stmt_moves",)  # earlier layouts' tables, dropped on upgrade
 PAGE_SIZE_DEFAULT: Final = 50
 PAGE_SIZE_MAX: Final = 1_000
 KINDS_FILTER_MAX: Final = 32
@@ -47,8 +49,21 @@ _CACHE_MAX: Final = 200_000  # accounts/holds kept between batches
 _REFUSED: Final = records.REFUSED_KIND
 _ACCOUNT_OF: Final = operator.itemgetter(1)
 
+
+class _Head(msgspec.Struct, gc=False):
+    """What a statement line shows of its record, read back from the log."""
+
+    seq: int
+    kind: str
+    platform: str
+    ts: int
+    cid: Any = ""
+
+
+_HEAD_DECODE: Final = msgspec.json.Decoder(_Head).decode
+
 # Narrow on purpose (two lines per transfer): what the record says (time, kind, client id) is
-# stored once per record in proj_stmt_moves and joined per page.
+# not copied: a page reads it back from the log (the event table, by position).
 LINE_COLUMNS: Final = (
     "platform",
     "account",
@@ -60,7 +75,6 @@ LINE_COLUMNS: Final = (
     "held",  # held amount after this line
     "counterparty",
 )
-MOVE_COLUMNS: Final = ("platform", "seq", "ts", "kind", "cid")
 # What a statement line shows, in order.
 STATEMENT_FIELDS: Final = (
     "seq",
@@ -149,11 +163,12 @@ class _Hold:
 
 class StatementsProjection(Projection):
     name = "statements"
+    layout = 2  # 2: no proj_stmt_moves (what a record says is read back from the log)
+    retired = RETIRED
     tables = (
         (ACCOUNTS, ("account",)),
         (HOLDS, ("hold_id",)),
         (LINES, ("account", "seq", "n")),
-        (MOVES, ("seq",)),
         (CLOCK, ("ts",)),
     )
 
@@ -192,11 +207,6 @@ class StatementsProjection(Projection):
             f"PRIMARY KEY (platform, account, seq, n)){wr}"
         )
         cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {db.t(MOVES)} (platform TEXT NOT NULL, "
-            "seq BIGINT NOT NULL, ts BIGINT NOT NULL, kind TEXT NOT NULL, cid TEXT NOT NULL, "
-            f"PRIMARY KEY (platform, seq)){wr}"
-        )
-        cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(CLOCK)} (platform TEXT NOT NULL, "
             f"ts BIGINT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (platform, ts)){wr}"
         )
@@ -218,7 +228,7 @@ class StatementsProjection(Projection):
             self._last_ts = -1 if row is None else int(row[0])
         holds = self._holds
         want_holds = {
-            r[0] for rec in recs if "entries" not in rec for r in rec.get("resolve", ())
+            r[0] for rec in recs if rec.entries is None and rec.resolve for r in rec.resolve
         } - holds.keys()
         for chunk in _chunks(sorted(want_holds)):
             marks = ", ".join([ph] * len(chunk))
@@ -233,20 +243,20 @@ class StatementsProjection(Projection):
                 holds[hold_id] = h
         want: set[str] = set()
         for rec in recs:
-            entries = rec.get("entries")
+            entries = rec.entries
             if entries is not None:
                 for d, c, _ in entries:
                     want.add(d)
                     want.add(c)
                 continue
-            hold = rec.get("hold")
+            hold = rec.hold
             if hold is not None:
                 want.add(hold["debit"])
                 want.add(hold["credit"])
-            subject = rec.get("subject")
+            subject = rec.subject
             if isinstance(subject, str):
                 want.add(subject)
-            for hold_id, _, _ in rec.get("resolve", ()):
+            for hold_id, _, _ in rec.resolve or ():
                 h2 = holds.get(hold_id)
                 if h2 is not None:
                     want.add(h2.debit)
@@ -271,7 +281,6 @@ class StatementsProjection(Projection):
         lines: list[tuple[Any, ...]] = []
         add = lines.append
         clock: list[tuple[str, int, int]] = []
-        moves: list[tuple[str, int, int, str, str]] = []
         dirty: set[str] = set()
         dirty_holds: set[str] = set()
         last_ts = self._last_ts
@@ -284,19 +293,18 @@ class StatementsProjection(Projection):
             return a
 
         for rec in recs:
-            seq = rec["seq"]
-            ts = rec["ts"]
+            seq = rec.seq
+            ts = rec.ts
             if ts != last_ts:
                 if ts < last_ts:
                     raise ProjectionError(f"record {seq}: time goes backwards")
                 clock.append((platform, ts, seq))
                 last_ts = ts
-            kind = rec["kind"]
+            kind = rec.kind
             if kind == _REFUSED:
                 continue
-            cid = rec.get("cid", "")
             n = 0
-            entries = rec.get("entries")
+            entries = rec.entries
             if entries is not None:  # the hot path, as in fold.apply_record
                 for d, c, amount in entries:
                     da = acct(d, seq)
@@ -313,9 +321,8 @@ class StatementsProjection(Projection):
                     n += 2
                     dirty.add(d)
                     dirty.add(c)
-                moves.append((platform, seq, ts, kind, cid))
                 continue
-            hold = rec.get("hold")
+            hold = rec.hold
             if hold is not None:
                 hid, d, c, amount = hold["id"], hold["debit"], hold["credit"], hold["amount"]
                 if hid in holds:
@@ -329,11 +336,10 @@ class StatementsProjection(Projection):
                 dirty_holds.add(hid)
                 # The credit side's posted and held amounts do not change: no line for it.
                 add((platform, d, seq, 0, 0, amount, da.posted(), da.dpend, c))
-                moves.append((platform, seq, ts, kind, cid))
                 dirty.add(d)
                 dirty.add(c)
                 continue
-            resolve = rec.get("resolve")
+            resolve = rec.resolve
             if resolve is not None:
                 for hid, captured, status in resolve:
                     h = holds.get(hid)
@@ -357,9 +363,8 @@ class StatementsProjection(Projection):
                     n += 2
                     dirty.add(h.debit)
                     dirty.add(h.credit)
-                moves.append((platform, seq, ts, kind, cid))
                 continue
-            spec = rec.get("account")
+            spec = rec.account
             if kind == "account_opened" and isinstance(spec, dict):
                 account_id = spec["id"]
                 if account_id in accounts:
@@ -370,7 +375,7 @@ class StatementsProjection(Projection):
                 dirty.add(account_id)
                 continue
             status = STATUS_BY_KIND.get(kind)
-            subject = rec.get("subject")
+            subject = rec.subject
             if status is not None and isinstance(subject, str):
                 a = acct(subject, seq)
                 a.status = status
@@ -381,7 +386,6 @@ class StatementsProjection(Projection):
         # page of an account is then touched once per batch instead of once per line.
         lines.sort(key=_ACCOUNT_OF)
         db.insert_many(cur, LINES, LINE_COLUMNS, lines)
-        db.insert_many(cur, MOVES, MOVE_COLUMNS, moves)
         db.insert_many(cur, CLOCK, ("platform", "ts", "seq"), clock)
         self._save(db, cur, platform, dirty, dirty_holds)
 
@@ -612,18 +616,21 @@ def statement(
             where.append(f"(l.seq > {ph} OR (l.seq = {ph} AND l.n > {ph}))")
             params += [after_seq, after_seq, after_n]
         if kinds:
-            where.append(f"m.kind IN ({', '.join([ph] * len(kinds))})")
+            where.append(f"e.topic IN ({', '.join([ph] * len(kinds))})")
             params += list(kinds)
         rows = db.fetchall(
             cur,
-            f"SELECT l.seq, l.n, m.ts, m.kind, m.cid, l.amount, l.counterparty, l.held_delta, "
-            f"l.posted, l.held FROM {db.t(LINES)} l JOIN {db.t(MOVES)} m "
-            "ON m.platform = l.platform AND m.seq = l.seq "
+            f"SELECT l.seq, l.n, e.state, l.amount, l.counterparty, l.held_delta, "
+            f"l.posted, l.held FROM {db.t(LINES)} l JOIN {db.events_table()} e "
+            f"ON e.originator_id = {ph} AND e.originator_version = l.seq "
             f"WHERE {' AND '.join(where)} ORDER BY l.seq, l.n LIMIT {page_size + 1}",
-            params,
+            [log_stream(platform), *params],
         )
     asset = kind in ASSET_KINDS
-    lines = [_line(r, asset) for r in rows[:page_size]]
+    lines = []
+    for seq, n, state, *rest in rows[:page_size]:
+        head = log_body(platform, seq, state, _HEAD_DECODE)
+        lines.append(_line((seq, n, head.ts, head.kind, head.cid, *rest), asset))
     token = ""
     if len(rows) > page_size:
         token = encode_token(key, lines[-1]["seq"], lines[-1]["n"])

@@ -14,6 +14,7 @@ from ledger.service import LedgerService
 from projections import statements as st
 from projections.audit_trail import AuditFilter, audit_page
 from projections.base import NotProjected, PositionConflict, ProjectionError
+from projections.db import Db
 from projections.runner import EmbeddedRunner, ProjectionRunner
 
 STEPS = 400
@@ -187,3 +188,35 @@ def test_embedded_runner_follows_new_records(service: LedgerService, clock: Fake
     finally:
         embedded.close()
     assert not embedded.thread.is_alive()
+
+
+def _table_exists(db: Db, name: str) -> bool:
+    with db.reading() as cur:
+        row = db.fetchone(
+            cur,
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = %s AND table_name = %s"
+            if db.is_pg
+            else "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (db.schema, name) if db.is_pg else (name,),
+        )
+    return bool(row and row[0])
+
+
+def test_a_changed_table_layout_is_projected_again(workload: LedgerService) -> None:
+    runner = ProjectionRunner(workload.store, batch_size=100)
+    runner.catch_up("p1")
+    digest = runner.digest("p1")
+    db = runner.db
+    with db.tx() as cur:  # a database written before layouts were recorded (layout 1)
+        cur.execute(f"DELETE FROM {db.t('proj_layouts')}")
+        cur.execute(f"CREATE TABLE {db.t('proj_stmt_moves')} (platform TEXT, seq BIGINT)")
+    assert _table_exists(db, "proj_stmt_moves")
+    upgraded = ProjectionRunner(workload.store, batch_size=100)
+    # tables dropped (the retired one too) and positions reset, in one transaction
+    assert {s.position for s in upgraded.status("p1")} == {-1}
+    assert not _table_exists(db, "proj_stmt_moves")
+    upgraded.catch_up("p1")
+    assert upgraded.digest("p1") == digest
+    again = ProjectionRunner(workload.store)  # the layout is recorded now: nothing is dropped
+    assert {s.position for s in again.status("p1")} == {last_position(workload, "p1")}
