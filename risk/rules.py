@@ -627,8 +627,10 @@ class Rules:
         out: Output,
         day: int,
     ) -> None:
-        accounts = state.accounts
+        accounts, dirty = state.accounts, state.dirty
         fan = self._w09 and purpose in self.rules.fan.purposes
+        w07, w08 = self._w07, self._w08
+        lvt = state.lvt.get(ccy) if w07 else None  # W07: [individual, corporate] thresholds
         touched: dict[str, int] = {}
         for debit, credit, amount in legs:
             da, ca = accounts.get(debit), accounts.get(credit)
@@ -639,43 +641,48 @@ class Rules:
             if ckind == OMNIBUS:
                 self._omnibus(state, ccy, ts, -amount, out, day)
             if dkind == CUSTOMER:
-                self._customer_leg(state, debit, "out", amount, ts, ccy, out)
+                assert da is not None
+                dirty.add(debit)
+                if lvt is not None:
+                    threshold = lvt[1] if da.corporate else lvt[0]
+                    if threshold > 0:
+                        self._structuring(state, da, debit, "out", amount, ts, threshold, day, out)
+                if w08:
+                    self._rapid(state, da, debit, "out", amount, ts, out)
                 touched[debit] = touched.get(debit, 0) + amount
             if ckind == CUSTOMER:
-                self._customer_leg(state, credit, "in", amount, ts, ccy, out)
+                assert ca is not None
+                dirty.add(credit)
+                if lvt is not None:
+                    threshold = lvt[1] if ca.corporate else lvt[0]
+                    if threshold > 0:
+                        self._structuring(state, ca, credit, "in", amount, ts, threshold, day, out)
+                if w08:
+                    self._rapid(state, ca, credit, "in", amount, ts, out)
                 touched[credit] = touched.get(credit, 0) + amount
             if fan and dkind == CUSTOMER and ckind == CUSTOMER:
-                self._fan(state, debit, "out", credit, ts, out)
-                self._fan(state, credit, "in", debit, ts, out)
+                assert da is not None and ca is not None
+                self._fan(state, da, debit, "out", credit, ts, out)
+                self._fan(state, ca, credit, "in", debit, ts, out)
         if self._w10:
             for account, amount in sorted(touched.items()):
-                self._activity(state, account, amount, ts, out)
-
-    def _customer_leg(
-        self, state: State, account: str, side: str, amount: int, ts: int, ccy: Any, out: Output
-    ) -> None:
-        if self._w07:
-            self._structuring(state, account, side, amount, ts, ccy, out)
-        if self._w08:
-            self._rapid(state, account, side, amount, ts, out)
-
-    def _threshold(self, state: State, account: str, ccy: Any) -> int:
-        t = state.lvt.get(ccy)
-        if t is None:
-            return 0
-        a = state.accounts.get(account)
-        return t[1] if a is not None and a.corporate else t[0]
+                self._activity(state, accounts[account], account, amount, ts, out)
 
     def _structuring(
-        self, state: State, account: str, side: str, amount: int, ts: int, ccy: Any, out: Output
+        self,
+        state: State,
+        a: Acct,
+        account: str,
+        side: str,
+        amount: int,
+        ts: int,
+        threshold: int,
+        day: int,
+        out: Output,
     ) -> None:
-        threshold = self._threshold(state, account, ccy)
-        if threshold <= 0:
-            return
+        """W07 for one customer leg (`a` is marked to be stored by the caller)."""
         p = self.rules.structuring
-        a = state.acct(account)
         cal = self.calendar(state)
-        day = cal.day(ts)
         if threshold * p.near_low_bp <= amount * 10_000 <= threshold * p.near_high_bp:
             near = _prune(a.near_in if side == "in" else a.near_out, ts - p.near_window_ms)
             near.append([ts, amount])
@@ -726,10 +733,10 @@ class Rules:
             )
 
     def _rapid(
-        self, state: State, account: str, side: str, amount: int, ts: int, out: Output
+        self, state: State, a: Acct, account: str, side: str, amount: int, ts: int, out: Output
     ) -> None:
+        """W08 for one customer leg (`a` is marked to be stored by the caller)."""
         p = self.rules.rapid
-        a = state.acct(account)
         since = ts - p.window_ms
         ins, outs = a.ins, a.outs
         while ins and ins[0][0] < since:
@@ -766,9 +773,11 @@ class Rules:
                 f"(last: in {inflow}, out {outflow})",
             )
 
-    def _fan(self, state: State, account: str, side: str, other: str, ts: int, out: Output) -> None:
+    def _fan(
+        self, state: State, a: Acct, account: str, side: str, other: str, ts: int, out: Output
+    ) -> None:
+        """W09 for one customer leg (`a` is marked to be stored by the caller)."""
         p = self.rules.fan
-        a = state.acct(account)
         since = ts - p.window_ms
         items = a.fan
         while items and items[0][0] < since:
@@ -801,9 +810,11 @@ class Rules:
                 )
                 return
 
-    def _activity(self, state: State, account: str, amount: int, ts: int, out: Output) -> None:
+    def _activity(
+        self, state: State, a: Acct, account: str, amount: int, ts: int, out: Output
+    ) -> None:
+        """W10 for a customer account a record touched (marked to be stored by `_legs`)."""
         p = self.rules.dormant
-        a = state.acct(account)
         last = a.last_activity if a.last_activity is not None else ts
         a.last_activity = ts
         wake = a.wake
