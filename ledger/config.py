@@ -12,6 +12,8 @@ CUSTODY_SIGNING_KEY      Ed25519 checkpoint key file (default $CUSTODY_DATA_DIR/
                          created on first start with mode 0600)
 CUSTODY_CHECKPOINT_EVERY sign a checkpoint after this many new records (default 10000, 0 = never)
 CUSTODY_CHECKPOINT_INTERVAL_S  ... or after this many seconds with new records (default 60)
+CUSTODY_SNAPSHOT_EVERY   store a state snapshot after this many new records (default 1000000,
+                         0 = never); restarts load it and replay only the tail
 CUSTODY_SWEEP_INTERVAL_S release expired holds every this many seconds in `custody serve`
                          (default 60, 0 = never; the sweep is an `expire_holds` record)
 CUSTODY_PROJECTIONS      embedded (default: `custody serve` keeps the read models current) | off
@@ -143,6 +145,7 @@ class Config:
     checkpoint_every: int = 10_000
     checkpoint_interval_s: int = 60
     sweep_interval_s: int = 60
+    snapshot_every: int = 1_000_000
     projections: str = "embedded"
     risk: str = "embedded"
     server_id: str = "local"
@@ -183,6 +186,7 @@ class Config:
             checkpoint_every=_int(env, "CUSTODY_CHECKPOINT_EVERY", 10_000, 0, 10_000_000),
             checkpoint_interval_s=_int(env, "CUSTODY_CHECKPOINT_INTERVAL_S", 60, 1, 86_400),
             sweep_interval_s=_int(env, "CUSTODY_SWEEP_INTERVAL_S", 60, 0, 86_400),
+            snapshot_every=_int(env, "CUSTODY_SNAPSHOT_EVERY", 1_000_000, 0, 1_000_000_000),
             projections=_choice(env, "CUSTODY_PROJECTIONS", ("embedded", "off")),
             risk=_choice(env, "CUSTODY_RISK", ("embedded", "off")),
             server_id=_server_id(env),
