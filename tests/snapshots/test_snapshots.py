@@ -182,9 +182,10 @@ def _held_twice_same(state: PlatformState) -> None:
 
 
 def _writer(svc: LedgerService, use_snapshots: bool, key: bytes | None = None) -> PlatformWriter:
-    writer = svc._new_writer(PLATFORM)
+    writer = svc._new_writer(PLATFORM)  # with the service's snapshot key
     writer.use_snapshots = use_snapshots
-    writer.snapshot_key = key
+    if key is not None:
+        writer.snapshot_key = key
     writer.load()
     return writer
 
