@@ -393,6 +393,8 @@ class RiskEngine:
         number of records read per platform."""
         done: dict[str, int] = {}
         for pid in [platform] if platform is not None else self.service.platform_ids():
+            if not self.service.is_writer(pid):
+                continue  # several servers: only the one that writes a platform raises its alerts
             done[pid] = 0
             for _round in range(10):  # alerts -> gate -> gate_set read back: a few rounds
                 if stop is not None and stop.is_set():
