@@ -144,6 +144,9 @@ def test_audit_trail_has_every_record_and_filters(
     checks: list[tuple[AuditFilter, Any]] = [
         (AuditFilter(actor="operator:bob"), lambda r: r["actor"] == "operator:bob"),
         (AuditFilter(role="platform"), lambda r: r["actor"].startswith("platform:")),
+        (AuditFilter(role="operator"), lambda r: r["actor"].startswith("operator:")),
+        (AuditFilter(role="platform:web"), lambda r: False),  # a role has no ':' in it
+        (AuditFilter(role="platfor"), lambda r: False),  # a whole prefix, not its start
         (AuditFilter(op="transfer"), lambda r: r["cmd"]["op"] == "transfer"),
         (AuditFilter(outcome="refused"), lambda r: r["kind"] == records.REFUSED_KIND),
         (
