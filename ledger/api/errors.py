@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from controls.codes import INPUT_CODES, Code
 from ledger import logs
+from ledger.lease import WriterElsewhere
 from ledger.service import Overloaded, PlatformNotFound, ServiceClosed
 from ledger.writer import CommitFailed, Outcome, WriterFenced
 from projections.base import NotProjected, ProjectionError
@@ -45,6 +46,7 @@ class ApiReason(enum.StrEnum):
     OVERLOADED = "OVERLOADED"
     COMMIT_FAILED = "COMMIT_FAILED"
     WRITER_FENCED = "WRITER_FENCED"
+    WRITER_ELSEWHERE = "WRITER_ELSEWHERE"  # another server writes the platform: go there
     SHUTTING_DOWN = "SHUTTING_DOWN"
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
     CHECKPOINT_NOT_FOUND = "CHECKPOINT_NOT_FOUND"
@@ -275,6 +277,37 @@ def projection_behind(projected: int | None, requested: int | None, message: str
     )
 
 
+def writer_elsewhere(exc: WriterElsewhere) -> ApiError:
+    """A write (or checkpoint, proof) that reached a server not writing the platform: UNAVAILABLE
+    with ErrorInfo `WRITER_ELSEWHERE` naming the writer (metadata `platform`, `server_id`,
+    `address` HOST:PORT, `epoch`, `retry_after_ms`) and RetryInfo. Nothing was written, so the
+    same request with the same client ids is safe to send to `address`; an empty address means
+    nobody writes the platform right now (failover): retry here after the delay."""
+    if exc.address:
+        message = (
+            f"platform {exc.platform_id} is written by server {exc.server_id} at {exc.address}; "
+            "nothing was written: send the request there with the same client ids"
+        )
+    else:
+        message = (
+            f"no server writes platform {exc.platform_id} right now; nothing was written: "
+            f"retry with the same client ids after {exc.retry_after_ms} ms"
+        )
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        ApiReason.WRITER_ELSEWHERE,
+        message,
+        metadata={
+            "platform": exc.platform_id,
+            "server_id": exc.server_id,
+            "address": exc.address,
+            "epoch": str(exc.epoch),
+            "retry_after_ms": str(exc.retry_after_ms),
+        },
+        retry_delay_s=max(0, exc.retry_after_ms) / 1000,
+    )
+
+
 def from_outcome(outcome: Outcome, field_prefix: str = "") -> ApiError:
     """The error for a single instruction that was refused or invalid."""
     assert not outcome.ok
@@ -326,6 +359,8 @@ def from_exception(exc: BaseException) -> ApiError | None:
             "the database transaction did not commit; nothing happened, retry with the same ids",
             retry_delay_s=_RETRY_DELAY_S,
         )
+    if isinstance(exc, WriterElsewhere):  # before WriterFenced: it is a subclass
+        return writer_elsewhere(exc)
     if isinstance(exc, WriterFenced):
         return ApiError(
             grpc.StatusCode.UNAVAILABLE,
