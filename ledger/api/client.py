@@ -15,12 +15,22 @@ RESOURCE_EXHAUSTED because the platform's queue is full, are retried with the sa
 which is safe because every instruction carries its `client_id` (a retried instruction that
 already committed is answered REPLAYED). Any other error raises `CustodyError`, which carries
 the status code and the stable reason code from `google.rpc.ErrorInfo`.
+
+Several servers (PostgreSQL): a write that reaches a server not writing the platform is answered
+UNAVAILABLE `WRITER_ELSEWHERE` with the writer's address. A client built with `mtls` or
+`insecure_dev` follows it (`follow_redirects=True`, at most `max_redirects` per call): it connects
+to that address with the same credentials and sends the same request (same client ids), and
+stays there for later calls; an answer without an address (failover in progress) is retried
+after its RetryInfo delay. If the server it was redirected to becomes unreachable, the call
+fails with a retryable UNAVAILABLE and the next call goes back to the address the client was
+built with (see docs/API.md, "Several servers: redirects").
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +86,19 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 # accepts at most 5 minutes ahead of the server's clock).
 DEFAULT_AUTH_TTL_MS: Final = 120_000
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+DOMAIN: Final = "custody.v1"  # ErrorInfo.domain of the ledger's own errors
+WRITER_ELSEWHERE: Final = "WRITER_ELSEWHERE"
+# Raised by the client itself when a redirect cannot be followed safely or usefully.
+REDIRECT_NOT_TRUSTED: Final = "REDIRECT_NOT_TRUSTED"  # the target's certificate does not cover it
+REDIRECT_LIMIT: Final = "REDIRECT_LIMIT"  # max_redirects redirect answers in one call
+MAX_REDIRECTS_DEFAULT: Final = 3
+# What a TLS failure looks like in a transport error's details (gRPC core's words).
+_TLS_FAILURE_HINTS: Final = (
+    "hostname verification",
+    "peer name",
+    "certificate_verify_failed",
+    "certificate verify failed",
+)
 # How many pages the iterators (`iter_statement`, `iter_audit_events`, ...) fetch at most.
 MAX_PAGES_DEFAULT: Final = 10_000
 M = TypeVar("M", bound=Message)
@@ -103,6 +126,21 @@ class CustodyError(Exception):
         self.metadata = metadata or {}
         self.fields = fields or {}
         self.retry_delay_s = retry_delay_s
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same request again (same client ids) may succeed: UNAVAILABLE
+        (including WRITER_ELSEWHERE: nothing was written) and a full queue (OVERLOADED)."""
+        if self.reason in (REDIRECT_NOT_TRUSTED,):
+            return False
+        return self.code in RETRYABLE or (
+            self.code is grpc.StatusCode.RESOURCE_EXHAUSTED and self.reason == "OVERLOADED"
+        )
+
+    @property
+    def transport(self) -> bool:
+        """A failure of the connection itself (no answer from a ledger server)."""
+        return self.code is grpc.StatusCode.UNAVAILABLE and self.domain != DOMAIN
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> CustodyError:
@@ -567,7 +605,46 @@ def _formats(html: bool, csv: bool) -> list[disclosure_pb.DisclosureFormat.Value
     return out
 
 
+def _tls_failure(error: CustodyError) -> bool:
+    text = error.message.lower()
+    return any(hint in text for hint in _TLS_FAILURE_HINTS)
+
+
+def _redirect_limit(error: CustodyError, max_redirects: int) -> CustodyError:
+    return CustodyError(
+        grpc.StatusCode.UNAVAILABLE,
+        REDIRECT_LIMIT,
+        f"still redirected after {max_redirects} redirects ({error.message}); nothing was "
+        "written by this call's last attempt: retry with the same client ids",
+        domain=error.domain,
+        metadata=dict(error.metadata),
+        retry_delay_s=error.retry_delay_s,
+    )
+
+
+_STUB_ATTRS: Final = (
+    "platforms",
+    "accounts",
+    "movements",
+    "holds",
+    "queries",
+    "log",
+    "audit",
+    "customers",
+    "policies",
+    "approvals",
+    "disclosures",
+    "liabilities",
+    "alerts",
+)
+
+
 class CustodyClient:
+    """`dial(target) -> channel` (set by `mtls` / `insecure_dev`, with the same credentials for
+    every target) lets the client follow `WRITER_ELSEWHERE` redirects; a client built on a bare
+    channel without `dial` cannot, and raises them as `CustodyError` (the writer's address is in
+    `metadata["address"]`). `target` is the address the client was built for (its home)."""
+
     def __init__(
         self,
         channel: grpc.Channel,
@@ -577,13 +654,34 @@ class CustodyClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 0.05,
+        target: str = "",
+        dial: Callable[[str], grpc.Channel] | None = None,
+        follow_redirects: bool = True,
+        max_redirects: int = MAX_REDIRECTS_DEFAULT,
     ) -> None:
-        self.channel = channel
+        if max_redirects < 0:
+            raise ValueError("max_redirects must be >= 0")
         self.platform_id = platform_id
         self.metadata = tuple(metadata)
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.follow_redirects = follow_redirects
+        self.max_redirects = max_redirects
+        self.home = target
+        self.target = target  # where calls go now (after a redirect: the writer's address)
+        self.redirects = 0  # redirects followed over the client's life (for callers' figures)
+        self._dial = dial
+        self._lock = threading.Lock()
+        # every channel opened, by target, closed with the client (a call in flight on another
+        # thread keeps its channel when this client follows a redirect)
+        self._channels: dict[str, grpc.Channel] = {target: channel}
+        self._rpc_names: dict[Any, tuple[str, str]] = {}
+        self._bind(channel)
+
+    def _bind(self, channel: grpc.Channel) -> None:
+        """Point the service stubs (`self.movements`, ...) at `channel`."""
+        self.channel = channel
         self.platforms = platform_grpc.PlatformServiceStub(channel)
         self.accounts = account_grpc.AccountServiceStub(channel)
         self.movements = movement_grpc.MovementServiceStub(channel)
@@ -597,6 +695,12 @@ class CustodyClient:
         self.disclosures = disclosure_grpc.DisclosureServiceStub(channel)
         self.liabilities = liabilities_grpc.LiabilitiesServiceStub(channel)
         self.alerts = alert_grpc.AlertServiceStub(channel)
+        # each bound method -> (stub attribute, method), to find it again on another channel
+        names: dict[Any, tuple[str, str]] = {}
+        for attr in _STUB_ATTRS:
+            for method, multicallable in vars(getattr(self, attr)).items():
+                names[multicallable] = (attr, method)
+        self._rpc_names = names
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -615,6 +719,9 @@ class CustodyClient:
         server_name: str | None = None,
         **kwargs: Any,
     ) -> CustodyClient:
+        """Mutual TLS. The server's certificate must name the host of `target` (and of every
+        address a redirect leads to), unless `server_name` is given: then every server,
+        including redirect targets, must present a certificate for that name."""
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(ca_cert).read_bytes(),
             private_key=Path(client_key).read_bytes(),
@@ -623,18 +730,30 @@ class CustodyClient:
         options = cls.channel_options()
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        return cls(grpc.secure_channel(target, credentials, options=options), **kwargs)
+
+        def dial(address: str) -> grpc.Channel:
+            return grpc.secure_channel(address, credentials, options=options)
+
+        return cls(dial(target), target=target, dial=dial, **kwargs)
 
     @classmethod
     def insecure_dev(cls, target: str, role: str, name: str, **kwargs: Any) -> CustodyClient:
         """Development mode only: the identity is sent as headers (the server must be loopback)."""
         header = "x-custody-platform" if role == "platform" else "x-custody-name"
         metadata = [("x-custody-role", role), (header, name)]
-        channel = grpc.insecure_channel(target, options=cls.channel_options())
-        return cls(channel, metadata=metadata, **kwargs)
+        options = cls.channel_options()
+
+        def dial(address: str) -> grpc.Channel:
+            return grpc.insecure_channel(address, options=options)
+
+        return cls(dial(target), metadata=metadata, target=target, dial=dial, **kwargs)
 
     def close(self) -> None:
-        self.channel.close()
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
+            channel.close()
 
     def __enter__(self) -> CustodyClient:
         return self
@@ -649,23 +768,103 @@ class CustodyClient:
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    def use_target(self, target: str) -> None:
+        """Send the following calls to `target` (same credentials; needs `dial`)."""
+        if self._dial is None:
+            raise ValueError("this client was built on a bare channel: it cannot change target")
+        with self._lock:
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = self._dial(target)
+                self._channels[target] = channel
+            self.target = target
+            self._bind(channel)
+
     def _call(self, rpc: Callable[..., M], request: Message, timeout_s: float | None = None) -> M:
-        """One unary call with a deadline; UNAVAILABLE / OVERLOADED are retried unchanged."""
+        """One unary call with a deadline; UNAVAILABLE / OVERLOADED are retried unchanged, and a
+        WRITER_ELSEWHERE answer is followed (see `_redirect`).
+
+        Every attempt has the call's timeout as its deadline; no new attempt (retry, redirect,
+        wait for a writer) starts once the call's own time is up, and waits never outlast it.
+        """
+        timeout = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout
+        name = self._rpc_names.get(rpc)
         attempt = 0
+        hops = 0
         while True:
             try:
-                return rpc(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+                return rpc(request, timeout=timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 error = CustodyError.from_rpc_error(exc)
-                retryable = error.code in RETRYABLE or (
-                    error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-                    and error.reason == "OVERLOADED"
-                )
-                if not retryable or attempt >= self.retries:
+                if error.reason == WRITER_ELSEWHERE and error.domain == DOMAIN:
+                    if not self.follow_redirects or self._dial is None or name is None:
+                        raise error from None
+                    if hops >= self.max_redirects:
+                        raise _redirect_limit(error, self.max_redirects) from None
+                    hops += 1
+                    address = error.metadata.get("address", "")
+                    if address and address != self.target:
+                        rpc = self._redirect(address, name)
+                        continue
+                    # nobody writes the platform now (or the answer names this very server): wait
+                    delay = error.retry_delay_s if error.retry_delay_s is not None else 1.0
+                    if time.monotonic() + delay >= deadline:
+                        raise error from None
+                    time.sleep(delay)
+                    continue
+                redirected = self.target != self.home and self._dial is not None
+                if redirected and error.transport and _tls_failure(error):
+                    raise self._untrusted(error) from None
+                if not error.retryable or attempt >= self.retries:
+                    if redirected and error.transport:
+                        raise self._unreachable(error) from None
                     raise error from None
-                delay = error.retry_delay_s or self.backoff_s * (2**attempt)
-                time.sleep(delay * (0.5 + random.random()))
+                delay = (error.retry_delay_s or self.backoff_s * (2**attempt)) * (
+                    0.5 + random.random()
+                )
+                if time.monotonic() + delay >= deadline:
+                    if redirected and error.transport:
+                        raise self._unreachable(error) from None
+                    raise error from None
+                time.sleep(delay)
                 attempt += 1
+
+    def _redirect(self, address: str, name: tuple[str, str]) -> Callable[..., Any]:
+        """Connect to `address` (the platform's writer) and return the same method there."""
+        self.use_target(address)
+        self.redirects += 1
+        service, method = name
+        return getattr(getattr(self, service), method)  # type: ignore[no-any-return]
+
+    def _unreachable(self, error: CustodyError) -> CustodyError:
+        """The server a redirect led to does not answer (it stopped or died): go home for the
+        next call, and say so. Retryable: a write may or may not have committed there, and the
+        same client ids make a retry safe (REPLAYED if it did)."""
+        gone = self.target
+        self.use_target(self.home)
+        return CustodyError(
+            error.code,
+            error.reason,
+            f"the writer this client was redirected to ({gone}) is unreachable: {error.message}; "
+            f"retry with the same client ids (the next call goes to {self.home})",
+            domain=error.domain,
+            metadata={**error.metadata, "address": gone},
+        )
+
+    def _untrusted(self, error: CustodyError) -> CustodyError:
+        """A redirect target whose certificate does not cover its address: verification is never
+        relaxed; the operators must fix the certificate or the advertised address."""
+        bad = self.target
+        self.use_target(self.home)
+        return CustodyError(
+            grpc.StatusCode.UNAVAILABLE,
+            REDIRECT_NOT_TRUSTED,
+            f"redirected to {bad}, whose TLS certificate does not cover that address "
+            f"({error.message}); nothing was written. The writer's CUSTODY_ADVERTISE must be a "
+            "name or IP address in its server certificate (or give server_name=)",
+            metadata={"address": bad},
+        )
 
     def _pid(self, platform_id: str | None) -> str:
         return self.platform_id if platform_id is None else platform_id
