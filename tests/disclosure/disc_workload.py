@@ -77,8 +77,8 @@ def _as(service: LedgerService, actor: str, cmd: c.Command) -> Any:
 def run_workload(
     service: LedgerService, clock: FakeClock, policy: Policy = POLICY, recent_kinds: bool = True
 ) -> Platform:
-    """The three days; `recent_kinds=False` leaves out the alert and reconciliation records
-    (which `custody_verify.bundle` does not replay yet)."""
+    """The three days; `recent_kinds=False` leaves out the alert, reconciliation and
+    settlement records (a log of the older kinds only)."""
     clock.now = START_MS - DAY_MS  # 2023-11-14 06:13:20 in UTC+8
     p = make_platform(service, PLATFORM_ID, policy=policy)
     alice, bob, carol = p.customers  # lender, borrower, guarantor
