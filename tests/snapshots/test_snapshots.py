@@ -32,7 +32,7 @@ from ledger.service import LedgerService
 from ledger.store import LedgerStore, log_stream
 from ledger.writer import PlatformWriter, Request
 
-NOT_YET_REACHED = frozenset({"reconciliation_settled"})
+NOT_YET_REACHED: frozenset[str] = frozenset()
 
 # -- building a log -------------------------------------------------------------------------------
 
