@@ -319,6 +319,11 @@ def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Pl
         state.reconciliation_open
     ):
         return _refuse(Code.INVALID_ARGUMENT, f"reconciliation {cmd.reconciliation_id!r} exists")
+    latest = state.reconciliations.get(cmd.currency)
+    if latest is not None and latest["as_of"] == cmd.as_of_ms:  # e.g. a re-run of the day
+        return _refuse(
+            Code.INVALID_ARGUMENT, f"{cmd.currency} is reconciled at {cmd.as_of_ms} already"
+        )
     if cmd.snapshot_size == state.next_seq:  # taken now: the requirement is checkable here
         requirement = sum(
             a.posted_minor

@@ -88,6 +88,7 @@ def test_requirement_at_a_day_boundary_is_recomputed(
     # now, taken a record before the request: a snapshot the replay cannot recompute
     now = read_ledger(service.store, "p1")
     ok(service, "p1", deposit(p, "d5", carol, 50))
+    clock.advance(HOUR)  # a later cut-off: one reconciliation per currency and cut-off
     _reconcile(service, clock, "r-now", now.snapshot_size, now.requirement["CNY"])
 
     buf = io.BytesIO()
