@@ -9,10 +9,10 @@ A JSON line has `ts` (UTC, ISO 8601, milliseconds), `level`, `logger`, `message`
 of a record is written: a record's `extra` fields outside that list are dropped, never dumped.
 
 Request ids: the call gate (`ledger/api/handlers.py`) starts a `Call` for every custody.v1 call
-with the caller's `x-request-id` metadata if it is well formed (8..64 of [A-Za-z0-9._:-], no long
-digit runs) or else a new random id, keeps it in a context variable (so every record logged while
-the call runs carries it, including in the worker pool) and returns it in the trailing metadata
-`x-request-id`, on success and on error alike.
+with the caller's `x-request-id` metadata if it is well formed (8..64 of [A-Za-z0-9._:-], no
+long digit runs) or else a new random id (128 bits), keeps it in a context variable (so every
+record logged while the call runs carries it, including in the worker pool) and returns it in
+the trailing metadata `x-request-id`, on success and on error alike.
 
 What is never logged: the ledger logs ids, positions, codes and counts, never instructions,
 names, bank accounts, keys, salts or signatures. As a second line of defence, `scrub` masks in
@@ -73,6 +73,9 @@ class Call:
     platform: str = ""
     role: str = ""
     reason: str = ""  # the ErrorInfo reason the call was answered with, if any
+    started: float = 0.0  # time.perf_counter() when the gate took the call
+    streaming: bool = False
+    done: bool = False  # counted and logged (before an error status goes out, see abort)
 
 
 _CALL: Final[contextvars.ContextVar[Call | None]] = contextvars.ContextVar(
@@ -85,7 +88,10 @@ def current_call() -> Call | None:
 
 
 def new_request_id() -> str:
-    return secrets.token_hex(16)
+    """128 random bits as four dash-separated groups of 8 hex digits: never a run of 12 digits,
+    so a client may send it back (`request_id_from` accepts it) and `scrub` never masks it."""
+    raw = secrets.token_hex(16)
+    return "-".join(raw[i : i + 8] for i in range(0, 32, 8))
 
 
 def request_id_from(metadata: Iterable[Any] | None) -> str:

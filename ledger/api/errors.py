@@ -401,16 +401,19 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ApiError) ->
     """End the call with the error's status and rich details (raises grpc.aio.AbortError).
 
     The trailing metadata also carries the call's `x-request-id` (aborting replaces what the
-    call gate set), and the call's log context records the reason."""
+    call gate set); the call is counted and logged (with the reason) before the status goes."""
     status = error.to_status()
     call = logs.current_call()
     if call is not None:
+        from ledger.api.handlers import finish  # (handlers imports this module)
+
         call.reason = error.reason
         status = _Status(
             status.code,
             status.details,
             (*status.trailing_metadata, (logs.REQUEST_ID_HEADER, call.request_id)),
         )
+        finish(call, error.code.name)  # counted and logged before the caller has the answer
     await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 

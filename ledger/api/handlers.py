@@ -100,11 +100,14 @@ def _code_of(context: Context) -> str:
     return "OK" if code is None else getattr(code, "name", str(code))
 
 
-def _end(
-    call: logs.Call, token: Any, code: str, started: float, streaming: bool = False
-) -> None:
-    elapsed = _perf() - started
-    metrics.rpc_done(call.method, code, None if streaming else elapsed)
+def finish(call: logs.Call, code: str) -> None:
+    """Count and log the call's answer, once: `errors.abort` calls it before an error status
+    goes out (so a caller that has its answer also finds it in the metrics), the gate after."""
+    if call.done:
+        return
+    call.done = True
+    elapsed = _perf() - call.started
+    metrics.rpc_done(call.method, code, None if call.streaming else elapsed)
     # A JSON line costs ~20 us of CPU, a metric ~1 us: successful calls are counted and timed in
     # the metrics and logged at DEBUG only; every error answer is logged.
     if code == "OK":
@@ -112,11 +115,21 @@ def _end(
     else:
         level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
     if access_log.isEnabledFor(level):
-        access_log.log(
-            level,
-            "rpc",
-            extra={"status": code, "duration_ms": round(elapsed * 1000, 3)},
-        )
+        # the call's fields explicitly: a stream may end in another context (closed by the loop)
+        extra = {
+            "request_id": call.request_id,
+            "method": call.method,
+            "platform": call.platform or None,
+            "role": call.role or None,
+            "reason": call.reason or None,
+            "status": code,
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+        access_log.log(level, "rpc", extra=extra)
+
+
+def _end(call: logs.Call, token: Any, code: str) -> None:
+    finish(call, code)
     logs.end_call(token)
 
 
@@ -127,6 +140,7 @@ def _unary(gate: Gate, method: str, inner: Unary) -> Callable[[Any, Context], Aw
     async def behavior(request: Any, context: Context) -> Any:
         started = _perf()
         call, token = _begin(name, context)
+        call.started = started
         code = "OK"
         try:
             try:
@@ -145,7 +159,7 @@ def _unary(gate: Gate, method: str, inner: Unary) -> Callable[[Any, Context], Aw
             code = "UNKNOWN"
             raise
         finally:
-            _end(call, token, code, started)
+            _end(call, token, code)
 
     return behavior
 
@@ -159,6 +173,8 @@ def _streaming(
     async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
         started = _perf()
         call, token = _begin(name, context)
+        call.started = started
+        call.streaming = True
         code = "OK"
         try:
             try:
@@ -179,7 +195,7 @@ def _streaming(
             code = "UNKNOWN"
             raise
         finally:
-            _end(call, token, code, started, streaming=True)
+            _end(call, token, code)
 
     return behavior
 

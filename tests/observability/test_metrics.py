@@ -71,7 +71,6 @@ def test_workload_moves_rpc_counters_and_pulled_gauges(srv: Served) -> None:
     with pytest.raises(CustodyError) as err:
         anonymous.get_balance("alice", platform_id="p1")
     assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
-    after = srv.scrape()
 
     expected = {
         ("PlatformService/CreatePlatform", "OK"): 1,
@@ -81,6 +80,9 @@ def test_workload_moves_rpc_counters_and_pulled_gauges(srv: Served) -> None:
         ("MovementService/Transfer", "FAILED_PRECONDITION"): 3,
         ("QueryService/GetBalance", "UNAUTHENTICATED"): 1,
     }
+
+    # error answers are counted before they go out (errors.abort): no waiting needed
+    after = srv.scrape()
     for (method, code), n in expected.items():
         assert delta(after, before, RPC, method=method, code=code) == n, (method, code)
     # nothing else was called
