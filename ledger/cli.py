@@ -726,7 +726,6 @@ def cmd_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
 
     from ledger.api.server import ServeError, serve
     from ledger.backup import RestoreUnverified, restore_guard
@@ -739,7 +738,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from ledger.logs import configure_logging, json_wanted
+
+    configure_logging(json_wanted(_config(args).log_format))  # one JSON line per event
     try:
         return serve(
             _config(args),

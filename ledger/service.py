@@ -35,6 +35,7 @@ import msgspec
 from controls.codes import Code
 from controls.policy import Policy
 from ledger import commands as c
+from ledger import metrics
 from ledger.checkpoint import (
     CheckpointLog,
     NoteSigner,
@@ -423,6 +424,7 @@ class LedgerService:
                 return last
             note = platform.checkpoints.sign(size, writer.tree.root(size))
             platform.signed_at_s = time.monotonic()
+            metrics.checkpoint_signed(platform_id)
             cp = platform.checkpoints.last
             assert cp is not None and cp.note == note
             return cp

@@ -27,7 +27,7 @@ from controls.policy import DAY_MS
 from controls.registry import run_annotators, run_controls
 from controls.roles import role_of
 from ledger import commands as c
-from ledger import records, snapshot
+from ledger import metrics, records, snapshot
 from ledger.decide import plan
 from ledger.domain import PlatformState, StateError
 from ledger.fold import apply_record
@@ -361,6 +361,8 @@ class PlatformWriter:
                     if row[0] == self.stream
                 ]
             )
+        else:  # nothing stored (e.g. only replays): not a commit, but its answers count
+            metrics.observe_commit(prepared.answers, None)
         assert self.tree.size == prepared.next_seq, "tree and log disagree"
         self.committed_next_seq = prepared.next_seq
 
@@ -420,10 +422,13 @@ class PlatformWriter:
         rows = prepared.rows
         if rows[0][2] == "platform_created":
             rows = [*rows, self.store.directory_entry(self.platform_id)]
+        started = time.perf_counter()
         try:
             self.store.append(rows)
         except Exception as exc:
+            metrics.observe_commit_failed()
             raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
+        metrics.observe_commit(prepared.answers, time.perf_counter() - started)
 
     def recover(self, exc: BaseException) -> None:
         """After a failed commit: rebuild from the store; fence if another writer took over."""
