@@ -176,6 +176,13 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"   chain head  {s.chain_head}",
         f"   refused     {s.refused:,} (changed nothing)",
         f"   accounts    {s.accounts:,}, pending holds {s.pending_holds:,}",
+        f"   policy      version {s.policy_version}, gate {s.gate}, "
+        f"{s.pending_requests:,} requests waiting for a checker, {s.standing:,} standing "
+        "authorisations",
+        f"   alerts      {s.alerts:,} raised, {s.open_alerts:,} open",
+        f"   reconciled  {s.reconciliations:,} days ({s.requirements_checked:,} requirements "
+        f"recomputed, {s.requirements_unchecked:,} not recomputable), {s.settlements:,} "
+        f"settlements, {s.unsettled:,} unsettled",
     ]
     for ccy, per in sorted(s.balances.items()):
         parts = ", ".join(f"{k} {v:,}" for k, v in sorted(per.items()))
