@@ -141,10 +141,12 @@ def test_the_stream_ends_cleanly_on_shutdown(api_service: LedgerService, pki: Pa
         )
         done: queue.Queue[str] = queue.Queue()
 
+        streaming = threading.Event()
+
         def follow() -> None:
             try:
                 for _ in client.stream_alerts(0, follow=True, timeout_s=30):
-                    pass
+                    streaming.set()  # the stream is established and delivering
                 done.put("ended")
             except CustodyError as exc:
                 done.put(f"error {exc.code}")
@@ -152,7 +154,8 @@ def test_the_stream_ends_cleanly_on_shutdown(api_service: LedgerService, pki: Pa
         thread = threading.Thread(target=follow, daemon=True)
         thread.start()
         raise_alert(api_service, "W01-x", "ORANGE", rule="W01")
-        srv.stop(grace_s=2.0)
+        assert streaming.wait(timeout=10), "the alert never reached the stream"
+        srv.stop(grace_s=2.0)  # shut down under an open, following stream
         outcome = done.get(timeout=10)
         client.close()
     assert outcome in ("ended", "error StatusCode.UNAVAILABLE", "error StatusCode.CANCELLED")
