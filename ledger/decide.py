@@ -353,11 +353,14 @@ def plan_reconciliation(state: PlatformState, cmd: c.RecordReconciliation) -> Pl
 def plan_settle_reconciliation(state: PlatformState, cmd: c.SettleReconciliation) -> Plan:
     """Covers a shortfall (own -> platform bank) or returns an excess (platform bank -> own),
     never more than what is left of the recorded difference."""
-    left = state.reconciliation_open.get(cmd.reconciliation_id)
-    if left is None:
+    open_ = state.reconciliation_open.get(cmd.reconciliation_id)
+    if open_ is None:
         return _refuse(
             Code.INVALID_ARGUMENT, f"no unsettled reconciliation {cmd.reconciliation_id!r}"
         )
+    currency, left = open_
+    if cmd.currency != currency:
+        return _refuse(Code.CURRENCY_MISMATCH, f"the reconciliation is in {currency}")
     if cmd.amount_minor > abs(left):
         return _refuse(Code.INVALID_AMOUNT, f"only {abs(left)} is left to settle")
     own, bank = cmd.own_account_id, cmd.platform_bank_account_id

@@ -354,7 +354,7 @@ class PlatformState:
         self.reconciliations: dict[str, dict[str, Any]] = {}
         self.reconciliation_ids: set[str] = set()  # settled or balanced: one a day per currency
         # reconciliation id -> signed difference still to settle (shortfall < 0, excess > 0)
-        self.reconciliation_open: dict[str, int] = {}
+        self.reconciliation_open: dict[str, tuple[str, int]] = {}  # id -> (currency, left)
         # customer authorisation: (account, nonce) -> expiry, and recent failures per account
         self.nonces: dict[tuple[str, str], int] = {}
         self.auth_failures: dict[str, tuple[int, ...]] = {}

@@ -130,13 +130,14 @@ def _settled(
 ) -> None:
     """A settlement reduces what is left of a reconciliation's difference, never past zero."""
     assert state._sp is None, "settlements never run inside a linked batch"
-    left = state.reconciliation_open.get(reconciliation_id)
+    open_ = state.reconciliation_open.get(reconciliation_id)
     amount = sum(e[2] for e in posted or ())
-    if left is None or not 0 < amount <= abs(left):
+    if open_ is None or not 0 < amount <= abs(open_[1]):
         raise StateError(f"record {seq}: settles more than {reconciliation_id!r} has left")
+    currency, left = open_
     left = left + amount if left < 0 else left - amount
     if left:
-        state.reconciliation_open[reconciliation_id] = left
+        state.reconciliation_open[reconciliation_id] = (currency, left)
     else:
         del state.reconciliation_open[reconciliation_id]
         state.reconciliation_ids.add(reconciliation_id)
@@ -322,7 +323,7 @@ def _reconciliation_completed(state: PlatformState, rec: dict[str, Any], seq: in
     spec = rec["reconciliation"]
     state.reconciliations[spec["ccy"]] = {**spec, "seq": seq}
     if spec["difference"]:
-        state.reconciliation_open[spec["id"]] = spec["difference"]
+        state.reconciliation_open[spec["id"]] = (spec["ccy"], spec["difference"])
     else:
         state.reconciliation_ids.add(spec["id"])
 

@@ -164,7 +164,8 @@ class Payload(msgspec.Struct, forbid_unknown_fields=True):
     liabilities: list[tuple[str, int, int]]
     reconciliations: list[tuple[str, dict[str, Any]]]
     reconciliation_ids: list[str]
-    reconciliation_open: list[tuple[str, int]]  # id -> difference not yet explained
+    # id -> (currency, signed difference not yet settled)
+    reconciliation_open: list[tuple[str, tuple[str, int]]]
     nonces: list[tuple[Any, str, int]]
     auth_failures: list[tuple[str, list[int]]]
     day_counters: list[tuple[str, str, int, int]]
@@ -387,7 +388,7 @@ def _restore(p: Payload, fetch: Fetch | None) -> tuple[PlatformState, MerkleLog]
     state.reconciliations = dict(p.reconciliations)
     state.reconciliation_ids = set(p.reconciliation_ids)
     if "reconciliation_open" in PlatformState.__slots__:
-        state.reconciliation_open = dict(p.reconciliation_open)  # type: ignore[attr-defined,unused-ignore]
+        state.reconciliation_open = {k: (v[0], v[1]) for k, v in p.reconciliation_open}  # type: ignore[attr-defined,unused-ignore]
     state.nonces = {(a, nonce): exp for a, nonce, exp in p.nonces}
     state.auth_failures = {a: tuple(times) for a, times in p.auth_failures}
     state.day_counters = {(a, op): (s, k) for a, op, s, k in p.day_counters}
