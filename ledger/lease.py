@@ -20,6 +20,13 @@ address, since, epoch, first position it wrote) and appends the same row to
 `custody_writer_history`, so any server can tell a caller where to send a platform's writes
 (`WriterElsewhere`) and operators can audit who wrote which part of the log.
 
+That row is also the fence of the commits themselves: every group a leased writer stores checks,
+inside its own transaction, that the row still names this server at the epoch it announced
+(`SELECT ... FOR SHARE`, `ledger/store.py`), and aborts with `WriterSuperseded` otherwise. A
+takeover commits its `announce` before writing anything, and that UPDATE waits for any commit
+holding the row, so once it has committed the previous writer cannot store another group, even
+when its lease session died unnoticed while its pooled connections still work.
+
 SQLite (embedded, one process) takes no lease: a second process on the same file is stopped by
 the primary key, which fences it (`WriterFenced`); nothing else is needed for a single machine.
 """
@@ -37,11 +44,11 @@ import psycopg
 from psycopg import sql
 
 from ledger.config import Config
+from ledger.store import WRITERS_TABLE
 from ledger.writer import WriterFenced
 
 log = logging.getLogger("ledger.lease")
 
-WRITERS_TABLE: Final = "custody_writers"
 HISTORY_TABLE: Final = "custody_writer_history"
 _DDL_KEY_LABEL: Final = "custody-lease/ddl"
 
@@ -277,6 +284,28 @@ class LeaseManager:
                 raise LeaseLost(f"lease connection failed: {exc}") from exc
             self.last_ok = time.monotonic()
             return WriterInfo(platform_id, self.server_id, self.address, since_ms, epoch, from_seq)
+
+    def restate_start(self, platform_id: str, epoch: int, from_seq: int) -> None:
+        """Correct where this server's epoch starts writing: a group the previous writer had
+        checked before `announce` committed was stored after the caller's catch-up."""
+        with self._lock:
+            if platform_id not in self.held:
+                raise LeaseLost(f"lease for {platform_id} is not held")
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    for table in (self._writers, self._history):
+                        conn.execute(
+                            sql.SQL(
+                                "UPDATE {} SET from_seq = %s WHERE platform_id = %s "
+                                "AND epoch = %s AND server_id = %s"
+                            ).format(table),
+                            (from_seq, platform_id, epoch, self.server_id),
+                        )
+            except Exception as exc:
+                self._close_locked()
+                raise LeaseLost(f"lease connection failed: {exc}") from exc
+            self.last_ok = time.monotonic()
 
     def release(self, platform_id: str) -> None:
         with self._lock:

@@ -56,7 +56,7 @@ from ledger.lease import (
     writer_history,
 )
 from ledger.pii import PiiVault, load_master_key
-from ledger.store import LedgerStore
+from ledger.store import LedgerStore, WriterSuperseded
 from ledger.validate import is_actor, is_platform_id
 from ledger.writer import (
     CommitFailed,
@@ -330,6 +330,8 @@ class LedgerService:
                         lease.release(platform_id)
                     return msgspec.structs.replace(outcome, seq=-1)
                 info = None if lease is None else lease.announce(platform_id, 0)
+                if info is not None:
+                    writer.claim = (platform_id, info.server_id, info.epoch)
                 writer.commit(prepared)  # CommitFailed propagates: nothing was created
                 writer.mark_committed(prepared)
             except BaseException:
@@ -362,9 +364,15 @@ class LedgerService:
         platform = self._platform(platform_id)
         if platform.role != WRITER:
             raise platform.not_written_here()
-        with platform.cond:
-            platform.wait_drained()
-            [answer] = platform.writer.execute([Request(commands, actor, linked)])
+        try:
+            with platform.cond:
+                platform.wait_drained()
+                [answer] = platform.writer.execute([Request(commands, actor, linked)])
+        except CommitFailed as exc:
+            if isinstance(exc.__cause__, WriterSuperseded):  # as on a lost lease
+                self._demote(platform)
+                raise platform.not_written_here() from exc
+            raise
         return answer
 
     def submit(
@@ -380,7 +388,7 @@ class LedgerService:
         if platform.committer is None:
             with self._create_lock:
                 if platform.committer is None:
-                    platform.committer = GroupCommitter(platform, self.config)
+                    platform.committer = GroupCommitter(platform, self.config, self._demote)
                     platform.committer.start()
         assert platform.committer is not None
         return platform.committer.enqueue(Request(commands, actor, linked))
@@ -704,6 +712,14 @@ class LedgerService:
                 platform.drained_or_timeout()
                 self._catch_up(writer)
                 info = lease.announce(platform_id, writer.state.next_seq)
+                # A group the previous writer had checked before our row committed is stored
+                # now (its commit held the row): read it too, and record where we really start.
+                self._catch_up(writer)
+                if writer.state.next_seq != info.from_seq:
+                    lease.restate_start(platform_id, info.epoch, writer.state.next_seq)
+                    info = msgspec.structs.replace(info, from_seq=writer.state.next_seq)
+                # never cleared: a group already past the fence check still meets this one
+                writer.claim = (platform_id, info.server_id, info.epoch)
                 writer.fenced = False
                 platform.role = WRITER
                 platform.cond.notify_all()
@@ -801,8 +817,14 @@ class GroupCommitter:
 
     PIPELINE_DEPTH: Final = 2
 
-    def __init__(self, platform: _Platform, config: Config) -> None:
+    def __init__(
+        self,
+        platform: _Platform,
+        config: Config,
+        demote: Callable[[_Platform], None] | None = None,
+    ) -> None:
         self._platform = platform
+        self._demote = demote  # on WriterSuperseded: fence as on a lost lease
         # Bounded by instructions, not requests: one request may carry thousands of them.
         self._queue: queue.Queue[object] = queue.Queue()
         self._queued_max = config.queue_max
@@ -918,6 +940,8 @@ class GroupCommitter:
                 failure: BaseException = (
                     exc if isinstance(exc, CommitFailed) else CommitFailed(repr(exc))
                 )
+                if isinstance(exc.__cause__, WriterSuperseded) and self._demote is not None:
+                    self._demote(platform)  # another server took over: as on a lost lease
                 if writer.fenced and platform.role == FOLLOWER:
                     failure = platform.not_written_here()  # nothing stored: go to the writer
                 for f in futures:

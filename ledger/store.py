@@ -28,13 +28,39 @@ from ledger.config import STORE_POSTGRES, Config
 DIRECTORY_STREAM: Final = "directory"
 APP_NAME: Final = "custody"
 READ_PAGE_MAX: Final = 10_000
+WRITERS_TABLE: Final = "custody_writers"  # who writes each platform (ledger/lease.py)
 
-__all__ = ["IntegrityError", "LedgerStore", "NewRow", "Row", "log_stream"]
+__all__ = [
+    "IntegrityError",
+    "LedgerStore",
+    "NewRow",
+    "Row",
+    "WriterClaim",
+    "WriterSuperseded",
+    "log_stream",
+]
 
 Row = tuple[int, str, bytes]  # a stored record as read: (position, kind, packed state)
 # A record to insert, already in the table's column order (originator_id, originator_version,
 # topic, state), so a group goes to the database without building any further objects.
 NewRow = tuple[str, int, str, bytes]
+# A leased writer's identity as recorded in `custody_writers`: (platform id, server id, epoch).
+WriterClaim = tuple[str, str, int]
+
+
+class WriterSuperseded(RuntimeError):
+    """The platform's recorded writer is no longer this server at this epoch (another server
+    took the lease over): the group's transaction was rolled back, nothing was stored."""
+
+    def __init__(self, claim: WriterClaim, recorded: tuple[str, int] | None) -> None:
+        self.claim = claim
+        self.recorded = recorded
+        platform_id, server_id, epoch = claim
+        now = "nobody" if recorded is None else f"server {recorded[0]} (epoch {recorded[1]})"
+        super().__init__(
+            f"platform {platform_id}: server {server_id} (epoch {epoch}) is no longer its "
+            f"recorded writer; {now} is"
+        )
 
 
 def log_stream(platform_id: str) -> str:
@@ -77,14 +103,25 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
             schema=Identifier(self.datastore.schema),
             table=Identifier(self.events_table_name),
         )
+        # The writer check: FOR SHARE holds the row until this transaction ends, so a takeover
+        # (`LeaseManager.announce`, an UPDATE of the same row) waits for a commit already past
+        # the check, and a commit that comes after the takeover sees the new writer and aborts.
+        self._writer_statement = SQL(
+            "SELECT server_id, epoch FROM {schema}.{table} WHERE platform_id = %s FOR SHARE"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(WRITERS_TABLE))
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> None:
         self.insert_rows(
             [(str(s.originator_id), s.originator_version, s.topic, s.state) for s in stored_events]
         )
 
-    def insert_rows(self, rows: Sequence[NewRow]) -> None:
-        """The hot path: rows straight into COPY, one transaction."""
+    def insert_rows(self, rows: Sequence[NewRow], claim: WriterClaim | None = None) -> None:
+        """The hot path: rows straight into COPY, one transaction.
+
+        With a `claim` (a leased writer), the same transaction first checks that the claim is
+        still the platform's row in `custody_writers` and raises `WriterSuperseded` (rolling
+        back) otherwise: a writer whose lease was taken over cannot commit anything more.
+        """
         if not rows:
             return
         with (
@@ -92,6 +129,14 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
             conn.transaction(),
             conn.cursor() as curs,
         ):
+            if claim is not None:
+                curs.execute(self._writer_statement, (claim[0],))
+                found: Any = curs.fetchone()
+                if isinstance(found, dict):  # eventsourcing's pool hands out dict rows
+                    found = (found["server_id"], found["epoch"])
+                recorded = None if found is None else (str(found[0]), int(found[1]))
+                if recorded != (claim[1], claim[2]):
+                    raise WriterSuperseded(claim, recorded)
             self._lock_table(curs)
             self._notify_channel(curs)
             with curs.copy(self._copy_statement) as copy:
@@ -129,10 +174,16 @@ class LedgerStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def append(self, rows: Sequence[NewRow]) -> None:
-        """Commit `rows` (of any streams, e.g. a log and the directory) in ONE transaction."""
+    def append(self, rows: Sequence[NewRow], claim: WriterClaim | None = None) -> None:
+        """Commit `rows` (of any streams, e.g. a log and the directory) in ONE transaction.
+
+        `claim` (PostgreSQL with write leases only): the transaction first checks that this
+        server is still the platform's recorded writer at that epoch (`WriterSuperseded`)."""
         assert rows
-        self.recorder.insert_rows(rows)  # type: ignore[attr-defined]
+        if claim is None:
+            self.recorder.insert_rows(rows)  # type: ignore[attr-defined]
+        else:
+            self.recorder.insert_rows(rows, claim)  # type: ignore[attr-defined]
 
     # -- reads ----------------------------------------------------------------------------------
 

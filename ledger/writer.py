@@ -33,7 +33,7 @@ from ledger.domain import PlatformState, StateError
 from ledger.fold import apply_record
 from ledger.merkle import MerkleLog, leaf_hash, store_fetcher
 from ledger.pii import PiiError
-from ledger.store import LedgerStore, NewRow, log_stream
+from ledger.store import LedgerStore, NewRow, WriterClaim, WriterSuperseded, log_stream
 from ledger.validate import InvalidInput, is_actor, validate
 
 _log = logging.getLogger("ledger.writer")
@@ -156,6 +156,9 @@ class PlatformWriter:
         # proofs. It may run ahead of the store like the state; proofs use committed sizes only.
         self.tree = MerkleLog(store_fetcher(store, platform_id))
         self.fenced = False
+        # (platform, server id, lease epoch) while this server holds the platform's write lease
+        # (set by the service): every commit checks it in its transaction (WriterSuperseded)
+        self.claim: WriterClaim | None = None
         self.epoch = 0
         self.committed_next_seq = 0  # next position after the last stored record
         self.prepared_next_seq = 0  # next position after the last successfully decided group
@@ -424,7 +427,10 @@ class PlatformWriter:
             rows = [*rows, self.store.directory_entry(self.platform_id)]
         started = time.perf_counter()
         try:
-            self.store.append(rows)
+            if self.claim is None:
+                self.store.append(rows)
+            else:
+                self.store.append(rows, self.claim)
         except Exception as exc:
             metrics.observe_commit_failed()
             raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
@@ -436,7 +442,7 @@ class PlatformWriter:
 
         self.epoch += 1  # every group decided on top of the failed one fails with it
         self.prepared_next_seq = self.committed_next_seq
-        if isinstance(exc, IntegrityError):
+        if isinstance(exc, IntegrityError | WriterSuperseded):
             self.fenced = True  # someone else holds this log: stop, never fork it
         try:
             self.load()
