@@ -115,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="also serve plain-text health checks on 127.0.0.1:PORT (for probes without certs)",
     )
-    serve.add_argument(
-        "--server-id", help="this server's name among several (CUSTODY_SERVER_ID)"
-    )
+    serve.add_argument("--server-id", help="this server's name among several (CUSTODY_SERVER_ID)")
     serve.add_argument(
         "--advertise",
         help="HOST:PORT other servers redirect writes to when this one writes a platform "
