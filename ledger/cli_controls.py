@@ -171,14 +171,8 @@ def _execute(args: argparse.Namespace, service: Any, commands: Sequence[c.Comman
     from ledger.cli import _outcome_text
 
     outcomes = service.execute(args.platform, commands, args.actor, getattr(args, "linked", False))
-    for outcome in outcomes:
-        text = _outcome_text(outcome)
-        if outcome.status == "pending":
-            text = (
-                f"pending: request {outcome.client_id} waits for a checker"
-                f" (log position {outcome.seq})"
-            )
-        _print(args, msgspec.to_builtins(outcome), text)
+    for outcome in outcomes:  # the one text for every outcome, pending included
+        _print(args, msgspec.to_builtins(outcome), _outcome_text(outcome))
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_REFUSED
 
 

@@ -546,9 +546,6 @@ class PlatformState:
             if (kept := tuple(t for t in times if t > ts_ms - window))
         }
 
-    def day_start_ms(self) -> int:
-        return self.day * DAY_MS - self.policy.day_offset_ms
-
     def recent_failures(self, account_id: str, since_ms: int) -> tuple[int, ...]:
         """Bad-signature times of an account within the failure window before `since_ms`
         and after it (callers pass now - lock duration to see failures that still lock)."""
