@@ -1,0 +1,237 @@
+"""Network faults between ledger servers and PostgreSQL, under load, on real server processes.
+
+Two servers (tests/cluster/cluster_node.py) share one schema; clients send transfers and retry
+with the same client ids until acknowledged. Faults:
+
+- each server reaches the shared PostgreSQL through its own `FaultProxy`: every carried
+  connection dropped (FIN and RST, the writer's only and everybody's), and stalled (shorter and
+  longer than the lease timeout) then resumed;
+- on a private PostgreSQL (never the shared one): `pg_ctl restart -m fast` and `-m immediate`.
+
+Afterwards: no client got an answer no correct server could give, every error a client saw is a
+retryable kind (ledger/api/errors.py), every acknowledged transfer is stored exactly once where
+its client was told, no client id is stored twice, each chain verifies, every acknowledged
+record lies in its server's lease epoch, and the same processes accept writes again (no
+restart). Timing is measured (bench/network_faults.py prints it) but never asserted.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster_harness import Ack, Cluster, Findings, Node, check_log, prepare_platforms
+from faults import (
+    Answers,
+    Fault,
+    FaultClient,
+    FaultProxy,
+    PrivatePostgres,
+    initdb_unavailable,
+    merged,
+    proxies_for,
+    retryable,
+    wait_recovered,
+)
+from helpers import pg_env, require_postgres
+
+from ledger.config import Config
+
+PLATFORMS = ["p1", "p2"]
+POLL_MS = 200  # lease timeout: max(3 x poll, 2 s) = 2 s
+SHORT_STALL_S = 1.0
+LONG_STALL_S = 3.5  # longer than the lease timeout: the writer must fence itself
+RECOVERY_TIMEOUT_S = 45.0
+CLIENTS = 4
+BATCH = 5
+
+
+class ProxiedCluster(Cluster):
+    """A Cluster whose server i reaches PostgreSQL through `proxies[i]`."""
+
+    def __init__(self, store_env: dict[str, str], out_dir: Path, proxies: list[FaultProxy]):
+        super().__init__(store_env, out_dir, size=len(proxies))
+        self.proxies = proxies
+
+    def start_node(self, port: int) -> Node:
+        proxy = self.proxies[self.ports.index(port)]
+        shared = self.env
+        self.env = {**shared, "POSTGRES_PORT": str(proxy.port)}
+        try:
+            return super().start_node(port)
+        finally:
+            self.env = shared
+
+    def proxy_of(self, node: Node) -> FaultProxy:
+        return self.proxies[self.ports.index(node.port)]
+
+
+@pytest.fixture
+def pg_store(tmp_path: Path) -> Iterator[dict[str, str]]:
+    require_postgres()
+    with pg_env(tmp_path) as env:
+        yield env
+
+
+def _clients(cluster: Cluster, stop: threading.Event) -> list[FaultClient]:
+    return [
+        FaultClient(f"c{i}", cluster.ports, PLATFORMS, BATCH, stop, seed=i, ack_factory=Ack)
+        for i in range(CLIENTS)
+    ]
+
+
+def _inject(
+    clients: list[FaultClient], kind: str, act: Callable[[], object], faults: list[Fault]
+) -> None:
+    """Run one fault (`act` returns when it ended) and wait until every client is served again."""
+    began = time.monotonic()
+    act()
+    fault = Fault(kind, began, time.monotonic())
+    fault.recovered = wait_recovered(clients, fault.ended, RECOVERY_TIMEOUT_S)
+    faults.append(fault)
+    assert fault.recovered is not None, f"no recovery after {kind}: {merged(clients).errors}"
+    time.sleep(0.3)  # some load between faults
+
+
+def _stall(proxies: list[FaultProxy], seconds: float) -> Callable[[], None]:
+    def act() -> None:
+        for proxy in proxies:
+            proxy.stall()
+        try:
+            time.sleep(seconds)
+        finally:
+            for proxy in proxies:
+                proxy.resume()
+
+    return act
+
+
+def _drop(proxies: list[FaultProxy], rst: bool) -> Callable[[], None]:
+    def act() -> None:
+        for proxy in proxies:
+            proxy.drop(rst=rst)
+
+    return act
+
+
+def _assert_consistent(config: Config, clients: list[FaultClient], cluster: Cluster) -> Findings:
+    for client in clients:
+        assert client.failed is None, f"{client.name}: {client.failed!r}"
+    answers: Answers = merged(clients)
+    assert answers.wrong == []
+    not_retryable = {kind: n for kind, n in answers.errors.items() if not retryable(kind)}
+    assert not_retryable == {}, answers.errors
+    assert answers.transport == 0  # the servers themselves never went away
+    acks = answers.acks
+    findings = check_log(config, PLATFORMS, acks)
+    print(
+        f"\nacknowledged {findings.acknowledged}, found {findings.found}, records "
+        f"{findings.records}, errors {dict(answers.errors)}, redirects {answers.redirects}"
+    )
+    assert findings.acknowledged > 100
+    assert findings.lost == []
+    assert findings.duplicates == []
+    assert findings.misplaced == []
+    assert findings.found == findings.acknowledged
+    assert findings.outside_epoch == []
+    for platform in PLATFORMS:
+        count, bad, reason = findings.chain[platform]
+        assert (bad, reason) == (None, "ok"), (platform, count, bad, reason)
+        assert count == findings.records[platform]
+    return findings
+
+
+def _assert_serving_without_restart(cluster: Cluster, clients: list[FaultClient]) -> None:
+    """After the last fault the very processes started first take new writes."""
+    before = len(merged(clients).acks)
+    cluster.wait(lambda: len(merged(clients).acks) > before + 100, 30, "writes after the faults")
+    assert cluster.retired == []
+    assert all(node.alive() and node.server_id.endswith("-g1") for node in cluster.nodes.values())
+
+
+def _writer_node(cluster: Cluster) -> Node:
+    cluster.wait(lambda: cluster.writer_of("p1") is not None, 30, "a writer of p1")
+    found = cluster.writer_of("p1")
+    assert found is not None
+    return found[0]
+
+
+def test_dropped_and_stalled_connections_lose_nothing_and_tell_no_lies(
+    pg_store: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**pg_store, "CUSTODY_LEASE_POLL_MS": str(POLL_MS)}
+    config = Config.from_env(env)
+    prepare_platforms(config, PLATFORMS, funds=10**12)
+    stop = threading.Event()
+    faults: list[Fault] = []
+    with proxies_for(("127.0.0.1", 5432), 2) as proxies:
+        cluster = ProxiedCluster(env, tmp_path, proxies)
+        clients = _clients(cluster, stop)
+        try:
+            cluster.start()
+            for client in clients:
+                client.start()
+            assert wait_recovered(clients, time.monotonic(), RECOVERY_TIMEOUT_S) is not None
+
+            def writers() -> list[FaultProxy]:
+                return [cluster.proxy_of(_writer_node(cluster))]
+
+            _inject(clients, "drop-writer-fin", lambda: _drop(writers(), rst=False)(), faults)
+            _inject(clients, "drop-all-rst", _drop(proxies, rst=True), faults)
+            _inject(clients, "drop-writer-rst", lambda: _drop(writers(), rst=True)(), faults)
+            _inject(clients, "stall-writer", lambda: _stall(writers(), SHORT_STALL_S)(), faults)
+            _inject(clients, "stall-all", _stall(proxies, SHORT_STALL_S), faults)
+            _inject(clients, "stall-writer-long", lambda: _stall(writers(), LONG_STALL_S)(), faults)
+            _inject(clients, "stall-all-long", _stall(proxies, LONG_STALL_S), faults)
+            # after the last fault the same servers take new writes
+            _assert_serving_without_restart(cluster, clients)
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(timeout=120)
+            cluster.stop()
+        dropped = sum(proxy.dropped for proxy in proxies)
+    assert dropped > 0  # the drops really cut live connections
+    assert len(faults) == 7
+    _assert_consistent(config, clients, cluster)
+
+
+@pytest.mark.skipif(initdb_unavailable() is not None, reason=str(initdb_unavailable()))
+def test_postgres_restarts_lose_nothing_and_tell_no_lies(tmp_path: Path) -> None:
+    require_postgres()  # runs with the PostgreSQL tests (it never uses the shared server)
+    stop = threading.Event()
+    faults: list[Fault] = []
+    with PrivatePostgres.create() as pg:
+        env = {
+            **pg.env("custody"),
+            "CUSTODY_DATA_DIR": str(tmp_path),
+            "CUSTODY_LEASE_POLL_MS": str(POLL_MS),
+        }
+        config = Config.from_env(env)
+        prepare_platforms(config, PLATFORMS, funds=10**12)
+        cluster = Cluster(env, tmp_path, size=2)
+        clients = _clients(cluster, stop)
+        try:
+            cluster.start()
+            for client in clients:
+                client.start()
+            assert wait_recovered(clients, time.monotonic(), RECOVERY_TIMEOUT_S) is not None
+            for mode in ("fast", "immediate", "fast", "immediate"):
+                _inject(clients, f"restart-{mode}", functools.partial(pg.restart, mode), faults)
+            _assert_serving_without_restart(cluster, clients)
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(timeout=120)
+            cluster.stop()
+        assert pg.restarts == {"fast": 2, "immediate": 2}
+        assert len(faults) == 4
+        _assert_consistent(config, clients, cluster)
