@@ -6,6 +6,15 @@ from the stored head), and gives the records to every projection that has not se
 projection's rows AND its new position commit in ONE database transaction, behind a
 compare-and-set on the old position: a crash loses the whole batch or nothing, and a second
 runner on the same projection gets `PositionConflict` instead of counting a batch twice.
+
+Workers (`follow`, i.e. `custody project run --follow` and the runner embedded in `custody
+serve`) on PostgreSQL also take a **lease** per (projection, platform): a session-level advisory
+lock on a dedicated connection (`ProjectionLeases`), so each projection of each platform is
+processed by exactly one worker at a time while the others poll and take over when its session
+ends. The holder records itself in `proj_leases` (worker, epoch, where it started) and
+`proj_lease_history`; every batch it commits first moves its own `proj_leases` row, in the same
+transaction, only if that row still names it at its epoch (the fence: a worker whose lease
+session died unnoticed cannot commit after a takeover). SQLite (one process) takes no lease.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +31,8 @@ from typing import Any, Final
 import msgspec
 
 from ledger import records
+from ledger.config import Config
+from ledger.lease import connect_kwargs, lease_key
 from ledger.store import READ_PAGE_MAX, LedgerStore, log_stream
 from projections.audit_trail import AuditTrailProjection
 from projections.base import (
@@ -37,6 +49,9 @@ log = logging.getLogger("custody.projections")
 
 POSITIONS: Final = "proj_positions"
 LAYOUTS: Final = "proj_layouts"  # the table layout each projection's rows were written in
+LEASES: Final = "proj_leases"  # who processes each (projection, platform) now, since when
+LEASE_HISTORY: Final = "proj_lease_history"  # every takeover, oldest first (insert only)
+LEASE_CHECK_S: Final = 1.0  # how often a worker confirms its lease session answers
 DEFAULT_BATCH: Final = 5_000
 BATCH_MAX: Final = READ_PAGE_MAX  # one page of the log per transaction at most
 GENESIS_HEX: Final = records.CHAIN_GENESIS.hex()
@@ -65,6 +80,184 @@ class _Pos:
     head: bytes
 
 
+class LeaseSuperseded(PositionConflict):
+    """This worker's lease on a projection was taken over: its batch was not committed."""
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A row of `proj_leases` or `proj_lease_history`."""
+
+    name: str
+    platform: str
+    epoch: int
+    worker: str
+    since_ms: int
+    from_position: int  # the projection's stored position when the worker took it
+    position: int = -1  # proj_leases only: the last position this epoch committed
+
+
+class ProjectionLeases:
+    """One worker's leases on (projection, platform) pairs, all on one dedicated PostgreSQL
+    session (never a pooled connection: the session holds the locks). PostgreSQL's lock manager
+    decides who holds a lease and frees every lock of a session that ends (worker killed)."""
+
+    def __init__(self, db: Db, config: Config) -> None:
+        assert db.is_pg, "projection leases are PostgreSQL session locks"
+        self.db = db
+        self.config = config
+        self.worker = config.server_id
+        self.schema = db.schema or "public"
+        self.held: dict[tuple[str, str], int] = {}  # (name, platform) -> epoch
+        self._conn: Any = None
+        self._checked = 0.0
+        self.check_every_s = LEASE_CHECK_S
+        self._lock = threading.Lock()
+
+    def key(self, name: str, platform: str) -> int:
+        # ':' never appears in a platform id, so no projection key equals a writer lease key
+        return lease_key(self.config.ledger_id, self.schema, f"projection:{name}:{platform}")
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            import psycopg
+
+            self.held.clear()
+            self._conn = psycopg.connect(
+                **connect_kwargs(self.config, timeout_s=2.0, purpose="projection")
+            )
+            self._checked = time.monotonic()
+        return self._conn
+
+    def _drop_session(self) -> None:
+        conn, self._conn = self._conn, None
+        self.held.clear()
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken session is closed anyway
+                log.debug("closing the projection lease session failed", exc_info=True)
+
+    def close(self) -> None:
+        """End the session: PostgreSQL releases every lease it held."""
+        with self._lock:
+            self._drop_session()
+
+    def check(self) -> bool:
+        """Whether the session still answers (asked at most every LEASE_CHECK_S); on failure
+        every lease is dropped (another worker may have them by now). False if any was lost."""
+        with self._lock:
+            if self._conn is None or time.monotonic() - self._checked < self.check_every_s:
+                return True
+            try:
+                self._conn.execute("SELECT 1")
+            except Exception as exc:
+                had = bool(self.held)
+                log.error("projection lease session lost: %s", exc)
+                self._drop_session()
+                return not had
+            self._checked = time.monotonic()
+            return True
+
+    def take(self, name: str, platform: str) -> bool:
+        """Hold the lease of `name` on `platform` (True), newly taken or already held; False if
+        another worker holds it. A new holder announces itself (new epoch) before projecting."""
+        with self._lock:
+            if (name, platform) in self.held:
+                return True
+            for attempt in (1, 2):  # a session that died since the last check: once more, anew
+                try:
+                    conn = self._connection()
+                    row = conn.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (self.key(name, platform),)
+                    ).fetchone()
+                    if row is None or not row[0]:
+                        return False
+                    info = self._announce(conn, name, platform)
+                    break
+                except Exception:
+                    self._drop_session()  # whatever it held is gone with it
+                    if attempt == 2:
+                        raise
+            self.held[(name, platform)] = info.epoch
+        log.info(
+            "projecting %s of %s from position %d (epoch %d, worker %s)",
+            name,
+            platform,
+            info.from_position,
+            info.epoch,
+            self.worker,
+        )
+        return True
+
+    def _announce(self, conn: Any, name: str, platform: str) -> LeaseInfo:
+        """New epoch for this worker. The UPDATE waits for a batch of the previous holder that
+        is committing (it moves the same row), so the position read after it is where that
+        holder stopped: the new holder resumes exactly there."""
+        db = self.db
+        with conn.transaction():
+            row = conn.execute(
+                f"INSERT INTO {db.t(LEASES)} AS l (name, platform, worker, epoch, since_ms, "
+                "from_position, position) VALUES (%s, %s, %s, 1, "
+                "(extract(epoch FROM clock_timestamp()) * 1000)::bigint, -1, -1) "
+                "ON CONFLICT (name, platform) DO UPDATE SET worker = excluded.worker, "
+                "epoch = l.epoch + 1, since_ms = excluded.since_ms RETURNING epoch, since_ms",
+                (name, platform, self.worker),
+            ).fetchone()
+            assert row is not None
+            epoch, since_ms = int(row[0]), int(row[1])
+            found = conn.execute(
+                f"SELECT position FROM {db.t(POSITIONS)} WHERE name = %s AND platform = %s",
+                (name, platform),
+            ).fetchone()
+            position = -1 if found is None else int(found[0])
+            conn.execute(
+                f"UPDATE {db.t(LEASES)} SET from_position = %s, position = %s "
+                "WHERE name = %s AND platform = %s",
+                (position, position, name, platform),
+            )
+            conn.execute(
+                f"INSERT INTO {db.t(LEASE_HISTORY)} (name, platform, epoch, worker, since_ms, "
+                "from_position) VALUES (%s, %s, %s, %s, %s, %s)",
+                (name, platform, epoch, self.worker, since_ms, position),
+            )
+        return LeaseInfo(name, platform, epoch, self.worker, since_ms, position)
+
+    def fence(self, cur: Any, name: str, platform: str, last: int) -> None:
+        """In a batch's transaction: move this worker's `proj_leases` row to `last`, or raise
+        LeaseSuperseded if the row no longer names it at its epoch (nothing is committed)."""
+        epoch = self.held.get((name, platform))
+        if epoch is not None:
+            cur.execute(
+                f"UPDATE {self.db.t(LEASES)} SET position = %s WHERE name = %s "
+                "AND platform = %s AND epoch = %s AND worker = %s",
+                (last, name, platform, epoch, self.worker),
+            )
+            if cur.rowcount == 1:
+                return
+        with self._lock:
+            self.held.pop((name, platform), None)
+        raise LeaseSuperseded(f"{platform}: projection {name} is processed by another worker")
+
+
+def lease_rows(db: Db, history: bool = False) -> list[LeaseInfo]:
+    """`proj_leases` (who processes what now) or `proj_lease_history` (every takeover)."""
+    with db.reading() as cur:
+        if history:
+            rows = db.fetchall(
+                cur,
+                "SELECT name, platform, epoch, worker, since_ms, from_position "
+                f"FROM {db.t(LEASE_HISTORY)} ORDER BY name, platform, epoch",
+            )
+        else:
+            rows = db.fetchall(
+                cur,
+                "SELECT name, platform, epoch, worker, since_ms, from_position, position "
+                f"FROM {db.t(LEASES)} ORDER BY name, platform",
+            )
+    return [LeaseInfo(*row) for row in rows]
+
+
 class ProjectionRunner:
     """Keeps a set of projections up to date with the platforms' logs in one database."""
 
@@ -88,6 +281,11 @@ class ProjectionRunner:
         self._pool: ThreadPoolExecutor | None = None
         # platform -> (after, head, the page after it being read): at most one page ahead
         self._ahead: dict[str, tuple[int, bytes, Future[tuple[list[Record], list[bytes]]]]] = {}
+        # set by `use_leases` (follow does it on PostgreSQL): only leased projections are run
+        self.leases: ProjectionLeases | None = None
+        # records this runner committed per (projection, platform): with leases, the sum over
+        # all workers is each log's length (every record projected once, by one worker)
+        self.projected: dict[tuple[str, str], int] = {}
 
     def _prefetcher(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -95,11 +293,41 @@ class ProjectionRunner:
         return self._pool
 
     def close(self) -> None:
-        """Stop the prefetch thread (the store belongs to the caller)."""
+        """Stop the prefetch thread and end the lease session (the store is the caller's)."""
         self._ahead.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self.leases is not None:
+            self.leases.close()
+
+    def use_leases(self) -> bool:
+        """From now on run only the (projection, platform) pairs this runner holds the lease
+        of (PostgreSQL; True). On SQLite there is one process, no lease: False."""
+        if not self.db.is_pg:
+            return False
+        if self.leases is None:
+            self.ensure_tables()
+            with self._lock:
+                self.leases = ProjectionLeases(self.db, self.store.config)
+        return True
+
+    def _active(self, platform: str) -> list[Projection]:
+        """The projections this runner may run on `platform` now: every one without leases;
+        with leases the ones it holds or can take (a takeover reloads every position)."""
+        leases = self.leases
+        if leases is None:
+            return self.projections
+        if not leases.check():
+            self._forget()
+        active = []
+        for p in self.projections:
+            had = (p.name, platform) in leases.held
+            if leases.take(p.name, platform):
+                if not had:
+                    self._forget()  # positions and caches: the previous holder moved them
+                active.append(p)
+        return active
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -119,6 +347,19 @@ class ProjectionRunner:
                 f"CREATE TABLE IF NOT EXISTS {db.t(LAYOUTS)} (name TEXT NOT NULL, "
                 "layout INTEGER NOT NULL, PRIMARY KEY (name))"
             )
+            if db.is_pg:
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {db.t(LEASES)} (name TEXT NOT NULL, "
+                    "platform TEXT NOT NULL, worker TEXT NOT NULL, epoch BIGINT NOT NULL, "
+                    "since_ms BIGINT NOT NULL, from_position BIGINT NOT NULL, "
+                    "position BIGINT NOT NULL, PRIMARY KEY (name, platform))"
+                )
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {db.t(LEASE_HISTORY)} (name TEXT NOT NULL, "
+                    "platform TEXT NOT NULL, epoch BIGINT NOT NULL, worker TEXT NOT NULL, "
+                    "since_ms BIGINT NOT NULL, from_position BIGINT NOT NULL, "
+                    "PRIMARY KEY (name, platform, epoch))"
+                )
             for p in self.projections:
                 self._upgrade(cur, p)
                 p.create(db, cur)
@@ -196,7 +437,11 @@ class ProjectionRunner:
         return _verified(platform, rows, start, head) if rows else ([], [])
 
     def _run_batch(self, platform: str) -> int:
-        positions = self._load_positions(platform)
+        active = self._active(platform)
+        if not active:
+            return 0  # other workers hold every lease of this platform
+        loaded = self._load_positions(platform)
+        positions = {p.name: loaded[p.name] for p in active}
         start = min(pos.position for pos in positions.values())
         starter = next(pos for pos in positions.values() if pos.position == start)
         ahead = self._ahead.pop(platform, None)
@@ -224,11 +469,15 @@ class ProjectionRunner:
             # while this one is written (SQLite and psycopg release the GIL during I/O).
             future = self._prefetcher().submit(self._fetch, platform, last, new_head)
             self._ahead[platform] = (last, new_head, future)
+        leases = self.leases
+        done: list[tuple[str, int]] = []
         with db.tx() as cur:
-            for p in self.projections:
+            for p in active:
                 pos = positions[p.name]
                 if pos.position >= last:
                     continue
+                if leases is not None:  # first: waits for, or stops, a takeover
+                    leases.fence(cur, p.name, platform, last)
                 # Position first: on SQLite this takes the write lock before anything is read.
                 cur.execute(update, (last, new_head.hex(), p.name, platform, pos.position))
                 if cur.rowcount != 1:
@@ -236,8 +485,11 @@ class ProjectionRunner:
                         f"{platform}: projection {p.name} is no longer at {pos.position}"
                     )
                 p.apply(db, cur, platform, recs[pos.position - start :])
-        for p in self.projections:
+                done.append((p.name, last - pos.position))
+        for p in active:
             self._pos[(p.name, platform)] = _Pos(last, new_head)
+        for name, n in done:
+            self.projected[(name, platform)] = self.projected.get((name, platform), 0) + n
         return len(recs)
 
     def _read(self, platform: str, after: int) -> list[tuple[int, str, bytes]]:
@@ -299,9 +551,16 @@ class ProjectionRunner:
         stop: threading.Event,
         platform: str | None = None,
         poll_s: float = FOLLOW_POLL_S,
+        lease: bool = True,
     ) -> None:
-        """Catch up, then keep up, until `stop` is set. Failures are logged and retried."""
+        """Catch up, then keep up, until `stop` is set. Failures are logged and retried.
+
+        With `lease` (PostgreSQL) this runner is one of any number of workers: it projects
+        only what it holds the lease of, and takes over a lease within `poll_s` of its holder's
+        session ending."""
         assert 0 < poll_s <= 60
+        if lease:
+            self.use_leases()
         while not stop.is_set():
             try:
                 moved = sum(self.catch_up(platform, stop=stop).values())
