@@ -151,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
         "strict policy)",
     )
     psub.add_parser("list", help="list platforms")
+    pm = psub.add_parser(
+        "move",
+        help="move a platform to another database of the placement, its chain intact",
+        description="Copy a platform's log (byte for byte, chain checked) and its side data from "
+        "this store (CUSTODY_STORE_NAME) to another store of the placement (CUSTODY_PLACEMENT), "
+        "then switch it over: the servers of this store stop writing it at their next lease "
+        "poll and redirect callers to the target's servers. Safe to run again after an "
+        "interruption (it resumes); --abort gives up a move the target does not serve yet. "
+        "Update the placement file afterwards so new clients go to the target first. "
+        "Example: CUSTODY_PLACEMENT=placement.json CUSTODY_STORE_NAME=east "
+        "custody platform move acme --to west",
+    )
+    pm.add_argument("platform_id")
+    target = pm.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="STORE", help="the store (database) to move it to")
+    target.add_argument("--abort", action="store_true", help="give up an unfinished move")
+    pm.add_argument(
+        "--lease-wait-s",
+        type=float,
+        default=60.0,
+        help="how long to wait for the servers to release the platform (default 60)",
+    )
+    pmv = psub.add_parser("moves", help="the platform's move history in this store")
+    pmv.add_argument("platform_id")
 
     account = sub.add_parser("account", help="open, freeze, unfreeze, close accounts")
     asub = account.add_subparsers(dest="action", required=True)
@@ -496,7 +520,50 @@ def _policy_file(path: str) -> Policy | str:
     return f"policy {path}: {problem}" if problem is not None else policy
 
 
+def cmd_platform_move(args: argparse.Namespace) -> int:
+    from ledger.move import MoveError, abort_move, move_history, move_platform
+
+    config = _config(args)
+    if config.placement is None:
+        print("moves need CUSTODY_PLACEMENT and CUSTODY_STORE_NAME (docs/OPERATIONS.md)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if args.action == "moves":
+        moves = [msgspec.to_builtins(m) for m in move_history(config, args.platform_id)]
+        text = "\n".join(
+            f"{m['seq']:>3} {m['state']:<9} peer={m['peer']} size={m['size']} by {m['actor']}"
+            for m in moves
+        )
+        _print(args, moves, text or f"{args.platform_id} never moved in {config.store_name}")
+        return EXIT_OK
+
+    def progress(step: str, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{step}: {done}/{total} records", end="", file=sys.stderr, flush=True)
+
+    try:
+        if args.abort:
+            move = abort_move(config, args.platform_id, args.actor)
+            _print(args, msgspec.to_builtins(move), f"move of {args.platform_id} aborted; "
+                   f"{config.store_name} serves it again")  # fmt: skip
+            return EXIT_OK
+        report = move_platform(config, args.platform_id, args.to, args.actor,
+                               lease_wait_s=args.lease_wait_s, progress=progress)  # fmt: skip
+    except MoveError as exc:
+        print(f"move refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    r = report.as_dict()
+    _print(args, r, f"moved {r['platform']} from {r['source']} to {r['target']}: {r['records']} "
+           f"records ({r['copied']} copied by this run), head {r['head'][:16]}..., side rows "
+           f"{sum(r['side_rows'].values())}, {r['elapsed_s']} s")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_platform(args: argparse.Namespace) -> int:
+    if args.action in ("move", "moves"):
+        return cmd_platform_move(args)
     policy: Policy | None = None
     if args.action == "create" and args.policy is not None:
         loaded = _policy_file(args.policy)

@@ -30,6 +30,10 @@ CUSTODY_LEASE_POLL_MS    PostgreSQL: how often a server checks its write leases'
 CUSTODY_METRICS_PORT     `custody serve` answers GET /metrics (Prometheus text format) on
                          127.0.0.1:PORT, or HOST:PORT when given so (default 0 = off)
 CUSTODY_LOG_FORMAT       json | text | auto (default: text on a terminal, else JSON lines)
+CUSTODY_PLACEMENT        a placement file spreading platforms over several PostgreSQL databases
+                         (`ledger/placement.py`, docs/OPERATIONS.md); implies CUSTODY_STORE=postgres
+CUSTODY_STORE_NAME       with a placement: the store (database) this process serves; its
+                         POSTGRES_* keys come from the file, POSTGRES_PASSWORD from the environment
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
+
+from ledger.placement import Placement, PlacementError
 
 STORE_SQLITE: Final = "sqlite"
 STORE_POSTGRES: Final = "postgres"
@@ -154,6 +160,19 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0 = no /metrics endpoint
     log_format: str = "auto"  # json | text | auto (text on a terminal)
+    placement: Placement | None = None  # several databases: CUSTODY_PLACEMENT
+    store_name: str = ""  # the placement's store this process serves
+
+    def for_store(self, store_name: str) -> Config:
+        """This configuration pointed at another store of the placement (moves, operators)."""
+        if self.placement is None:
+            raise ConfigError("no placement (CUSTODY_PLACEMENT) is configured")
+        return replace(
+            self,
+            store=STORE_POSTGRES,
+            postgres=_store_postgres(self.placement, store_name, self.postgres),
+            store_name=store_name,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -171,6 +190,10 @@ class Config:
             postgres.setdefault("POSTGRES_PASSWORD", "")
             postgres.setdefault("POSTGRES_DBNAME", "postgres")
         metrics = _metrics_address(env)
+        placement, store_name = _placement(env)
+        if placement is not None:
+            store = STORE_POSTGRES
+            postgres = _store_postgres(placement, store_name, postgres)
         return cls(
             store=store,
             data_dir=data_dir,
@@ -195,4 +218,37 @@ class Config:
             metrics_host=metrics[0],
             metrics_port=metrics[1],
             log_format=_choice(env, "CUSTODY_LOG_FORMAT", ("auto", "json", "text")),
+            placement=placement,
+            store_name=store_name,
         )
+
+
+def _placement(env: Mapping[str, str]) -> tuple[Placement | None, str]:
+    path = env.get("CUSTODY_PLACEMENT", "")
+    name = env.get("CUSTODY_STORE_NAME", "")
+    if not path:
+        if name:
+            raise ConfigError("CUSTODY_STORE_NAME needs CUSTODY_PLACEMENT")
+        return None, ""
+    try:
+        placement = Placement.load(path)
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None
+    if name not in placement.stores:
+        raise ConfigError(
+            f"CUSTODY_STORE_NAME must name a store of the placement: {', '.join(placement.stores)}"
+        )
+    return placement, name
+
+
+def _store_postgres(placement: Placement, name: str, env_pg: Mapping[str, str]) -> dict[str, str]:
+    """The store's keys from the file; only the password (never in the file) from the env."""
+    try:
+        pg = placement.postgres(name)
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None
+    pg.setdefault("POSTGRES_HOST", "127.0.0.1")
+    pg.setdefault("POSTGRES_PORT", "5432")
+    pg.setdefault("POSTGRES_USER", "postgres")
+    pg["POSTGRES_PASSWORD"] = env_pg.get("POSTGRES_PASSWORD", "")
+    return pg

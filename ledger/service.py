@@ -56,6 +56,7 @@ from ledger.lease import (
     writer_history,
 )
 from ledger.pii import PiiVault, load_master_key
+from ledger.placement import GONE, OUT_DONE, MoveState, latest_moves
 from ledger.store import LedgerStore, WriterSuperseded
 from ledger.validate import is_actor, is_platform_id
 from ledger.writer import (
@@ -199,6 +200,9 @@ class LedgerService:
         self._snapshot_key = hmac.new(master, b"custody-snapshot/v1", sha256).digest()
         self._clock_ms = clock_ms
         self._platforms: dict[str, _Platform] = {}
+        # PostgreSQL: each platform's latest `custody_moves` row in this store (ledger/move.py);
+        # a platform moving out or gone elsewhere is neither written nor read here
+        self._moves: dict[str, MoveState] = {}
         self._create_lock = threading.Lock()
         self._closed = False
         self.signing_key = _signing_key(config)
@@ -216,7 +220,10 @@ class LedgerService:
         `sweep` (the server sets it) also starts the thread that releases expired holds every
         CUSTODY_SWEEP_INTERVAL_S; tests and one-shot CLI commands call `sweep_expired` instead.
         """
+        self._refresh_moves()
         for platform_id in self.store.platform_ids():
+            if self._gone(platform_id):
+                continue  # moved to another store: its rows stay here, history only
             writer = self._new_writer(platform_id)
             writer.load(None if progress is None else _bind_progress(progress, platform_id))
             platform = self._new_platform(writer)
@@ -307,6 +314,8 @@ class LedgerService:
         with self._create_lock:
             if self._lease is not None:
                 self._discover()  # another server may have created it
+            if self._gone(platform_id) or platform_id not in self._platforms:
+                self._refuse_if_placed_elsewhere(platform_id)
             if platform_id in self._platforms:
                 # The existing log answers: an identical retry is replayed (same id, same
                 # content); another name is ID_REUSED; either way the attempt is recorded.
@@ -348,9 +357,45 @@ class LedgerService:
 
     def _platform(self, platform_id: str) -> _Platform:
         platform = self._platforms.get(platform_id)
-        if platform is None:
+        if platform is None or self._gone(platform_id):
+            self._refuse_if_placed_elsewhere(platform_id)
             raise PlatformNotFound(platform_id)
         return platform
+
+    # -- placement across databases (ledger/placement.py) -----------------------------------------
+
+    def _gone(self, platform_id: str) -> bool:
+        move = self._moves.get(platform_id)
+        return move is not None and move.state in GONE
+
+    def _refuse_if_placed_elsewhere(self, platform_id: str) -> None:
+        """Raise WriterElsewhere, naming a server of the right store, for a platform this
+        store does not serve: one that moved out (or is moving), or one the placement file
+        puts in another store. Return for a platform that would be this store's."""
+        retry_ms = self.config.lease_poll_ms
+        move = self._moves.get(platform_id)
+        placement = self.config.placement
+        if move is not None and move.state in GONE:
+            if move.state != OUT_DONE or placement is None or move.peer not in placement.stores:
+                # still moving (or gone to a store this server's file does not know): wait
+                raise WriterElsewhere(platform_id, retry_after_ms=retry_ms)
+            store = move.peer
+        elif placement is not None and placement.home(platform_id) != self.config.store_name:
+            store = placement.home(platform_id)
+        else:
+            return
+        assert placement is not None
+        address = placement.address(store, platform_id)
+        raise WriterElsewhere(platform_id, f"store:{store}", address, retry_after_ms=retry_ms)
+
+    def _refresh_moves(self) -> None:
+        """Read this store's latest move rows (PostgreSQL; SQLite stores never move)."""
+        if not self.store.is_postgres:
+            return
+        schema = self.config.postgres.get("POSTGRES_SCHEMA") or "public"
+        with self.store.datastore.get_connection() as conn, conn.cursor() as curs:
+            moves = latest_moves(curs, schema)
+        self._moves = moves
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -641,6 +686,7 @@ class LedgerService:
             lease.close()
             return
         try:
+            self._refresh_moves()
             with self._create_lock:
                 self._discover()
         except Exception:
@@ -649,7 +695,9 @@ class LedgerService:
             if self._closed:
                 return
             try:
-                if platform.role == WRITER:
+                if self._gone(platform_id):
+                    self._let_go(platform)
+                elif platform.role == WRITER:
                     if platform_id not in lease.held:
                         self._demote(platform)
                     elif platform.writer.fenced:
@@ -670,7 +718,7 @@ class LedgerService:
         """Platforms another server created since: loaded here as followers. Caller holds
         `_create_lock`."""
         for platform_id in self.store.platform_ids():
-            if platform_id in self._platforms:
+            if platform_id in self._platforms or self._gone(platform_id):
                 continue
             writer = self._new_writer(platform_id)
             writer.fenced = True
@@ -744,6 +792,20 @@ class LedgerService:
             platform.cond.notify_all()
         log.warning("no longer writing platform %s", platform.writer.platform_id)
         self._notify_role(platform.writer.platform_id, FOLLOWER, None)
+
+    def _let_go(self, platform: _Platform) -> None:
+        """The platform moves (or moved) to another store: stop writing it, and release its
+        lease once no group is in flight, so the mover can take the lease and copy the log."""
+        lease = self._lease
+        assert lease is not None
+        platform_id = platform.writer.platform_id
+        if platform.role == WRITER:
+            self._demote(platform)
+        if platform_id in lease.held:
+            with platform.cond:
+                platform.drained_or_timeout()
+            lease.release(platform_id)
+            log.warning("platform %s moves to another store: write lease released", platform_id)
 
     def _demote_all(self) -> None:
         for platform in list(self._platforms.values()):

@@ -1,0 +1,475 @@
+"""Move a platform from one PostgreSQL store (database) to another with its chain intact.
+
+The log is copied byte for byte, so every record keeps its position, its chain link and its
+place in the Merkle tree: checkpoints auditors hold from before the move stay valid, and the
+target's later checkpoints are consistent with them (same ledger id and signing key on every
+store of a placement). Nothing in either store is updated or deleted: the source keeps its rows
+as history and says, in its insert-only `custody_moves` table, where the platform went.
+
+The procedure (`custody platform move PLATFORM --to STORE`), each step safe to repeat:
+
+1. `out-start` in the source: every server of the source stops writing the platform at its next
+   lease poll and releases the write lease; callers get a retryable WRITER_ELSEWHERE meanwhile.
+2. The mover takes the platform's write lease in the source and records itself as its writer
+   (a new epoch): a writer that has not noticed yet can no longer commit (`WriterSuperseded`).
+3. The mover reads the whole log, checking every chain link, and copies the platform's side
+   data (customer data keys, bank statements, disclosures, the risk engine's state).
+4. It appends the log to the target in chunks; the directory entry goes in the last chunk's
+   transaction, so no target server sees the platform before its whole log is there. A target
+   that already holds a prefix (a platform coming back) gets only the missing tail, after the
+   prefix's chain hash is compared.
+5. It re-reads the target's log, verifies the chain and compares size and head hash with the
+   source, then records `in` in the target and `out-done` in the source. From then on the
+   source's servers redirect to the target's servers, and the target's servers write it.
+
+If the mover stops half way, run the move again (it resumes) or abort it while the target does
+not serve the platform yet (`--abort`: `aborted` in the source, which serves it again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from hashlib import sha256
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from ledger import records
+from ledger.config import Config, ConfigError
+from ledger.lease import LeaseManager, connect_kwargs
+from ledger.placement import (
+    ABORTED,
+    GONE,
+    IN,
+    OUT_DONE,
+    OUT_START,
+    MoveState,
+    ensure_moves_table,
+    latest_moves,
+    record_move,
+)
+from ledger.store import LedgerStore, NewRow, log_stream
+from ledger.writer import verify_stored_chain
+
+log = logging.getLogger("ledger.move")
+
+CHUNK_ROWS_MAX: Final = 10_000
+LEASE_WAIT_S_MAX: Final = 3_600.0
+# Side tables that belong to a platform and cannot be rebuilt from its log. Append-only ones
+# are merged (missing rows inserted, present rows must be equal); the engine's mutable state is
+# replaced. Projections are not copied: the target's workers rebuild them from the log.
+MERGED_TABLES: Final = (
+    "custody_pii_keys",
+    "recon_files",
+    "recon_statements",
+    "recon_entries",
+    "recon_events",
+    "api_disclosures",
+)
+REPLACED_TABLES: Final = (
+    "recon_items",
+    "risk_positions",
+    "risk_state",
+    "risk_outbox",
+    "risk_alerts",
+    "risk_alert_events",
+    "risk_reconciliations",
+    "risk_indicators",
+)
+_SIDE_ROWS_MAX: Final = 5_000_000  # per table and platform; more means something is wrong
+
+
+class MoveError(RuntimeError):
+    """The move cannot go on; nothing was changed that a rerun or `--abort` cannot finish."""
+
+
+@dataclass
+class MoveReport:
+    platform: str
+    source: str
+    target: str
+    records: int = 0
+    copied: int = 0  # log rows appended to the target by this run (a resumed move: the rest)
+    head: str = ""
+    side_rows: dict[str, int] = field(default_factory=dict)
+    lease_wait_s: float = 0.0
+    elapsed_s: float = 0.0
+    state: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "platform": self.platform,
+            "source": self.source,
+            "target": self.target,
+            "records": self.records,
+            "copied": self.copied,
+            "head": self.head,
+            "side_rows": dict(sorted(self.side_rows.items())),
+            "lease_wait_s": round(self.lease_wait_s, 3),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "state": self.state,
+        }
+
+
+def _schema(config: Config) -> str:
+    return config.postgres.get("POSTGRES_SCHEMA") or "public"
+
+
+def _connect(config: Config) -> psycopg.Connection[Any]:
+    return psycopg.connect(**connect_kwargs(config, timeout_s=10.0, purpose="move"))
+
+
+def _latest(conn: psycopg.Connection[Any], config: Config, platform_id: str) -> MoveState | None:
+    return latest_moves(conn, _schema(config)).get(platform_id)
+
+
+def _record(
+    config: Config, platform_id: str, state: str, peer: str, size: int, head: str, actor: str
+) -> MoveState:
+    with _connect(config) as conn, conn.transaction():
+        ensure_moves_table(conn, _schema(config))
+        # one move row at a time per platform, whoever writes it
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"custody-move/{platform_id}",))
+        return record_move(conn, _schema(config), platform_id, state, peer, size, head, actor)
+
+
+def _serves(store: LedgerStore, config: Config, platform_id: str) -> bool:
+    """Whether `store` serves the platform now: in its directory and not moved out."""
+    if platform_id not in store.platform_ids():
+        return False
+    with _connect(config) as conn:
+        move = _latest(conn, config, platform_id)
+    return move is None or move.state not in GONE
+
+
+def move_platform(
+    config: Config,
+    platform_id: str,
+    target: str,
+    actor: str,
+    *,
+    lease_wait_s: float = 60.0,
+    chunk_rows: int = CHUNK_ROWS_MAX,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> MoveReport:
+    """Move the platform from this configuration's store to `target` (see the module doc).
+
+    `progress(step, done, total)` is called as the copy goes (step: "read", "copy", "verify")."""
+    placement = config.placement
+    if placement is None:
+        raise ConfigError("moving a platform needs a placement (CUSTODY_PLACEMENT)")
+    source = config.store_name
+    if target == source:
+        raise MoveError(f"platform {platform_id} is already in store {source}")
+    if target not in placement.stores:
+        raise MoveError(f"no store named {target!r} in the placement")
+    assert 1 <= chunk_rows <= CHUNK_ROWS_MAX
+    assert 0 < lease_wait_s <= LEASE_WAIT_S_MAX
+    started = time.monotonic()
+    report = MoveReport(platform_id, source, target)
+    target_config = config.for_store(target)
+    src = LedgerStore(config)
+    dst = LedgerStore(target_config)
+    try:
+        if platform_id not in src.platform_ids():
+            raise MoveError(f"platform {platform_id} is not in store {source}")
+        with _connect(config) as conn:
+            move = _latest(conn, config, platform_id)
+        if move is not None and move.state == OUT_DONE:
+            raise MoveError(f"platform {platform_id} already moved from {source} to {move.peer}")
+        if move is not None and move.state == OUT_START and move.peer != target:
+            raise MoveError(
+                f"platform {platform_id} is moving to {move.peer}: finish or abort that move first"
+            )
+        if move is None or move.state != OUT_START:
+            size_now = _size(src, platform_id)
+            _record(config, platform_id, OUT_START, target, size_now, "", actor)
+            log.info("platform %s: moving from %s to %s", platform_id, source, target)
+        lease = _take_lease(config, platform_id, lease_wait_s, report, src)
+        try:
+            size, head = _copy(src, dst, config, target_config, platform_id, chunk_rows, report,
+                               progress)  # fmt: skip
+            report.records, report.head = size, head.hex()
+            _record(target_config, platform_id, IN, source, size, head.hex(), actor)
+            _record(config, platform_id, OUT_DONE, target, size, head.hex(), actor)
+            report.state = OUT_DONE
+        finally:
+            lease.close()
+    finally:
+        src.close()
+        dst.close()
+    report.elapsed_s = time.monotonic() - started
+    log.info("platform %s moved to %s: %d records", platform_id, target, report.records)
+    return report
+
+
+def abort_move(config: Config, platform_id: str, actor: str) -> MoveState:
+    """Give up a move that has not finished: the source serves the platform again. Refused once
+    the target serves it (the copy is complete there: run the move again to finish it)."""
+    placement = config.placement
+    if placement is None:
+        raise ConfigError("moves need a placement (CUSTODY_PLACEMENT)")
+    with _connect(config) as conn:
+        move = _latest(conn, config, platform_id)
+    if move is None or move.state != OUT_START:
+        raise MoveError(f"platform {platform_id} is not moving out of {config.store_name}")
+    target_config = config.for_store(move.peer)
+    dst = LedgerStore(target_config)
+    try:
+        if _serves(dst, target_config, platform_id):
+            raise MoveError(
+                f"store {move.peer} already serves platform {platform_id}: the copy is complete, "
+                "run the move again to finish it"
+            )
+    finally:
+        dst.close()
+    src = LedgerStore(config)
+    try:
+        size = _size(src, platform_id)
+    finally:
+        src.close()
+    return _record(config, platform_id, ABORTED, move.peer, size, "", actor)
+
+
+def move_history(config: Config, platform_id: str) -> list[MoveState]:
+    from ledger.placement import history
+
+    with _connect(config) as conn:
+        return history(conn, _schema(config), platform_id)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def _size(store: LedgerStore, platform_id: str) -> int:
+    last = store.last_row(log_stream(platform_id))
+    return 0 if last is None else last[0] + 1
+
+
+def _take_lease(
+    config: Config, platform_id: str, wait_s: float, report: MoveReport, src: LedgerStore
+) -> LeaseManager:
+    """Hold the platform's write lease in the source and record the mover as its writer."""
+    mover = replace(
+        config,
+        server_id=f"mover-{os.getpid()}-{secrets.token_hex(3)}",
+        advertise="",
+    )
+    lease = LeaseManager(mover)
+    lease.connect()
+    started = time.monotonic()
+    try:
+        while not lease.try_acquire(platform_id):
+            if time.monotonic() - started > wait_s:
+                raise MoveError(
+                    f"the servers of {config.store_name} did not release platform {platform_id} "
+                    f"within {wait_s:.0f} s (are they running this version, with leases?)"
+                )
+            time.sleep(min(0.2, config.lease_poll_ms / 1000))
+        lease.announce(platform_id, _size(src, platform_id))
+    except BaseException:
+        lease.close()
+        raise
+    report.lease_wait_s = time.monotonic() - started
+    return lease
+
+
+def _chain(rows: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[int, str, bytes, bytes]]:
+    """The rows with their checked chain hash; raises MoveError on a gap or a broken link."""
+    head = records.CHAIN_GENESIS
+    expected = 0
+    for seq, kind, packed in rows:
+        if seq != expected:
+            raise MoveError(f"position {expected} is missing from the source log")
+        stored, data = records.unpack_state(packed)
+        head = sha256(head + data).digest()
+        if head != stored:
+            raise MoveError(f"the source chain is broken at position {seq}")
+        yield seq, kind, packed, stored
+        expected += 1
+
+
+def _copy(
+    src: LedgerStore,
+    dst: LedgerStore,
+    config: Config,
+    target_config: Config,
+    platform_id: str,
+    chunk_rows: int,
+    report: MoveReport,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[int, bytes]:
+    stream = log_stream(platform_id)
+    size = _size(src, platform_id)
+    if size == 0:
+        raise MoveError(f"platform {platform_id} has an empty log in {config.store_name}")
+    dst_last = dst.last_row(stream)
+    dst_size = 0 if dst_last is None else dst_last[0] + 1
+    if dst_size > size:
+        raise MoveError(
+            f"store {target_config.store_name} holds {dst_size} records of {platform_id}, more "
+            f"than the source's {size}: the logs have diverged, nothing was copied"
+        )
+    if dst_size and _serves(dst, target_config, platform_id):
+        raise MoveError(f"store {target_config.store_name} already serves {platform_id}")
+    if dst_size:
+        assert dst_last is not None
+        [(_, _, src_packed)] = src.read(stream, after=dst_size - 2, limit=1)
+        if records.unpack_state(dst_last[2])[0] != records.unpack_state(src_packed)[0]:
+            raise MoveError(
+                f"store {target_config.store_name} holds a different history of {platform_id} "
+                f"(position {dst_size - 1} differs): nothing was copied"
+            )
+    report.side_rows = _copy_side_tables(config, target_config, platform_id)
+    in_directory = platform_id in dst.platform_ids()
+    pending: list[NewRow] = []
+    head = records.CHAIN_GENESIS
+    for seq, kind, packed, stored in _chain(src.iter_rows(stream)):
+        head = stored
+        if seq < dst_size:
+            if seq == dst_size - 1 and records.unpack_state(dst_last[2])[0] != stored:  # type: ignore[index]
+                raise MoveError(f"the source log of {platform_id} changed during the move")
+            continue
+        pending.append((stream, seq, kind, packed))
+        if len(pending) == chunk_rows:
+            dst.append(pending)
+            report.copied += len(pending)
+            pending = []
+            if progress is not None:
+                progress("copy", seq + 1, size)
+    if head is records.CHAIN_GENESIS or report.copied + len(pending) + dst_size != size:
+        raise MoveError(f"the source log of {platform_id} changed during the move")
+    if not in_directory:
+        pending.append(dst.directory_entry(platform_id))
+    if pending:
+        dst.append(pending)  # the last rows and the directory entry: one transaction
+        report.copied += sum(1 for row in pending if row[0] == stream)
+    if progress is not None:
+        progress("copy", size, size)
+    checked, bad, reason = verify_stored_chain(dst, platform_id)
+    if bad is not None or checked != size:
+        raise MoveError(f"the target's copy does not verify: {checked} records, {reason}")
+    last = dst.last_row(stream)
+    assert last is not None
+    if records.unpack_state(last[2])[0] != head:
+        raise MoveError("the target's head differs from the source's")
+    if progress is not None:
+        progress("verify", size, size)
+    return size, head
+
+
+def _table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
+    found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
+    return found is not None and found[0] is not None
+
+
+def _columns(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[str, str, bool]]:
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull "
+        "FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0 "
+        "AND NOT a.attisdropped ORDER BY a.attnum",
+        (f'"{schema}".{table}',),
+    ).fetchall()
+    return [(str(r[0]), str(r[1]), bool(r[2])) for r in rows]
+
+
+def _primary_key(conn: psycopg.Connection[Any], schema: str, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary "
+        "ORDER BY array_position(i.indkey::int2[], a.attnum)",
+        (f'"{schema}".{table}',),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _create_like(
+    src: psycopg.Connection[Any],
+    dst: psycopg.Connection[Any],
+    src_schema: str,
+    dst_schema: str,
+    table: str,
+) -> None:
+    """The table as the source has it (columns, types, NOT NULL, primary key); the owning
+    module adds its indexes when it first opens the target."""
+    parts = [
+        sql.SQL("{} {}{}").format(
+            sql.Identifier(name), sql.SQL(type_), sql.SQL(" NOT NULL" if not_null else "")
+        )
+        for name, type_, not_null in _columns(src, src_schema, table)
+    ]
+    key = _primary_key(src, src_schema, table)
+    if key:
+        parts.append(
+            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+        )
+    dst.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            sql.Identifier(dst_schema, table), sql.SQL(", ").join(parts)
+        )
+    )
+
+
+def _platform_rows(
+    conn: psycopg.Connection[Any], schema: str, table: str, names: Sequence[str], pid: str
+) -> list[tuple[Any, ...]]:
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM {} WHERE platform = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, names)), sql.Identifier(schema, table)
+        ),
+        (pid,),
+    ).fetchall()
+    if len(rows) > _SIDE_ROWS_MAX:
+        raise MoveError(f"{table} holds more than {_SIDE_ROWS_MAX} rows of {pid}")
+    return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
+
+
+def _copy_side_tables(config: Config, target_config: Config, platform_id: str) -> dict[str, int]:
+    """Copy the platform's side data in one target transaction; returns rows per table."""
+    src_schema, dst_schema = _schema(config), _schema(target_config)
+    copied: dict[str, int] = {}
+    with _connect(config) as src, _connect(target_config) as dst:
+        with src.transaction():
+            src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            plan: list[tuple[str, list[str], list[tuple[Any, ...]]]] = []
+            for table in MERGED_TABLES + REPLACED_TABLES:
+                if not _table_exists(src, src_schema, table):
+                    continue
+                names = [name for name, _, _ in _columns(src, src_schema, table)]
+                plan.append(
+                    (table, names, _platform_rows(src, src_schema, table, names, platform_id))
+                )
+        with dst.transaction():
+            for table, names, rows in plan:
+                if not _table_exists(dst, dst_schema, table):
+                    _create_like(src, dst, src_schema, dst_schema, table)
+                target = sql.Identifier(dst_schema, table)
+                if table in REPLACED_TABLES:
+                    # the engine's state of the last time the platform was here is stale
+                    dst.execute(
+                        sql.SQL("DELETE FROM {} WHERE platform = %s").format(target),
+                        (platform_id,),
+                    )
+                insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+                    target,
+                    sql.SQL(", ").join(map(sql.Identifier, names)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(names)),
+                )
+                with dst.cursor() as cur:
+                    for start in range(0, len(rows), 1000):
+                        cur.executemany(insert, rows[start : start + 1000])
+                present = set(_platform_rows(dst, dst_schema, table, names, platform_id))
+                missing = [row for row in rows if row not in present]
+                if missing:
+                    raise MoveError(
+                        f"{table}: {len(missing)} rows of {platform_id} differ in the target "
+                        "from the source; nothing was copied"
+                    )
+                copied[table] = len(rows)
+    return copied

@@ -1,0 +1,441 @@
+"""Platforms across PostgreSQL databases: the placement file, redirects to the right store, and
+moving a platform from one database to another (and back) with its chain intact, under load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import (
+    PG_CONNINFO,
+    balances,
+    deposit,
+    make_platform,
+    pg_execute,
+    require_postgres,
+    transfer,
+)
+
+from custody_verify.merkle import verify_consistency
+from ledger import records
+from ledger.config import Config, ConfigError
+from ledger.move import MoveError, abort_move, move_history, move_platform
+from ledger.placement import ABORTED, IN, OUT_DONE, OUT_START, Placement, PlacementError
+from ledger.service import LedgerService, PlatformNotFound, WriterElsewhere
+from ledger.store import LedgerStore, log_stream
+from ledger.writer import verify_stored_chain
+
+POLL_MS = 100
+SECOND_DB = "custody_test_b"
+MASTER_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # 32 bytes, base64
+ADDRESS_A = "10.0.1.1:7001"
+ADDRESS_B = "10.0.2.1:7002"
+
+
+def _ensure_second_database() -> None:
+    if not pg_execute("SELECT 1 FROM pg_database WHERE datname = %s", (SECOND_DB,)):
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another test made it
+            pg_execute(f"CREATE DATABASE {SECOND_DB}")
+
+
+def _execute_in(dbname: str, statement: str) -> None:
+    conninfo = PG_CONNINFO.replace("dbname=test", f"dbname={dbname}")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+@pytest.fixture
+def two_stores(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Store `a` in database `test`, store `b` in another database, fresh schemas in each."""
+    require_postgres()
+    _ensure_second_database()
+    schema = "m_" + uuid.uuid4().hex[:16]
+    _execute_in("test", f"CREATE SCHEMA {schema}")
+    _execute_in(SECOND_DB, f"CREATE SCHEMA {schema}")
+    doc = {
+        "version": 1,
+        "default_store": "a",
+        "stores": {
+            "a": {
+                "postgres": {"POSTGRES_DBNAME": "test", "POSTGRES_SCHEMA": schema},
+                "servers": [ADDRESS_A],
+            },
+            "b": {
+                "postgres": {"POSTGRES_DBNAME": SECOND_DB, "POSTGRES_SCHEMA": schema},
+                "servers": [ADDRESS_B],
+            },
+        },
+        "platforms": {"pb": "b"},
+    }
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(doc))
+    try:
+        yield {"path": path, "schema": schema, "doc": doc}
+    finally:
+        _execute_in("test", f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        _execute_in(SECOND_DB, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _config(stores: dict[str, Any], tmp_path: Path, store: str, name: str) -> Config:
+    return Config.from_env(
+        {
+            "CUSTODY_PLACEMENT": str(stores["path"]),
+            "CUSTODY_STORE_NAME": store,
+            "CUSTODY_SERVER_ID": name,
+            "CUSTODY_ADVERTISE": ADDRESS_A if store == "a" else ADDRESS_B,
+            "CUSTODY_DATA_DIR": str(tmp_path / name),
+            "CUSTODY_MASTER_KEY": MASTER_KEY,
+            "CUSTODY_SIGNING_KEY": str(tmp_path / "checkpoint.key"),  # one key for the ledger
+            "CUSTODY_LEASE_POLL_MS": str(POLL_MS),
+            "CUSTODY_CHECKPOINT_EVERY": "0",
+        }
+    )
+
+
+def _server(stores: dict[str, Any], tmp_path: Path, store: str, name: str) -> LedgerService:
+    service = LedgerService(_config(stores, tmp_path, store, name))
+    service.start()
+    return service
+
+
+def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    start = time.monotonic()
+    while not cond():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        time.sleep(0.02)
+
+
+def _serves(service: LedgerService, platform_id: str) -> bool:
+    try:
+        return service.is_writer(platform_id)
+    except (WriterElsewhere, PlatformNotFound):
+        return False
+
+
+def _rows(config: Config, platform_id: str) -> list[tuple[int, str, bytes]]:
+    store = LedgerStore(config)
+    try:
+        return list(store.iter_rows(log_stream(platform_id)))
+    finally:
+        store.close()
+
+
+# -- the placement file ----------------------------------------------------------------------------
+
+
+def _placement_doc(**overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 1,
+        "default_store": "a",
+        "stores": {
+            "a": {"postgres": {"POSTGRES_DBNAME": "one"}, "servers": ["h1:1"]},
+            "b": {"postgres": {"POSTGRES_DBNAME": "two"}, "servers": ["h2:2", "h3:3"]},
+        },
+        "platforms": {"x": "b"},
+    }
+    doc.update(overrides)
+    return doc
+
+
+def _load(tmp_path: Path, doc: dict[str, Any]) -> Placement:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    return Placement.load(path)
+
+
+def test_placement_places_and_spreads(tmp_path: Path) -> None:
+    p = _load(tmp_path, _placement_doc())
+    assert p.stores == ["a", "b"]
+    assert (p.home("x"), p.home("anything-else")) == ("b", "a")
+    assert p.address("a", "x") == "h1:1"
+    assert p.address("b", "x") in ("h2:2", "h3:3")
+    assert p.address("b", "x") == p.address("b", "x")  # stable: the same server first
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"version": 2}, "version must be 1"),
+        ({"default_store": "c"}, "default_store 'c' is not a store"),
+        ({"platforms": {"x": "c"}}, "store 'c' is not named"),
+        (
+            {"stores": {"a": {"postgres": {"POSTGRES_DBNAME": "one", "POSTGRES_PASSWORD": "s"}}}},
+            "POSTGRES_PASSWORD are not allowed",
+        ),
+        ({"stores": {"a": {"postgres": {}}}}, "POSTGRES_DBNAME is required"),
+        (
+            {"stores": {"a": {"postgres": {"POSTGRES_DBNAME": "one"}, "servers": ["nohost"]}}},
+            "is not HOST:PORT",
+        ),
+        (
+            {
+                "stores": {
+                    "a": {"postgres": {"POSTGRES_DBNAME": "one"}},
+                    "b": {"postgres": {"POSTGRES_DBNAME": "one", "POSTGRES_SCHEMA": "public"}},
+                }
+            },
+            "same database and schema",
+        ),
+        ({"extra": 1}, "unknown field"),
+    ],
+)
+def test_placement_file_errors_say_what_is_wrong(
+    tmp_path: Path, override: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(PlacementError, match=message):
+        _load(tmp_path, _placement_doc(**override))
+
+
+def test_config_takes_the_store_from_the_placement_and_the_password_from_the_env(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_placement_doc()))
+    env = {"CUSTODY_PLACEMENT": str(path), "CUSTODY_STORE_NAME": "b", "POSTGRES_PASSWORD": "pw"}
+    config = Config.from_env(env)
+    assert config.store == "postgres" and config.store_name == "b"
+    assert config.postgres["POSTGRES_DBNAME"] == "two"
+    assert config.postgres["POSTGRES_PASSWORD"] == "pw"
+    assert config.for_store("a").postgres["POSTGRES_DBNAME"] == "one"
+    with pytest.raises(ConfigError, match="must name a store"):
+        Config.from_env({"CUSTODY_PLACEMENT": str(path), "CUSTODY_STORE_NAME": "c"})
+    with pytest.raises(ConfigError, match="needs CUSTODY_PLACEMENT"):
+        Config.from_env({"CUSTODY_STORE_NAME": "a"})
+
+
+# -- servers of two databases ----------------------------------------------------------------------
+
+
+def test_each_store_serves_its_platforms_and_redirects_the_others(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    a = _server(two_stores, tmp_path, "a", "a1")
+    b = _server(two_stores, tmp_path, "b", "b1")
+    try:
+        make_platform(a, "pa")
+        make_platform(b, "pb")
+        # pb belongs to b: a server of a neither creates nor serves it, and says where it is
+        with pytest.raises(WriterElsewhere) as err:
+            a.create_platform("pb", "Platform pb", "operator:root")
+        assert (err.value.server_id, err.value.address) == ("store:b", ADDRESS_B)
+        with pytest.raises(WriterElsewhere) as err, a.reading("pb"):
+            pass
+        assert err.value.address == ADDRESS_B
+        with pytest.raises(WriterElsewhere) as err:
+            b.execute("pa", [], "operator:root")
+        assert err.value.address == ADDRESS_A
+        with pytest.raises(PlatformNotFound):  # a's own, but never created
+            a.head("nothing-here")
+        assert a.platform_ids() == ["pa"] and b.platform_ids() == ["pb"]
+        # each log lives in its own database only
+        assert _rows(a.config, "pb") == [] and _rows(b.config, "pa") == []
+    finally:
+        a.close()
+        b.close()
+
+
+def _load_platform(service: LedgerService, platform_id: str) -> Any:
+    p = make_platform(service, platform_id)
+    ok = service.execute(platform_id, [deposit(p, "d0", "alice", 1_000_000)], "operator:root")
+    assert ok[0].ok
+    sealed = service.vault.seal(platform_id, "customer:alice", "Alice Zhang")
+    return p, sealed
+
+
+def test_move_under_load_loses_nothing_and_keeps_the_chain(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    a1 = _server(two_stores, tmp_path, "a", "a1")
+    a2 = _server(two_stores, tmp_path, "a", "a2")  # a follower of the same store
+    b1 = _server(two_stores, tmp_path, "b", "b1")
+    servers = {ADDRESS_A: a1, ADDRESS_B: b1}
+    try:
+        p, sealed = _load_platform(a1, "pa")
+        before = a1.sign_checkpoint("pa")
+        acked: list[str] = []
+        errors: Counter[str] = Counter()
+        stop = threading.Event()
+
+        def client(n: int) -> None:
+            target = a1
+            i = 0
+            while not stop.is_set():
+                cid = f"t{n}-{i}"
+                cmd = transfer(p, cid, "alice", "bob", 1)
+                while True:  # the same client id until it is answered
+                    try:
+                        outcome = target.submit("pa", [cmd], "platform:pa").result(30)[0]
+                        break
+                    except WriterElsewhere as exc:
+                        errors["elsewhere"] += 1
+                        target = servers.get(exc.address, target)
+                        time.sleep(exc.retry_after_ms / 1000 if not exc.address else 0)
+                    except PlatformNotFound:
+                        errors["not-found"] += 1  # b has not discovered it yet
+                        time.sleep(0.05)
+                assert outcome.status in ("accepted", "replayed"), outcome
+                acked.append(cid)
+                i += 1
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        _until(lambda: len(acked) >= 50)
+        report = move_platform(a1.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        _until(lambda: _serves(b1, "pa"))
+        count_at_move = len(acked)
+        _until(lambda: len(acked) >= count_at_move + 50)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert errors["elsewhere"] > 0  # the clients did meet the move
+
+        assert report.state == OUT_DONE and report.records > 0
+        assert report.side_rows["custody_pii_keys"] >= 1
+        # every acknowledged transfer is in b's log exactly once; a's log stopped at the move
+        b_rows = _rows(b1.config, "pa")
+        a_rows = _rows(a1.config, "pa")
+        assert len(a_rows) == report.records
+        assert b_rows[: len(a_rows)] == a_rows  # byte for byte, same positions
+        client_ids = Counter(
+            records.decode(records.unpack_state(packed)[1])["cid"]
+            for _, kind, packed in b_rows
+            if kind != records.REFUSED_KIND
+        )
+        missing = [cid for cid in acked if client_ids[cid] != 1]
+        assert not missing, (missing[:5], list(client_ids.items())[-5:])
+        assert verify_stored_chain(LedgerStore(b1.config), "pa") == (len(b_rows), None, "ok")
+        bal = balances(b1, "pa")
+        assert bal["bob"][0] == len(acked) and bal["alice"][0] == 1_000_000 - len(acked)
+        # customers' data keys came along: b opens what a sealed
+        assert b1.vault.open("pa", sealed) == "Alice Zhang"
+        # an auditor's checkpoint from before the move is consistent with b's tree (same key)
+        after = b1.sign_checkpoint("pa")
+        assert (
+            after.size == len(b_rows) and after.note.split(b"\n")[0] == before.note.split(b"\n")[0]
+        )
+        proof = b1.consistency_proof("pa", before.size, after.size)
+        assert verify_consistency(before.size, after.size, before.root, after.root, proof)
+        # both servers of a now redirect to b, for reads and writes
+        for server in (a1, a2):
+            _until(lambda s=server: not _serves(s, "pa"))  # type: ignore[misc]
+            with pytest.raises(WriterElsewhere) as err:
+                server.execute("pa", [deposit(p, "late", "alice", 1)], "operator:root")
+            assert (err.value.server_id, err.value.address) == ("store:b", ADDRESS_B)
+        states = [m.state for m in move_history(a1.config, "pa")]
+        assert states == [OUT_START, OUT_DONE]
+        assert [m.state for m in move_history(b1.config, "pa")] == [IN]
+    finally:
+        for s in (a1, a2, b1):
+            s.close()
+
+
+def test_move_back_appends_only_the_tail_and_the_old_store_serves_again(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    a = _server(two_stores, tmp_path, "a", "a1")
+    b = _server(two_stores, tmp_path, "b", "b1")
+    try:
+        p, _ = _load_platform(a, "pa")
+        move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        _until(lambda: _serves(b, "pa"))
+        for i in range(5):
+            assert b.execute("pa", [transfer(p, f"b{i}", "alice", "bob", 10)], "platform:pa")[0].ok
+        report = move_platform(b.config, "pa", "a", "operator:mover", lease_wait_s=30)
+        assert report.copied == 5  # the prefix was already in a, compared by its chain hash
+        _until(lambda: _serves(a, "pa"))
+        assert a.execute("pa", [transfer(p, "a-again", "alice", "bob", 1)], "platform:pa")[0].ok
+        assert balances(a, "pa")["bob"][0] == 51
+        rows = _rows(a.config, "pa")
+        assert verify_stored_chain(LedgerStore(a.config), "pa") == (len(rows), None, "ok")
+        assert [m.state for m in move_history(a.config, "pa")] == [OUT_START, OUT_DONE, IN]
+        with pytest.raises(WriterElsewhere) as err:
+            b.execute("pa", [], "operator:root")
+        assert err.value.address == ADDRESS_A
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_interrupted_move_can_be_aborted_or_finished(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    a = _server(two_stores, tmp_path, "a", "a1")
+    b = _server(two_stores, tmp_path, "b", "b1")
+    try:
+        p, _ = _load_platform(a, "pa")
+        from ledger.move import _record  # the first step alone: as if the mover died after it
+
+        _record(a.config, "pa", OUT_START, "b", 0, "", "operator:mover")
+        _until(lambda: not _serves(a, "pa"))
+        with pytest.raises(WriterElsewhere) as err:  # moving: nobody to name, retry later
+            a.execute("pa", [deposit(p, "d1", "alice", 1)], "operator:root")
+        assert err.value.address == ""
+        with pytest.raises(MoveError, match="already in store a"):
+            move_platform(a.config, "pa", "a", "operator:mover")  # same store: refused
+        abort_move(a.config, "pa", "operator:mover")
+        _until(lambda: _serves(a, "pa"))
+        assert a.execute("pa", [deposit(p, "d1", "alice", 1)], "operator:root")[0].ok
+        # interrupted again, then finished by running the move once more
+        _record(a.config, "pa", OUT_START, "b", 0, "", "operator:mover")
+        report = move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        _until(lambda: _serves(b, "pa"))
+        with pytest.raises(MoveError, match="not moving out"):
+            abort_move(a.config, "pa", "operator:mover")
+        with pytest.raises(MoveError, match="already moved"):
+            move_platform(a.config, "pa", "b", "operator:mover")
+        assert [m.state for m in move_history(a.config, "pa")] == [
+            OUT_START,
+            ABORTED,
+            OUT_START,
+            OUT_DONE,
+        ]
+        assert report.records == len(_rows(b.config, "pa"))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_target_with_a_different_history_is_refused_and_nothing_is_copied(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    a = _server(two_stores, tmp_path, "a", "a1")
+    try:
+        _load_platform(a, "pa")
+        # a log of the same platform id in b, created before the placement said otherwise
+        other = LedgerService(_config(two_stores, tmp_path, "b", "rogue"), lease=False)
+        other._refuse_if_placed_elsewhere = lambda platform_id: None  # type: ignore[method-assign]
+        other.start()
+        try:
+            make_platform(other, "pa", customers=("zed",))
+        finally:
+            other.close()
+        b_config = a.config.for_store("b")
+        b_rows_before = _rows(b_config, "pa")
+        with pytest.raises(MoveError, match="already serves"):
+            move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        from ledger.move import _record
+
+        _record(b_config, "pa", OUT_DONE, "a", len(b_rows_before), "", "operator:root")
+        with pytest.raises(MoveError, match="different history"):
+            move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        assert _rows(b_config, "pa") == b_rows_before
+        with psycopg.connect(PG_CONNINFO.replace("dbname=test", f"dbname={SECOND_DB}")) as conn:
+            found = conn.execute(
+                f"SELECT count(*) FROM {two_stores['schema']}.custody_pii_keys "
+                "WHERE platform = 'pa'"
+            ).fetchone()
+        assert found is not None and found[0] == 0  # no side data copied either
+        abort_move(a.config, "pa", "operator:mover")
+        _until(lambda: _serves(a, "pa"))
+    finally:
+        a.close()
