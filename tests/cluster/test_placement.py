@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from helpers import (
 
 from custody_verify.merkle import verify_consistency
 from ledger import records
+from ledger.api.certs import create_dev_pki
+from ledger.api.client import CustodyClient
+from ledger.api.server import running_server
 from ledger.config import Config, ConfigError
 from ledger.move import MoveError, abort_move, move_history, move_platform
 from ledger.placement import ABORTED, IN, OUT_DONE, OUT_START, Placement, PlacementError
@@ -439,3 +445,68 @@ def test_a_target_with_a_different_history_is_refused_and_nothing_is_copied(
         _until(lambda: _serves(a, "pa"))
     finally:
         a.close()
+
+
+# -- over the gRPC API -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_grpc_clients_are_sent_to_the_store_that_holds_the_platform_even_after_a_move(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    create_dev_pki(pki, platforms=("p1",))
+    ports = {"a": _free_port(), "b": _free_port()}
+    doc = json.loads(json.dumps(two_stores["doc"]))
+    for name, port in ports.items():
+        doc["stores"][name]["servers"] = [f"127.0.0.1:{port}"]
+    placement = tmp_path / "grpc-placement.json"
+    placement.write_text(json.dumps(doc))
+    services: dict[str, LedgerService] = {}
+    with ExitStack() as stack:
+        for name, port in ports.items():
+            config = replace(
+                _config(two_stores, tmp_path, name, f"{name}-grpc"),
+                placement=Placement.load(placement),
+                advertise=f"127.0.0.1:{port}",
+            )
+            service = LedgerService(config)
+            service.start()
+            stack.callback(service.close)
+            stack.enter_context(running_server(service, host="127.0.0.1", port=port, tls_dir=pki))
+            services[name] = service
+        p = make_platform(services["a"], "p1")
+        assert (
+            services["a"].execute("p1", [deposit(p, "d0", "alice", 1_000)], "operator:root")[0].ok
+        )
+        client = stack.enter_context(
+            CustodyClient.mtls(
+                f"127.0.0.1:{ports['b']}",  # the wrong database's server
+                pki / "ca.pem",
+                pki / "platform-p1.pem",
+                pki / "platform-p1.key",
+                platform_id="p1",
+            )
+        )
+        assert client.get_balance("alice").posted_minor == 1_000
+        assert client.transfer("g-1", "alice", "bob", 5, "CNY").status == "accepted"
+        assert client.target == f"127.0.0.1:{ports['a']}"
+        move_platform(services["a"].config, "p1", "b", "operator:mover", lease_wait_s=30)
+        _until(lambda: _serves(services["b"], "p1"))
+        # the client still talks to a: a sends it to b, where the write lands, once
+        receipt = client.transfer("g-2", "alice", "bob", 7, "CNY")
+        assert receipt.status == "accepted"
+        assert client.target == f"127.0.0.1:{ports['b']}"
+        assert client.transfer("g-2", "alice", "bob", 7, "CNY").replayed
+        assert client.get_balance("bob").posted_minor == 12
+        b_cids = [
+            records.decode(records.unpack_state(packed)[1])["cid"]
+            for _, kind, packed in _rows(services["b"].config, "p1")
+            if kind != records.REFUSED_KIND
+        ]
+        assert b_cids.count("g-1") == 1 and b_cids.count("g-2") == 1
