@@ -45,6 +45,7 @@ from serve_harness import (  # noqa: E402
     check_ledger,
     check_projections,
     make_pki,
+    overlapping,
     prepare_platforms,
     throughput,
 )
@@ -151,6 +152,8 @@ def main() -> int:
         try:
             acks = {cid: a for c in clients for cid, a in c.stats.acks.items()}
             found = check_ledger(cluster, acks)
+            everything = overlapping(cluster.intervals(during_shutdown=True))
+            shutdown_overlaps = [x for x in everything if x not in found.overlaps]
             proj = check_projections(cluster)
         finally:
             cluster.close()
@@ -174,6 +177,10 @@ def main() -> int:
     print(f"duplicates               {len(found.duplicates)}")
     print(f"acked outside its epoch  {len(found.outside_epoch)}")
     print(f"overlapping writers      {len(found.overlaps)} (servers' own logs)")
+    for line in found.overlaps[:10]:
+        print(f"  overlap: {line}")
+    for line in shutdown_overlaps:
+        print(f"  (handover while stopping, not counted: {line})")
     print(f"writer epochs            { {p: len(h) for p, h in found.history.items()} }")
     print(f"chains verify            {found.chains_ok} ({found.records} records)")
     if failovers:

@@ -187,7 +187,7 @@ class ServerProc(Proc):
     def ready(self) -> bool:
         return any(str(r.get("message", "")).startswith("serving custody.v1") for r in self.log())
 
-    def intervals(self) -> list[Interval]:
+    def intervals(self, during_shutdown: bool = False) -> list[Interval]:
         """When it said it started and stopped writing each platform; an open stretch ends
         when the process was killed or stopped."""
         out: list[Interval] = []
@@ -240,6 +240,7 @@ class ServeCluster:
         self.workers: dict[str, WorkerProc] = {}
         self.retired_workers: list[WorkerProc] = []
         self.store = LedgerStore(config)  # the harness's own view of the database
+        self.shutdown_ms: int | None = None  # when `stop` began
 
     # -- servers --------------------------------------------------------------------------------
 
@@ -322,8 +323,18 @@ class ServeCluster:
     def platforms(self) -> list[str]:
         return sorted(self.store.platform_ids())
 
-    def intervals(self) -> list[Interval]:
-        return [iv for s in [*self.retired, *self.servers.values()] for iv in s.intervals()]
+    def intervals(self, during_shutdown: bool = False) -> list[Interval]:
+        """Every writing stretch that began before shutdown. During shutdown servers stop one
+        after the other and hand their platforms on; a stopped server's stretch ends when its
+        process has exited (after it released its leases), so a successor's stretch that began
+        then would look like an overlap that is only the end time being late."""
+        cut = self.shutdown_ms
+        return [
+            iv
+            for s in [*self.retired, *self.servers.values()]
+            for iv in s.intervals()
+            if cut is None or iv.start_ms < cut or during_shutdown
+        ]
 
     # -- projection workers ---------------------------------------------------------------------
 
@@ -375,6 +386,8 @@ class ServeCluster:
     # -- shutdown -------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        if self.shutdown_ms is None:
+            self.shutdown_ms = wall_ms()
         for proc in [*self.workers.values(), *self.servers.values()]:
             proc.stop()
 
