@@ -55,7 +55,6 @@ from ledger.placement import (
     record_move,
 )
 from ledger.store import LedgerStore, NewRow, log_stream
-from ledger.writer import verify_stored_chain
 
 log = logging.getLogger("ledger.move")
 
@@ -295,6 +294,22 @@ def _chain(rows: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[int, str, b
         expected += 1
 
 
+def _stream(
+    store: LedgerStore, config: Config, stream: str, after: int = -1
+) -> Iterator[tuple[int, str, bytes]]:
+    """The stream's rows after `after`, in order, by one binary COPY (several times faster than
+    paging through the recorder, which builds an object per row)."""
+    table = sql.Identifier(_schema(config), store.recorder.events_table_name)  # type: ignore[attr-defined]
+    query = sql.SQL(
+        "COPY (SELECT originator_version, topic, state FROM {} WHERE originator_id = {} "
+        "AND originator_version > {} ORDER BY originator_version) TO STDOUT (FORMAT BINARY)"
+    ).format(table, sql.Literal(stream), sql.Literal(after))
+    with _connect(config) as conn, conn.cursor() as cur, cur.copy(query) as copy:
+        copy.set_types(["int8", "text", "bytea"])
+        for seq, kind, state in copy.rows():
+            yield int(seq), str(kind), bytes(state)
+
+
 def _copy(
     src: LedgerStore,
     dst: LedgerStore,
@@ -330,7 +345,7 @@ def _copy(
     in_directory = platform_id in dst.platform_ids()
     pending: list[NewRow] = []
     head = records.CHAIN_GENESIS
-    for seq, kind, packed, stored in _chain(src.iter_rows(stream)):
+    for seq, kind, packed, stored in _chain(_stream(src, config, stream)):
         head = stored
         if seq < dst_size:
             if seq == dst_size - 1 and records.unpack_state(dst_last[2])[0] != stored:  # type: ignore[index]
@@ -352,13 +367,16 @@ def _copy(
         report.copied += sum(1 for row in pending if row[0] == stream)
     if progress is not None:
         progress("copy", size, size)
-    checked, bad, reason = verify_stored_chain(dst, platform_id)
-    if bad is not None or checked != size:
-        raise MoveError(f"the target's copy does not verify: {checked} records, {reason}")
-    last = dst.last_row(stream)
-    assert last is not None
-    if records.unpack_state(last[2])[0] != head:
-        raise MoveError("the target's head differs from the source's")
+    # Read the target's copy back and check every link: equal heads mean equal bytes throughout.
+    checked, target_head = 0, b""
+    try:
+        for _, _, _, stored in _chain(_stream(dst, target_config, stream)):
+            checked += 1
+            target_head = stored
+    except MoveError as exc:
+        raise MoveError(f"the target's copy does not verify: {exc}") from None
+    if checked != size or target_head != head:
+        raise MoveError(f"the target's copy differs: {checked} records, head {target_head.hex()}")
     if progress is not None:
         progress("verify", size, size)
     return size, head
