@@ -1,18 +1,19 @@
 """Benchmark: restart with a long log, with and without a state snapshot (BRIEF §9: serving in
 <= 5 s with 10 million records).
 
-Steps (one fresh database):
+Steps (one fresh database, or the one kept in --data-dir):
   1. generate   --records records through the in-process batched path (LedgerService.execute,
                 batches of 1,000 transfers between --accounts customer accounts, like
-                bench/transfers.py; not timed as part of any figure below)
-  2. full       a fresh writer replays and re-chains every record (snapshots off): the baseline
-  3. save       that writer captures a snapshot (the part that holds the platform lock) and
-                stores it (one transaction): times and size
-  4. tail       --tail more transfers are appended after the snapshot
-  5. restart    a fresh writer loads the snapshot, checks it against the log and replays the
+                bench/transfers.py; not timed as part of any figure below): first the prefix,
+                then --tail more transfers. With --data-dir this happens once; later runs with
+                the same parameters reuse the stored log (a 10 M log takes long to build).
+  2. full       a fresh writer replays and re-chains the prefix (snapshots off): the baseline
+  3. save       that writer captures a snapshot at the prefix's end (the part that holds the
+                platform lock) and stores it (one transaction): times and size
+  4. restart    a fresh writer loads the snapshot, checks it against the log and replays the
                 tail; then a whole `LedgerService.start()` (what `custody serve` does before
                 serving: every platform loaded, GC tuned)
-  6. check      the snapshot-loaded state equals the full replay's (balances, done table size,
+  5. check      the snapshot-loaded state equals a full replay's (balances, done table size,
                 chain head, Merkle root)
 
 Prints each figure and the ratio full replay / snapshot restart, measured in this run.
@@ -20,7 +21,7 @@ Prints each figure and the ratio full replay / snapshot restart, measured in thi
 Examples:
   python bench/restart.py                                  # 1,000,000 records, SQLite
   python bench/restart.py --records 100000 --store postgres
-  python bench/restart.py --records 10000000               # ~4 min to generate, ~8 GB RAM
+  python bench/restart.py --records 10000000 --data-dir /tmp/restart10m --no-check
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,24 +103,63 @@ def fingerprint(writer: PlatformWriter) -> tuple[Any, ...]:
     )
 
 
+def replay_prefix(writer: PlatformWriter, end: int) -> None:
+    """A full replay (re-chain + fold) of records 0 .. end-1 only: the state a writer had when
+    the log ended at `end`, so the tail after it can already be stored (a reused database)."""
+    writer._reset()
+    for seq, kind, packed in writer.store.iter_rows(writer.stream, after=-1, stop=end - 1):
+        writer._replay_row(seq, kind, packed)
+    check(writer.state.next_seq == end, f"log holds fewer than {end} records")
+    writer.committed_next_seq = writer.prepared_next_seq = end
+
+
+@contextmanager
+def bench_config(args: argparse.Namespace) -> Iterator[Config]:
+    """A fresh temporary database, or the one kept in --data-dir (generated on first use)."""
+    if args.data_dir is None:
+        with fresh_config(args.store) as cfg:
+            yield cfg
+        return
+    check(args.store == "sqlite", "--data-dir is for SQLite")
+    Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    yield Config.from_env({"CUSTODY_DATA_DIR": args.data_dir, "CUSTODY_STORE": "sqlite"})
+
+
+def generate(args: argparse.Namespace, cfg: Config) -> int:
+    """Store the log (prefix, then tail); returns the prefix's length, where the snapshot goes.
+    With --data-dir the log is generated once and its parameters are kept beside it."""
+    params = {k: getattr(args, k) for k in ("records", "tail", "accounts", "seed")}
+    meta = Path(args.data_dir or "/nonexistent") / "restart-bench.json"
+    if args.data_dir is not None and meta.exists():
+        kept = json.loads(meta.read_text())
+        check(kept["params"] == params, f"{meta} was generated with {kept['params']}")
+        print(f"reusing the log in {args.data_dir}", file=sys.stderr)
+        return int(kept["prefix"])
+    svc = LedgerService(cfg)
+    svc.start()
+    try:
+        seed_ledger(svc, args.accounts)
+        setup = 2 + 2 * args.accounts
+        append(svc, args.records - setup - args.tail, args.accounts, args.seed, "t")
+        prefix = svc._platform(PLATFORM).writer.committed_next_seq
+        append(svc, args.tail, args.accounts, args.seed + 1, "tail")
+    finally:
+        svc.close()
+    if args.data_dir is not None:
+        meta.write_text(json.dumps({"params": params, "prefix": prefix}))
+    return int(prefix)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"store": args.store, "tail": args.tail}
-    with fresh_config(args.store) as cfg:
-        svc = LedgerService(cfg)
-        svc.start()
-        try:
-            seed_ledger(svc, args.accounts)
-            setup = 2 + 2 * args.accounts
-            append(svc, args.records - setup - args.tail, args.accounts, args.seed, "t")
-        finally:
-            svc.close()
-
+    with bench_config(args) as cfg:
+        position = generate(args, cfg)
         svc = LedgerService(cfg)  # not started: only its store, vault and writer factory
         try:
             gc.collect()
             full = fresh_writer(cfg, svc, use_snapshots=False)
             t0 = time.perf_counter()
-            full.load()
+            replay_prefix(full, position)
             out["full_replay_s"] = time.perf_counter() - t0
             out["records_at_snapshot"] = full.state.next_seq
             print(f"full replay: {out['full_replay_s']:.2f} s", file=sys.stderr)
@@ -127,21 +169,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["capture_s"] = time.perf_counter() - t0
             check(captured is not None, "no snapshot captured")
             assert captured is not None
-            position, body = captured
+            check(captured[0] == position, "snapshot not at the prefix's end")
+            body = captured[1]
             t0 = time.perf_counter()
             full.store_snapshot(position, body)
             out["store_s"] = time.perf_counter() - t0
             out["snapshot_bytes"] = len(body)
+            print(
+                f"capture {out['capture_s']:.2f} s, store {out['store_s']:.2f} s", file=sys.stderr
+            )
             del body, captured
             del full
             gc.collect()
-        finally:
-            svc.close()
-
-        svc = LedgerService(cfg)
-        svc.start()
-        try:
-            append(svc, args.tail, args.accounts, args.seed + 1, "tail")
         finally:
             svc.close()
 
@@ -192,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-check", action="store_true", help="skip the second full replay")
+    p.add_argument(
+        "--data-dir",
+        help="SQLite: keep the database in this folder and reuse it on later runs with the same "
+        "--records/--tail/--accounts/--seed (generated on first use; default: a temp folder)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args(argv)
     check(args.records > 2 + 2 * args.accounts + args.tail, "--records too small")
