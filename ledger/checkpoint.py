@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -229,6 +229,15 @@ def sign_checkpoint(signer: NoteSigner, size: int, root: bytes) -> bytes:
 ConsistencyCheck = Callable[[int, bytes, int, bytes], bool]
 
 
+class SharedNotes(Protocol):
+    """Where the servers of one store share a platform's signed notes."""
+
+    def append(self, cp: SignedCheckpoint) -> None: ...
+    def latest(self) -> SignedCheckpoint | None: ...
+    def at_size(self, size: int) -> SignedCheckpoint | None: ...
+    def history(self, limit: int = 100_000) -> list[SignedCheckpoint]: ...
+
+
 def tree_consistency(tree: object) -> ConsistencyCheck:
     """A consistency check backed by the writer's MerkleLog: the new root must be the tree's root
     at the new size, and the tree's consistency proof must link the old root to it."""
@@ -255,7 +264,16 @@ class CheckpointLog:
     * `notes.log`  every signed checkpoint, one `<size> <base64 note>` line each, append-only.
     """
 
-    def __init__(self, directory: Path | str, signer: NoteSigner, consistent: ConsistencyCheck):
+    def __init__(
+        self,
+        directory: Path | str,
+        signer: NoteSigner,
+        consistent: ConsistencyCheck,
+        shared: SharedNotes | None = None,
+    ):
+        """`shared` (PostgreSQL, `ledger/checkpoint_store.py`): the notes every server of the
+        store signed; the next checkpoint extends the latest of them, and lookups see them all."""
+        self.shared = shared
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.signer = signer
@@ -298,10 +316,36 @@ class CheckpointLog:
                 raw["size"], base64.b64decode(raw["root"]), base64.b64decode(raw["note"])
             )
         # a crash between appending to notes.log and replacing last.json: the log wins
-        for cp in self.history():
+        for cp in self._file_history():
             if last is None or cp.size > last.size:
                 last = cp
-        return last
+        return self._newer_shared(last)
+
+    def _genuine(self, cp: SignedCheckpoint) -> bool:
+        """A note from the shared table counts only if this ledger's key signed exactly it."""
+        try:
+            return sign_checkpoint(self.signer, cp.size, cp.root) == cp.note
+        except ValueError:
+            return False
+
+    def _newer_shared(self, last: SignedCheckpoint | None) -> SignedCheckpoint | None:
+        """The shared table's latest note if it is genuine and beyond `last` (another server
+        signed it), else `last`."""
+        if self.shared is None:
+            return last
+        latest = self.shared.latest()
+        if latest is None or (last is not None and latest.size <= last.size):
+            return last
+        if not self._genuine(latest):
+            log.error("ignoring a checkpoint row this ledger's key did not sign: %s", self.origin)
+            return last
+        return latest
+
+    def latest(self) -> SignedCheckpoint | None:
+        """The last checkpoint signed by any server of the store (see `shared`)."""
+        with self._lock:
+            self.last = self._newer_shared(self.last)
+            return self.last
 
     def sign(self, size: int, root: bytes) -> bytes:
         """Sign (size, root) if it is a consistent extension of the last signed checkpoint.
@@ -312,7 +356,7 @@ class CheckpointLog:
         Thread-safe; the note is durable (fsynced) before it is returned.
         """
         with self._lock:
-            last = self.last
+            last = self.last = self._newer_shared(self.last)
             if last is None:
                 if not self.consistent(0, EMPTY_ROOT, size, root):
                     raise InconsistentCheckpoint(f"root at size {size} is not the log's")
@@ -334,7 +378,10 @@ class CheckpointLog:
             return note
 
     def _persist(self, cp: SignedCheckpoint) -> None:
-        """notes.log first, then last.json; a crash in between is repaired by `_load`."""
+        """The shared table (other servers), notes.log, then last.json; a crash in between is
+        repaired by `_load`. A note is returned to nobody before all three are durable."""
+        if self.shared is not None:
+            self.shared.append(cp)
         note_b64 = base64.b64encode(cp.note).decode()
         with open(self._notes_path, "a") as f:
             f.write(f"{cp.size} {note_b64}\n")
@@ -360,7 +407,18 @@ class CheckpointLog:
         self.last = cp
 
     def history(self) -> Iterator[SignedCheckpoint]:
-        """Every checkpoint signed so far, oldest first."""
+        """Every checkpoint signed so far (by any server of the store), oldest first."""
+        if self.shared is None:
+            yield from self._file_history()
+            return
+        by_size = {cp.size: cp for cp in self._file_history()}
+        for cp in self.shared.history():
+            if cp.size not in by_size and self._genuine(cp):
+                by_size[cp.size] = cp
+        for size in sorted(by_size):
+            yield by_size[size]
+
+    def _file_history(self) -> Iterator[SignedCheckpoint]:
         try:
             f = open(self._notes_path)  # noqa: SIM115
         except FileNotFoundError:
@@ -379,9 +437,13 @@ class CheckpointLog:
                 yield SignedCheckpoint(size, root, note)
 
     def at_size(self, size: int) -> SignedCheckpoint | None:
-        for cp in self.history():
+        for cp in self._file_history():
             if cp.size == size:
                 return cp
+        if self.shared is not None:
+            found = self.shared.at_size(size)
+            if found is not None and self._genuine(found):
+                return found
         return None
 
 

@@ -70,6 +70,7 @@ MERGED_TABLES: Final = (
     "recon_entries",
     "recon_events",
     "api_disclosures",
+    "custody_checkpoints",
 )
 REPLACED_TABLES: Final = (
     "recon_items",

@@ -45,6 +45,7 @@ from ledger.checkpoint import (
     origin_for,
     tree_consistency,
 )
+from ledger.checkpoint_store import SharedCheckpoints
 from ledger.config import Config
 from ledger.domain import PlatformState
 from ledger.lease import (
@@ -282,7 +283,12 @@ class LedgerService:
         def elsewhere() -> WriterElsewhere:
             return self.writer_elsewhere(platform_id)
 
-        return _Platform(writer, CheckpointLog(directory, signer, consistent), elsewhere)
+        shared = None
+        if self.store.is_postgres:  # every server of the store shares one checkpoint history
+            schema = self.config.postgres.get("POSTGRES_SCHEMA") or "public"
+            shared = SharedCheckpoints(self.store.datastore, schema, platform_id)
+        checkpoints = CheckpointLog(directory, signer, consistent, shared)
+        return _Platform(writer, checkpoints, elsewhere)
 
     def _new_writer(self, platform_id: str) -> PlatformWriter:
         vault = self.vault
@@ -485,7 +491,7 @@ class LedgerService:
     def checkpoint(self, platform_id: str, size: int | None = None) -> SignedCheckpoint | None:
         """The latest signed checkpoint, or the one signed at exactly `size`."""
         checkpoints = self._platform(platform_id).checkpoints
-        return checkpoints.last if size is None else checkpoints.at_size(size)
+        return checkpoints.latest() if size is None else checkpoints.at_size(size)
 
     def inclusion_proof(
         self, platform_id: str, index: int, size: int | None = None

@@ -329,6 +329,7 @@ def test_move_under_load_loses_nothing_and_keeps_the_chain(
         assert (
             after.size == len(b_rows) and after.note.split(b"\n")[0] == before.note.split(b"\n")[0]
         )
+        assert b1.checkpoint("pa", before.size) == before  # the notes came along
         proof = b1.consistency_proof("pa", before.size, after.size)
         assert verify_consistency(before.size, after.size, before.root, after.root, proof)
         # both servers of a now redirect to b, for reads and writes
