@@ -359,7 +359,8 @@ class LedgerService:
             return outcome
 
     def platform_ids(self) -> list[str]:
-        return sorted(self._platforms)
+        """The platforms this server serves (not those that moved to another store)."""
+        return sorted(p for p in self._platforms if not self._gone(p))
 
     def _platform(self, platform_id: str) -> _Platform:
         platform = self._platforms.get(platform_id)
@@ -620,7 +621,10 @@ class LedgerService:
         return self.config.server_id
 
     def is_writer(self, platform_id: str) -> bool:
-        """Whether this server writes the platform now (always true without leases)."""
+        """Whether this server writes the platform now (always true without leases; false for
+        a platform that moved to another store)."""
+        if self._gone(platform_id):
+            return False
         return self._platform(platform_id).role == WRITER
 
     def writer_elsewhere(self, platform_id: str) -> WriterElsewhere:

@@ -332,9 +332,10 @@ def test_move_under_load_loses_nothing_and_keeps_the_chain(
         assert b1.checkpoint("pa", before.size) == before  # the notes came along
         proof = b1.consistency_proof("pa", before.size, after.size)
         assert verify_consistency(before.size, after.size, before.root, after.root, proof)
-        # both servers of a now redirect to b, for reads and writes
+        # both servers of a now redirect to b, for reads and writes, and no longer list it
         for server in (a1, a2):
-            _until(lambda s=server: not _serves(s, "pa"))  # type: ignore[misc]
+            _until(lambda s=server: "pa" not in s.platform_ids())  # type: ignore[misc]
+            assert not server.is_writer("pa")
             with pytest.raises(WriterElsewhere) as err:
                 server.execute("pa", [deposit(p, "late", "alice", 1)], "operator:root")
             assert (err.value.server_id, err.value.address) == ("store:b", ADDRESS_B)
