@@ -29,6 +29,15 @@ DIRECTORY_STREAM: Final = "directory"
 APP_NAME: Final = "custody"
 READ_PAGE_MAX: Final = 10_000
 WRITERS_TABLE: Final = "custody_writers"  # who writes each platform (ledger/lease.py)
+# A leased writer's group transaction that goes silent (a stalled or cut network between this
+# server and PostgreSQL) holds the events table's EXCLUSIVE lock and its writers row: every
+# other server's commits and any takeover of the platform wait behind it. PostgreSQL ends it
+# after GROUP_SILENCE_MS instead (idle_in_transaction_session_timeout between statements,
+# statement_timeout on the COPY once the table lock is held): the group is rolled back and the
+# locks are free. A healthy group commits in milliseconds. Waiting for those locks (behind such
+# a silent peer) may take up to GROUP_LOCK_WAIT_MS, so the waiter outlives the silent one.
+GROUP_SILENCE_MS: Final = 5_000
+GROUP_LOCK_WAIT_MS: Final = 3 * GROUP_SILENCE_MS
 
 __all__ = [
     "IntegrityError",
@@ -103,12 +112,33 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
             schema=Identifier(self.datastore.schema),
             table=Identifier(self.events_table_name),
         )
+        # Leased groups only (several servers share the store): bound how long a silent
+        # transaction holds its locks (GROUP_SILENCE_MS), without an extra round trip: the
+        # guard replaces the library's lock_timeout statement, the second bound rides on NOTIFY.
+        assert "lock_timeout" in repr(self.lock_table_statements[0]), self.lock_table_statements
+        self._guard_statement = SQL(
+            "SET LOCAL statement_timeout = '{wait}ms'; "
+            "SET LOCAL idle_in_transaction_session_timeout = '{silence}ms'; "
+            "SET LOCAL lock_timeout = '{lock}s'"
+        ).format(
+            wait=GROUP_LOCK_WAIT_MS,
+            silence=GROUP_SILENCE_MS,
+            lock=int(self.datastore.lock_timeout),
+        )
+        self._notify_bounded = SQL(
+            "NOTIFY {channel}; SET LOCAL statement_timeout = '{ms}ms'"
+        ).format(channel=Identifier(self.channel_name), ms=GROUP_SILENCE_MS)
         # The writer check: FOR SHARE holds the row until this transaction ends, so a takeover
         # (`LeaseManager.announce`, an UPDATE of the same row) waits for a commit already past
         # the check, and a commit that comes after the takeover sees the new writer and aborts.
         self._writer_statement = SQL(
             "SELECT server_id, epoch FROM {schema}.{table} WHERE platform_id = %s FOR SHARE"
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(WRITERS_TABLE))
+
+    def _lock_table(self, curs: Any) -> None:
+        """LOCK TABLE only: `insert_rows` has set lock_timeout already (with the guard)."""
+        for statement in self.lock_table_statements[1:]:
+            curs.execute(statement, prepare=True)
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> None:
         self.insert_rows(
@@ -129,7 +159,10 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
             conn.transaction(),
             conn.cursor() as curs,
         ):
-            if claim is not None:
+            if claim is None:
+                curs.execute(self.lock_table_statements[0], prepare=True)  # lock_timeout
+            else:
+                curs.execute(self._guard_statement)
                 curs.execute(self._writer_statement, (claim[0],))
                 found: Any = curs.fetchone()
                 if isinstance(found, dict):  # eventsourcing's pool hands out dict rows
@@ -138,7 +171,10 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
                 if recorded != (claim[1], claim[2]):
                     raise WriterSuperseded(claim, recorded)
             self._lock_table(curs)
-            self._notify_channel(curs)
+            if claim is None:
+                self._notify_channel(curs)
+            else:
+                curs.execute(self._notify_bounded)  # the table lock is held from here on
             with curs.copy(self._copy_statement) as copy:
                 copy.set_types(["text", "int8", "text", "bytea"])
                 write_row = copy.write_row
