@@ -12,8 +12,14 @@ is home-made consensus: the database's lock manager decides, and the event table
 
 The lease connection is checked every poll interval (`SELECT 1`, with TCP keepalives and a TCP
 user timeout so a stalled network errors instead of hanging); if the check fails or has not
-succeeded for `3 × poll` the lease is treated as lost at once (the service fences its writers)
-even if the database has not noticed yet: the safe direction is to stop writing first.
+succeeded for `timeout_s = max(3 × poll, 2 s)` the lease is treated as lost at once (the service
+fences its writers) even if the database has not noticed yet: the safe direction is to stop
+writing first. The database side is bounded too: the session runs with
+`idle_session_timeout = 2 × timeout_s`, so when the holder goes silent (a partition or a stalled
+network, where PostgreSQL's own TCP keepalives would take hours) PostgreSQL ends the session and
+frees its leases, and another server takes them over instead of the platform staying unwritten.
+A takeover waits at most `timeout_s / 4` for a silent writer's commit to let go of the writers
+row (`TakeoverBlocked`), so the new writer's own lease checks never stall behind it.
 
 The holder of a lease records itself in `custody_writers` (platform, server id, advertised
 address, since, epoch, first position it wrote) and appends the same row to
@@ -45,7 +51,7 @@ from psycopg import sql
 
 from ledger.config import Config
 from ledger.store import WRITERS_TABLE
-from ledger.writer import WriterFenced
+from ledger.writer import StoreUnavailable, WriterFenced
 
 log = logging.getLogger("ledger.lease")
 
@@ -128,6 +134,11 @@ class LeaseLost(RuntimeError):
     """The lease connection failed: every lease this server held is gone."""
 
 
+class TakeoverBlocked(StoreUnavailable):
+    """The writers row is still held by the previous writer's commit (a silent one that
+    PostgreSQL has not ended yet): nothing was announced; release the lease and try again."""
+
+
 class LeaseManager:
     """A server's write leases, all on one dedicated PostgreSQL connection.
 
@@ -142,6 +153,9 @@ class LeaseManager:
         self.schema = config.postgres.get("POSTGRES_SCHEMA") or "public"
         self.poll_s = config.lease_poll_ms / 1000
         self.timeout_s = max(3 * self.poll_s, 2.0)
+        # PostgreSQL ends the session (freeing every lease) once it has been silent this long
+        self.session_timeout_s = 2 * self.timeout_s
+        self.takeover_wait_s = self.timeout_s / 4
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self.held: set[str] = set()
@@ -166,6 +180,20 @@ class LeaseManager:
                 **connect_kwargs(self.config, timeout_s=self.timeout_s, purpose="lease")
             )
             try:
+                silence_ms = int(self.session_timeout_s * 1000)
+                for setting in ("idle_session_timeout", "idle_in_transaction_session_timeout"):
+                    try:
+                        conn.execute(
+                            sql.SQL("SET {} = {}").format(
+                                sql.Identifier(setting), sql.Literal(f"{silence_ms}ms")
+                            )
+                        )
+                    except psycopg.errors.UndefinedObject:  # idle_session_timeout: PG >= 14
+                        log.warning(
+                            "PostgreSQL has no %s: a silent holder keeps its leases "
+                            "until its TCP connection times out",
+                            setting,
+                        )
                 with conn.transaction():
                     ddl_key = lease_key(self.config.ledger_id, self.schema, _DDL_KEY_LABEL)
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (ddl_key,))
@@ -259,6 +287,7 @@ class LeaseManager:
             conn = self._connection()
             try:
                 with conn.transaction():
+                    self._bound_wait(conn)
                     row = conn.execute(
                         sql.SQL(
                             "INSERT INTO {w} AS w (platform_id, server_id, address, since, epoch, "
@@ -279,6 +308,9 @@ class LeaseManager:
                         ).format(h=self._history),
                         (platform_id, epoch, self.server_id, self.address, from_seq),
                     )
+            except psycopg.errors.LockNotAvailable as exc:
+                self.last_ok = time.monotonic()  # it answered: the session is fine
+                raise TakeoverBlocked(f"{platform_id}: the writers row is still held") from exc
             except Exception as exc:
                 self._close_locked()
                 raise LeaseLost(f"lease connection failed: {exc}") from exc
@@ -294,6 +326,7 @@ class LeaseManager:
             conn = self._connection()
             try:
                 with conn.transaction():
+                    self._bound_wait(conn)
                     for table in (self._writers, self._history):
                         conn.execute(
                             sql.SQL(
@@ -302,10 +335,21 @@ class LeaseManager:
                             ).format(table),
                             (from_seq, platform_id, epoch, self.server_id),
                         )
+            except psycopg.errors.LockNotAvailable as exc:
+                self.last_ok = time.monotonic()
+                raise TakeoverBlocked(f"{platform_id}: the writers row is still held") from exc
             except Exception as exc:
                 self._close_locked()
                 raise LeaseLost(f"lease connection failed: {exc}") from exc
             self.last_ok = time.monotonic()
+
+    def _bound_wait(self, conn: psycopg.Connection[Any]) -> None:
+        """In a transaction: wait at most `takeover_wait_s` for a row another session holds."""
+        conn.execute(
+            sql.SQL("SET LOCAL lock_timeout = {}").format(
+                sql.Literal(f"{int(self.takeover_wait_s * 1000)}ms")
+            )
+        )
 
     def release(self, platform_id: str) -> None:
         with self._lock:
