@@ -29,13 +29,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
+from cluster_harness import Ack, Cluster, Node
 
 from ledger.api.errors import from_exception
 from ledger.lease import WriterElsewhere
@@ -46,6 +47,9 @@ CHUNK_MAX: Final = 64 * 1024  # bytes read at once per direction: the proxy's wh
 PG_BIN: Final = Path("/usr/lib/postgresql/15/bin")
 PG_OS_USER: Final = "postgres"  # initdb refuses root: the private cluster runs as this user
 _START_TIMEOUT_S: Final = 60
+BOTH: Final = "both"
+TO_POSTGRES: Final = "to-postgres"  # the server's queries
+TO_SERVER: Final = "to-server"  # PostgreSQL's answers
 
 
 def free_port() -> int:
@@ -96,7 +100,7 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"proxy-{self.port}", daemon=True)
         self._server: asyncio.AbstractServer | None = None
-        self._flowing: asyncio.Event | None = None
+        self._flowing: dict[str, asyncio.Event] = {}
         self._pairs: set[_Pair] = set()
         self._ready = threading.Event()
         self.accepted = 0  # connections accepted since start
@@ -131,20 +135,24 @@ class FaultProxy:
         count: int = self._call(act)
         return count
 
-    def stall(self) -> None:
-        """Stop forwarding bytes in both directions (connections stay open)."""
+    def stall(self, direction: str = BOTH) -> None:
+        """Stop forwarding bytes (connections stay open): both ways, or only TO_POSTGRES
+        (queries wait) or only TO_SERVER (PostgreSQL works, its answers wait: a COMMIT then
+        lands while its sender cannot know)."""
+        assert direction in (BOTH, TO_POSTGRES, TO_SERVER)
 
         def act() -> None:
-            assert self._flowing is not None
-            self._flowing.clear()
+            for name in (TO_POSTGRES, TO_SERVER):
+                if direction in (BOTH, name):
+                    self._flowing[name].clear()
             self.stalled = True
 
         self._call(act)
 
     def resume(self) -> None:
         def act() -> None:
-            assert self._flowing is not None
-            self._flowing.set()
+            for event in self._flowing.values():
+                event.set()
             self.stalled = False
 
         self._call(act)
@@ -182,8 +190,9 @@ class FaultProxy:
         asyncio.set_event_loop(self._loop)
 
         async def boot() -> None:
-            self._flowing = asyncio.Event()
-            self._flowing.set()
+            self._flowing = {TO_POSTGRES: asyncio.Event(), TO_SERVER: asyncio.Event()}
+            for event in self._flowing.values():
+                event.set()
             self._server = await asyncio.start_server(
                 self._handle, "127.0.0.1", self.port, reuse_address=True
             )
@@ -205,15 +214,17 @@ class FaultProxy:
         pair = _Pair(down_w, up_w)
         self._pairs.add(pair)
         pair.tasks = [
-            asyncio.ensure_future(self._pump(down_r, up_w, pair)),
-            asyncio.ensure_future(self._pump(up_r, down_w, pair)),
+            asyncio.ensure_future(self._pump(down_r, up_w, pair, self._flowing[TO_POSTGRES])),
+            asyncio.ensure_future(self._pump(up_r, down_w, pair, self._flowing[TO_SERVER])),
         ]
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: _Pair,
+        flowing: asyncio.Event,
     ) -> None:
-        flowing = self._flowing
-        assert flowing is not None
         try:
             while True:
                 await flowing.wait()  # a stall holds the data before it is read...
@@ -425,7 +436,7 @@ def retryable(kind: str) -> bool:
 class Answers:
     """Everything one client was told, for the checks and the figures."""
 
-    acks: dict[str, Any] = field(default_factory=dict)  # client id -> cluster_harness.Ack
+    acks: dict[str, Ack] = field(default_factory=dict)
     ack_times: list[float] = field(default_factory=list)  # monotonic, one per acknowledged id
     errors: Counter[str] = field(default_factory=Counter)  # error kind -> answers
     wrong: list[str] = field(default_factory=list)  # answers that contradict what was asked
@@ -448,7 +459,6 @@ class FaultClient(threading.Thread):
         batch: int,
         stop: threading.Event,
         seed: int,
-        ack_factory: Any,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.ports = ports
@@ -457,7 +467,6 @@ class FaultClient(threading.Thread):
         self.stop_event = stop
         self.rng = random.Random(seed)
         self.answers = Answers()
-        self._ack = ack_factory  # cluster_harness.Ack (platform, status, seq, server, at_ms)
         self.leader: dict[str, int] = {}
         self.conns: dict[int, tuple[socket.socket, Any]] = {}
         self.failed: BaseException | None = None
@@ -519,7 +528,7 @@ class FaultClient(threading.Thread):
                     if status not in ("accepted", "replayed") or (first and status == "replayed"):
                         answers.wrong.append(f"{cid}: {status} at {seq} (first try: {first})")
                         continue
-                    answers.acks[cid] = self._ack(platform, status, seq, answer["server"], now_ms)
+                    answers.acks[cid] = Ack(platform, status, seq, answer["server"], now_ms)
                     answers.ack_times.append(now)
                 self.leader[platform] = port
                 return
@@ -600,3 +609,142 @@ def proxies_for(target: tuple[str, int], count: int) -> Iterator[list[FaultProxy
     finally:
         for proxy in started:
             proxy.close()
+
+
+class ProxiedCluster(Cluster):
+    """A cluster_harness.Cluster whose server i reaches PostgreSQL through `proxies[i]`."""
+
+    def __init__(self, store_env: dict[str, str], out_dir: Path, proxies: list[FaultProxy]):
+        super().__init__(store_env, out_dir, size=len(proxies))
+        self.proxies = proxies
+
+    def start_node(self, port: int) -> Node:
+        proxy = self.proxies[self.ports.index(port)]
+        shared = self.env
+        self.env = {**shared, "POSTGRES_PORT": str(proxy.port)}
+        try:
+            return super().start_node(port)
+        finally:
+            self.env = shared
+
+    def proxy_of(self, node: Node) -> FaultProxy:
+        return self.proxies[self.ports.index(node.port)]
+
+    def taken_over(self, platform: str) -> Callable[[list[FaultProxy]], bool]:
+        """A StallUntil condition: a server behind none of the stalled proxies writes it."""
+
+        def cond(stalled: list[FaultProxy]) -> bool:
+            found = self.writer_of(platform)
+            return found is not None and self.proxy_of(found[0]) not in stalled
+
+        return cond
+
+    def writer_proxies(self, platform: str, timeout: float = 30.0) -> list[FaultProxy]:
+        """The proxy of the server writing `platform` now (waits for one)."""
+        self.wait(lambda: self.writer_of(platform) is not None, timeout, f"a writer of {platform}")
+        found = self.writer_of(platform)
+        assert found is not None
+        return [self.proxy_of(found[0])]
+
+
+def stall_for(
+    proxies: Callable[[], list[FaultProxy]], seconds: float, direction: str = BOTH
+) -> Callable[[], None]:
+    """A fault: the proxies forward nothing (that way) for `seconds`, then everything flows."""
+
+    def act() -> None:
+        chosen = proxies()
+        for proxy in chosen:
+            proxy.stall(direction)
+        try:
+            time.sleep(seconds)
+        finally:
+            for proxy in chosen:
+                proxy.resume()
+
+    return act
+
+
+def drop_all(proxies: Callable[[], list[FaultProxy]], rst: bool) -> Callable[[], None]:
+    """A fault: every connection the proxies carry is closed at once (FIN, or RST)."""
+
+    def act() -> None:
+        for proxy in proxies():
+            proxy.drop(rst=rst)
+
+    return act
+
+
+class StallUntil:
+    """A fault: the proxies forward nothing until `cond(proxies)` holds (checked every 10 ms) or
+    `timeout` seconds passed; `met` says which. For a partition that must be survived without
+    it healing, e.g. 'until another server has taken the writer's platforms over'."""
+
+    def __init__(
+        self,
+        proxies: Callable[[], list[FaultProxy]],
+        cond: Callable[[list[FaultProxy]], bool],
+        timeout: float,
+    ) -> None:
+        self.proxies = proxies
+        self.cond = cond
+        self.timeout = timeout
+        self.met: list[bool] = []
+        self.took_s: list[float] = []
+
+    def __call__(self) -> None:
+        chosen = self.proxies()
+        for proxy in chosen:
+            proxy.stall()
+        began = time.monotonic()
+        met = False
+        try:
+            while time.monotonic() - began < self.timeout:
+                if self.cond(chosen):
+                    met = True
+                    break
+                time.sleep(0.01)
+        finally:
+            for proxy in chosen:
+                proxy.resume()
+        self.met.append(met)
+        self.took_s.append(time.monotonic() - began)
+
+
+def answers_lost(proxies: Callable[[], list[FaultProxy]], seconds: float) -> Callable[[], None]:
+    """A fault: PostgreSQL's answers are held for `seconds` while it goes on working, then every
+    connection is dropped (RST): whatever was committed meanwhile was never confirmed to its
+    sender, the 'outcome unknown' case a retry with the same client ids must settle."""
+
+    def act() -> None:
+        chosen = proxies()
+        for proxy in chosen:
+            proxy.stall(TO_SERVER)
+        try:
+            time.sleep(seconds)
+        finally:
+            for proxy in chosen:
+                proxy.drop(rst=True)
+                proxy.resume()
+
+    return act
+
+
+def inject(
+    clients: list[FaultClient], kind: str, act: Callable[[], object], timeout: float
+) -> Fault:
+    """Run one fault (`act` returns when it is over) and wait until every client has had an
+    acknowledgement after it; `recovered` stays None if that takes longer than `timeout`."""
+    began = time.monotonic()
+    act()
+    fault = Fault(kind, began, time.monotonic())
+    fault.recovered = wait_recovered(clients, fault.ended, timeout)
+    return fault
+
+
+def role_changes(cluster: Cluster) -> Counter[str]:
+    """How often servers took ('writer') or gave up ('follower') a platform's write role."""
+    counts: Counter[str] = Counter()
+    for node in [*cluster.nodes.values(), *cluster.retired]:
+        counts.update(role.role for role in node.roles())
+    return counts

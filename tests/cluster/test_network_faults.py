@@ -4,8 +4,10 @@ Two servers (tests/cluster/cluster_node.py) share one schema; clients send trans
 with the same client ids until acknowledged. Faults:
 
 - each server reaches the shared PostgreSQL through its own `FaultProxy`: every carried
-  connection dropped (FIN and RST, the writer's only and everybody's), and stalled (shorter and
-  longer than the lease timeout) then resumed;
+  connection dropped (FIN and RST, the writer's only and everybody's); stalled (shorter and
+  longer than the lease timeout) then resumed; PostgreSQL's answers held then every connection
+  reset (commits whose outcome the server cannot know); the writer cut off until the other
+  server has taken its platform over;
 - on a private PostgreSQL (never the shared one): `pg_ctl restart -m fast` and `-m immediate`.
 
 Afterwards: no client got an answer no correct server could give, every error a client saw is a
@@ -28,17 +30,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster_harness import Ack, Cluster, Findings, Node, check_log, prepare_platforms
+from cluster_harness import Cluster, Findings, check_log, prepare_platforms
 from faults import (
     Answers,
     Fault,
     FaultClient,
     FaultProxy,
     PrivatePostgres,
+    ProxiedCluster,
+    StallUntil,
+    answers_lost,
+    drop_all,
     initdb_unavailable,
+    inject,
     merged,
     proxies_for,
     retryable,
+    role_changes,
+    stall_for,
     wait_recovered,
 )
 from helpers import pg_env, require_postgres
@@ -49,29 +58,10 @@ PLATFORMS = ["p1", "p2"]
 POLL_MS = 200  # lease timeout: max(3 x poll, 2 s) = 2 s
 SHORT_STALL_S = 1.0
 LONG_STALL_S = 3.5  # longer than the lease timeout: the writer must fence itself
+PARTITION_MAX_S = 30.0  # the takeover needs about 2 x lease timeout + a poll
 RECOVERY_TIMEOUT_S = 45.0
 CLIENTS = 4
 BATCH = 5
-
-
-class ProxiedCluster(Cluster):
-    """A Cluster whose server i reaches PostgreSQL through `proxies[i]`."""
-
-    def __init__(self, store_env: dict[str, str], out_dir: Path, proxies: list[FaultProxy]):
-        super().__init__(store_env, out_dir, size=len(proxies))
-        self.proxies = proxies
-
-    def start_node(self, port: int) -> Node:
-        proxy = self.proxies[self.ports.index(port)]
-        shared = self.env
-        self.env = {**shared, "POSTGRES_PORT": str(proxy.port)}
-        try:
-            return super().start_node(port)
-        finally:
-            self.env = shared
-
-    def proxy_of(self, node: Node) -> FaultProxy:
-        return self.proxies[self.ports.index(node.port)]
 
 
 @pytest.fixture
@@ -83,43 +73,17 @@ def pg_store(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def _clients(cluster: Cluster, stop: threading.Event) -> list[FaultClient]:
     return [
-        FaultClient(f"c{i}", cluster.ports, PLATFORMS, BATCH, stop, seed=i, ack_factory=Ack)
-        for i in range(CLIENTS)
+        FaultClient(f"c{i}", cluster.ports, PLATFORMS, BATCH, stop, seed=i) for i in range(CLIENTS)
     ]
 
 
 def _inject(
     clients: list[FaultClient], kind: str, act: Callable[[], object], faults: list[Fault]
 ) -> None:
-    """Run one fault (`act` returns when it ended) and wait until every client is served again."""
-    began = time.monotonic()
-    act()
-    fault = Fault(kind, began, time.monotonic())
-    fault.recovered = wait_recovered(clients, fault.ended, RECOVERY_TIMEOUT_S)
+    fault = inject(clients, kind, act, RECOVERY_TIMEOUT_S)
     faults.append(fault)
     assert fault.recovered is not None, f"no recovery after {kind}: {merged(clients).errors}"
     time.sleep(0.3)  # some load between faults
-
-
-def _stall(proxies: list[FaultProxy], seconds: float) -> Callable[[], None]:
-    def act() -> None:
-        for proxy in proxies:
-            proxy.stall()
-        try:
-            time.sleep(seconds)
-        finally:
-            for proxy in proxies:
-                proxy.resume()
-
-    return act
-
-
-def _drop(proxies: list[FaultProxy], rst: bool) -> Callable[[], None]:
-    def act() -> None:
-        for proxy in proxies:
-            proxy.drop(rst=rst)
-
-    return act
 
 
 def _assert_consistent(config: Config, clients: list[FaultClient], cluster: Cluster) -> Findings:
@@ -157,13 +121,6 @@ def _assert_serving_without_restart(cluster: Cluster, clients: list[FaultClient]
     assert all(node.alive() and node.server_id.endswith("-g1") for node in cluster.nodes.values())
 
 
-def _writer_node(cluster: Cluster) -> Node:
-    cluster.wait(lambda: cluster.writer_of("p1") is not None, 30, "a writer of p1")
-    found = cluster.writer_of("p1")
-    assert found is not None
-    return found[0]
-
-
 def test_dropped_and_stalled_connections_lose_nothing_and_tell_no_lies(
     pg_store: dict[str, str], tmp_path: Path
 ) -> None:
@@ -181,17 +138,28 @@ def test_dropped_and_stalled_connections_lose_nothing_and_tell_no_lies(
                 client.start()
             assert wait_recovered(clients, time.monotonic(), RECOVERY_TIMEOUT_S) is not None
 
-            def writers() -> list[FaultProxy]:
-                return [cluster.proxy_of(_writer_node(cluster))]
+            def writer() -> list[FaultProxy]:
+                return cluster.writer_proxies("p1")
 
-            _inject(clients, "drop-writer-fin", lambda: _drop(writers(), rst=False)(), faults)
-            _inject(clients, "drop-all-rst", _drop(proxies, rst=True), faults)
-            _inject(clients, "drop-writer-rst", lambda: _drop(writers(), rst=True)(), faults)
-            _inject(clients, "stall-writer", lambda: _stall(writers(), SHORT_STALL_S)(), faults)
-            _inject(clients, "stall-all", _stall(proxies, SHORT_STALL_S), faults)
-            _inject(clients, "stall-writer-long", lambda: _stall(writers(), LONG_STALL_S)(), faults)
-            _inject(clients, "stall-all-long", _stall(proxies, LONG_STALL_S), faults)
-            # after the last fault the same servers take new writes
+            def both() -> list[FaultProxy]:
+                return proxies
+
+            _inject(clients, "drop-writer-fin", drop_all(writer, rst=False), faults)
+            _inject(clients, "drop-all-rst", drop_all(both, rst=True), faults)
+            _inject(clients, "drop-writer-rst", drop_all(writer, rst=True), faults)
+            _inject(clients, "stall-writer", stall_for(writer, SHORT_STALL_S), faults)
+            _inject(clients, "stall-all", stall_for(both, SHORT_STALL_S), faults)
+            fenced_before = role_changes(cluster)["follower"]
+            _inject(clients, "stall-writer-long", stall_for(writer, LONG_STALL_S), faults)
+            # the silent lease made the writer stop writing (its watchdog), and it came back
+            assert role_changes(cluster)["follower"] > fenced_before
+            _inject(clients, "answers-lost", answers_lost(writer, SHORT_STALL_S), faults)
+            # a partition that does not heal: PostgreSQL ends the silent writer's lease session
+            # (idle_session_timeout) and the other server takes its platforms over meanwhile
+            partition = StallUntil(writer, cluster.taken_over("p1"), PARTITION_MAX_S)
+            _inject(clients, "partition-writer", partition, faults)
+            assert partition.met == [True], partition.took_s
+            _inject(clients, "stall-all-long", stall_for(both, LONG_STALL_S), faults)
             _assert_serving_without_restart(cluster, clients)
         finally:
             stop.set()
@@ -200,7 +168,7 @@ def test_dropped_and_stalled_connections_lose_nothing_and_tell_no_lies(
             cluster.stop()
         dropped = sum(proxy.dropped for proxy in proxies)
     assert dropped > 0  # the drops really cut live connections
-    assert len(faults) == 7
+    assert len(faults) == 9
     _assert_consistent(config, clients, cluster)
 
 
