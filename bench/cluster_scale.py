@@ -23,6 +23,8 @@ fresh schema, dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import multiprocessing as mp
 import os
 import random
@@ -109,23 +111,29 @@ def _client_process(spec: dict[str, Any], results: Any) -> None:
     results.put(out)
 
 
-def _setup(cluster: Any, pki: Path, platforms: list[str], accounts: int) -> dict[str, str]:
-    """Create platform k through server k mod N (it takes the lease), open and fund accounts.
-    Returns platform -> the address of its writer."""
+def _setup(
+    cluster: Any,
+    pki: Path,
+    platforms: list[str],
+    accounts: int,
+    home: dict[str, str],
+    stores: dict[str, Any],
+) -> dict[str, str]:
+    """Create each platform through the server `home[platform]` (it takes the lease), open and
+    fund its accounts. Returns platform -> the address of its writer (read back from the
+    writers table of the platform's store)."""
     from helpers import BOOKKEEPING_POLICY
 
     from ledger.api.client import CustodyClient, instruction
 
-    addresses = cluster.addresses()
     writers: dict[str, str] = {}
-    for k, platform in enumerate(platforms):
-        home = addresses[k % len(addresses)]
+    for platform in platforms:
         with CustodyClient.mtls(
-            home, pki / "ca.pem", pki / "operator-dev.pem", pki / "operator-dev.key"
+            home[platform], pki / "ca.pem", pki / "operator-dev.pem", pki / "operator-dev.key"
         ) as op:
             op.create_platform(platform, f"Bench {platform}", policy=BOOKKEEPING_POLICY)
         with CustodyClient.mtls(
-            home,
+            home[platform],
             pki / "ca.pem",
             pki / f"platform-{platform}.pem",
             pki / f"platform-{platform}.key",
@@ -164,36 +172,96 @@ def _setup(cluster: Any, pki: Path, platforms: list[str], accounts: int) -> dict
                 )
             results = client.submit_batch(items)
             assert all(r.status == "accepted" for r in results), results[:3]
-        info = cluster.writer(platform)
+        info = cluster.writer(platform, stores[platform])
         assert info is not None, platform
         writers[platform] = info.address
     return writers
 
 
-def run_variant(args: argparse.Namespace, servers: int, tmp: Path) -> dict[str, Any]:
+SECOND_DB = "custody_bench2"
+
+
+def _pg(dbname: str, statement: str) -> None:
+    import psycopg
+
+    conninfo = f"host=127.0.0.1 port=5432 user=postgres dbname={dbname} connect_timeout=5"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _second_database(schema: str) -> None:
+    """`custody_bench2` on the same instance (created if missing), with a fresh schema."""
+    import psycopg
+    from helpers import pg_execute
+
+    if not pg_execute("SELECT 1 FROM pg_database WHERE datname = %s", (SECOND_DB,)):
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # made meanwhile
+            pg_execute(f"CREATE DATABASE {SECOND_DB}")
+    _pg(SECOND_DB, f"CREATE SCHEMA {schema}")
+
+
+def run_variant(
+    args: argparse.Namespace, servers: int, tmp: Path, two_databases: bool = False
+) -> dict[str, Any]:
+    """One measurement: `servers` servers on one schema, or (two_databases) two servers each
+    serving one of two databases through a placement file, platforms alternating."""
     from helpers import pg_env
-    from serve_harness import ServeCluster, base_env, make_pki
+    from serve_harness import ServeCluster, base_env, free_port, make_pki
 
     from ledger.config import Config
-    from ledger.store import log_stream
+    from ledger.store import LedgerStore, log_stream
     from ledger.writer import verify_stored_chain
 
+    assert not two_databases or servers == 2
     platforms = [f"b{i + 1}" for i in range(args.platforms)]
-    work = tmp
-    work.mkdir(parents=True)
-    with pg_env(work) as store_env:
-        env = base_env(store_env, tmp / "shared", 1000)
+    tmp.mkdir(parents=True)
+    with pg_env(tmp) as store_env:
+        env = base_env(store_env, tmp.parent / "shared", 1000)
         env["CUSTODY_CHECKPOINT_EVERY"] = "0"  # the throughput of writing, not of signing
-        config = Config.from_env(env)
-        pki = make_pki(tmp / "pki", platforms)
-        cluster = ServeCluster(env, config, work, pki, size=servers)
+        ports = [free_port() for _ in range(servers)]
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        slot_env: list[dict[str, str]] = [{} for _ in ports]
+        schema = store_env["POSTGRES_SCHEMA"]
+        extra: list[LedgerStore] = []
+        if two_databases:
+            _second_database(schema)
+            placement = {
+                "version": 1,
+                "default_store": "a",
+                "stores": {
+                    "a": {
+                        "postgres": {"POSTGRES_DBNAME": "test", "POSTGRES_SCHEMA": schema},
+                        "servers": [addresses[0]],
+                    },
+                    "b": {
+                        "postgres": {"POSTGRES_DBNAME": SECOND_DB, "POSTGRES_SCHEMA": schema},
+                        "servers": [addresses[1]],
+                    },
+                },
+                "platforms": {p: "ab"[k % 2] for k, p in enumerate(platforms)},
+            }
+            path = tmp / "placement.json"
+            path.write_text(json.dumps(placement))
+            env["CUSTODY_PLACEMENT"] = str(path)
+            slot_env = [{"CUSTODY_STORE_NAME": "a"}, {"CUSTODY_STORE_NAME": "b"}]
+            config = Config.from_env({**env, **slot_env[0]})
+        else:
+            config = Config.from_env(env)
+        pki = make_pki(tmp.parent / "pki", platforms)
+        cluster = ServeCluster(env, config, tmp, pki, ports=ports, slot_env=slot_env)
         try:
+            stores: dict[str, Any] = {p: cluster.store for p in platforms}
+            if two_databases:
+                second = LedgerStore(config.for_store("b"))
+                extra.append(second)
+                stores.update({p: second for k, p in enumerate(platforms) if k % 2})
             cluster.start()
-            writers = _setup(cluster, pki, platforms, args.accounts)
+            home = {p: addresses[k % servers] for k, p in enumerate(platforms)}
+            writers = _setup(cluster, pki, platforms, args.accounts, home, stores)
             by_server: dict[str, list[str]] = {}
             for p, addr in writers.items():
                 by_server.setdefault(addr, []).append(p)
-            heads = {p: cluster.store.last_row(log_stream(p)) for p in platforms}
+            heads = {p: stores[p].last_row(log_stream(p)) for p in platforms}
             t_start = time.time() + 2.0 + args.warmup
             t_stop = t_start + args.seconds
             procs_n = min(args.client_procs, len(platforms))
@@ -227,18 +295,23 @@ def run_variant(args: argparse.Namespace, servers: int, tmp: Path) -> dict[str, 
                     problems.append(f"{p}: {s}")
                 before = heads[p]
                 assert before is not None
-                last = cluster.store.last_row(log_stream(p))
+                last = stores[p].last_row(log_stream(p))
                 assert last is not None
                 if last[0] - before[0] != s["accepted"]:
                     problems.append(f"{p}: {last[0] - before[0]} records for {s['accepted']}")
-                _, bad, why = verify_stored_chain(cluster.store, p)
+                _, bad, why = verify_stored_chain(stores[p], p)
                 if bad is not None:
                     problems.append(f"{p}: chain broken at {bad}: {why}")
         finally:
             cluster.close()
+            for store in extra:
+                store.close()
+            if two_databases:
+                _pg(SECOND_DB, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     total = sum(s["window"] for s in stats.values())
     return {
         "servers": servers,
+        "variant": "2 databases" if two_databases else "1 database",
         "rate": total / args.seconds,
         "by_server": {a: sorted(ps) for a, ps in sorted(by_server.items())},
         "per_server_rate": {
@@ -252,7 +325,16 @@ def run_variant(args: argparse.Namespace, servers: int, tmp: Path) -> dict[str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--servers", default="1,2,3", help="variants in run order, comma-separated (repeats ok)"
+        "--servers",
+        default="1,2,3",
+        help="variants in run order, comma-separated (repeats ok; 2db = two servers, two "
+        "databases)",
+    )
+    parser.add_argument(
+        "--two-databases",
+        action="store_true",
+        help="after every 2-server run, also run 2 servers each serving its own database "
+        "(placement: platforms alternate between `test` and `custody_bench2`)",
     )
     parser.add_argument("--platforms", type=int, default=6)
     parser.add_argument("--accounts", type=int, default=50, help="customers per platform")
@@ -262,36 +344,44 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    variants = [int(x) for x in args.servers.split(",")]
-    assert all(1 <= n <= 8 for n in variants) and args.platforms >= max(variants)
+    variants: list[str] = []
+    for token in args.servers.split(","):
+        variants.append(token)
+        if args.two_databases and token == "2":
+            variants.append("2db")
+    for token in variants:
+        assert token == "2db" or 1 <= int(token) <= 8, token
+    assert args.platforms >= max(2 if t == "2db" else int(t) for t in variants)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, n in enumerate(variants):
-            result = run_variant(args, n, Path(tmp) / f"run{i}")
+        for i, token in enumerate(variants):
+            n = 2 if token == "2db" else int(token)
+            result = run_variant(args, n, Path(tmp) / f"run{i}", two_databases=token == "2db")
+            result["label"] = f"{n}, 2 databases" if token == "2db" else str(n)
             out.append(result)
             print(
-                f"{n} server(s): {result['rate']:,.0f} transfers/s (per server "
+                f"{result['label']} server(s): {result['rate']:,.0f} transfers/s (per server "
                 f"{sorted(round(v) for v in result['per_server_rate'].values())})  writers "
                 f"{result['by_server']}  load {result['load'][0]:.2f}"
                 + (f"  PROBLEMS {result['problems']}" if result["problems"] else ""),
                 flush=True,
             )
-    rates: dict[int, list[float]] = {}
+    rates: dict[str, list[float]] = {}
     for r in out:
-        rates.setdefault(r["servers"], []).append(r["rate"])
-    mean = {n: sum(v) / len(v) for n, v in rates.items()}
-    base = mean.get(1)
+        rates.setdefault(r["label"], []).append(r["rate"])
+    mean = {label: sum(v) / len(v) for label, v in rates.items()}
+    base = mean.get("1")
     print()
     print(
         f"platforms {args.platforms} x {args.accounts} customers, SubmitBatch of {args.batch}, "
         f"{args.client_procs} client processes, {args.seconds:.0f} s measured per run, one "
-        f"PostgreSQL, order {args.servers}"
+        f"PostgreSQL instance, order {','.join(variants)}"
     )
-    print(f"{'servers':>8} {'transfers/s':>12} {'vs 1 server':>12}  runs")
-    for n in sorted(mean):
-        ratio = f"{mean[n] / base:.2f}" if base else "-"
-        runs = ", ".join(f"{v:,.0f}" for v in rates[n])
-        print(f"{n:>8} {mean[n]:>12,.0f} {ratio:>12}  {runs}")
+    print(f"{'servers':>18} {'transfers/s':>12} {'vs 1 server':>12}  runs")
+    for label in sorted(mean):
+        ratio = f"{mean[label] / base:.2f}" if base else "-"
+        runs = ", ".join(f"{v:,.0f}" for v in rates[label])
+        print(f"{label:>18} {mean[label]:>12,.0f} {ratio:>12}  {runs}")
     return 2 if any(r["problems"] for r in out) else 0
 
 

@@ -227,13 +227,19 @@ class ServeCluster:
         out_dir: Path,
         pki: Path,
         size: int = 3,
+        ports: list[int] | None = None,
+        slot_env: list[dict[str, str]] | None = None,
     ) -> None:
+        """`ports`: the slots' ports (default: free ones); `slot_env`: what differs per slot
+        (e.g. CUSTODY_STORE_NAME when a placement spreads platforms over databases)."""
         self.env = env
         self.config = config
         self.schema = config.postgres.get("POSTGRES_SCHEMA") or "public"
         self.out_dir = out_dir
         self.pki = pki
-        self.ports = [free_port() for _ in range(size)]
+        self.ports = ports if ports is not None else [free_port() for _ in range(size)]
+        self.slot_env = slot_env if slot_env is not None else [{} for _ in self.ports]
+        assert len(self.slot_env) == len(self.ports)
         self.servers: dict[int, ServerProc] = {}
         self.retired: list[ServerProc] = []
         self.generation: Counter[int] = Counter()
@@ -247,12 +253,19 @@ class ServeCluster:
     def start_server(self, port: int) -> ServerProc:
         self.generation[port] += 1
         sid = f"s{self.ports.index(port)}-g{self.generation[port]}"
-        server = ServerProc(sid, port, self.env, self.out_dir, self.pki)
+        env = {**self.env, **self.slot_env[self.ports.index(port)]}
+        server = ServerProc(sid, port, env, self.out_dir, self.pki)
         self.servers[port] = server
         return server
 
     def start(self, timeout: float = 60.0) -> None:
-        for port in self.ports:
+        """The first server alone until it serves (on an empty schema it creates the tables:
+        servers creating them at the same moment can fail with "tuple concurrently updated"),
+        then the others together."""
+        first, *rest = self.ports
+        self.start_server(first)
+        self.wait(self.servers[first].ready, timeout, "the first server ready")
+        for port in rest:
             self.start_server(port)
         self.wait(lambda: all(s.ready() for s in self.servers.values()), timeout, "servers ready")
 
@@ -269,10 +282,13 @@ class ServeCluster:
 
         wait_for(check, timeout, what)
 
-    def writer(self, platform: str) -> WriterInfo | None:
-        """The platform's writer row if some session holds its lease now."""
-        key = lease_key(self.config.ledger_id, self.schema, platform)
-        info = lookup_writer(self.store.datastore, self.schema, key, platform)
+    def writer(self, platform: str, store: LedgerStore | None = None) -> WriterInfo | None:
+        """The platform's writer row if some session holds its lease now (in `store`, by
+        default the cluster's one)."""
+        store = store or self.store
+        schema = store.config.postgres.get("POSTGRES_SCHEMA") or "public"
+        key = lease_key(self.config.ledger_id, schema, platform)
+        info = lookup_writer(store.datastore, schema, key, platform)
         return info if info is not None and info.held else None
 
     def server_by_id(self, server_id: str) -> ServerProc | None:
