@@ -23,8 +23,10 @@ import functools
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,9 +52,11 @@ from faults import (
     stall_for,
     wait_recovered,
 )
-from helpers import pg_env, require_postgres
+from helpers import deposit, make_platform, pg_env, require_postgres
 
 from ledger.config import Config
+from ledger.service import LedgerService
+from ledger.writer import Outcome, verify_stored_chain
 
 PLATFORMS = ["p1", "p2"]
 POLL_MS = 200  # lease timeout: max(3 x poll, 2 s) = 2 s
@@ -203,3 +207,81 @@ def test_postgres_restarts_lose_nothing_and_tell_no_lies(tmp_path: Path) -> None
         assert pg.restarts == {"fast": 2, "immediate": 2}
         assert len(faults) == 4
         _assert_consistent(config, clients, cluster)
+
+
+def test_a_server_cut_off_mid_commit_does_not_hold_up_the_others(
+    pg_store: dict[str, str], tmp_path: Path
+) -> None:
+    """Server a's network stalls right after its group took the events table lock. PostgreSQL
+    ends that silent transaction (ledger/store.py GROUP_SILENCE_MS), so server b's commits for
+    its own platform go through while a is still cut off; a's group is rolled back, its caller
+    gets a retryable error, and the log stays whole."""
+    tag = uuid.uuid4().hex[:8]
+    with FaultProxy(("127.0.0.1", 5432)) as proxy:
+
+        def server(name: str, port: int) -> LedgerService:
+            config = Config.from_env(
+                {
+                    **pg_store,
+                    "POSTGRES_PORT": str(port),
+                    "CUSTODY_SERVER_ID": f"{name}-{tag}",
+                    "CUSTODY_ADVERTISE": f"127.0.0.1:{7100 + (name == 'b')}",
+                    "CUSTODY_DATA_DIR": str(tmp_path / name),
+                    "CUSTODY_LEASE_POLL_MS": str(POLL_MS),
+                }
+            )
+            service = LedgerService(config)
+            service.start()
+            return service
+
+        a = server("a", proxy.port)
+        b = server("b", 5432)
+        try:
+            pa = make_platform(a, "p1")
+            pb = make_platform(b, "p2")
+            recorder: Any = a.store.recorder
+            lock_table = recorder._lock_table
+            locked = threading.Event()
+
+            def lock_then_stall(curs: Any) -> None:
+                lock_table(curs)
+                proxy.stall()  # a's next statement never arrives: the lock stays taken
+                locked.set()
+
+            recorder._lock_table = lock_then_stall
+            stuck: list[BaseException | list[Outcome]] = []
+
+            def a_commits() -> None:
+                try:
+                    stuck.append(a.execute("p1", [deposit(pa, "a-1", "alice", 5)], "platform:t"))
+                except BaseException as exc:
+                    stuck.append(exc)
+
+            a_thread = threading.Thread(target=a_commits, daemon=True)
+            a_thread.start()
+            assert locked.wait(30)
+            recorder._lock_table = lock_table
+            answers: list[list[Outcome]] = []
+            b_thread = threading.Thread(
+                target=lambda: answers.append(
+                    b.execute("p2", [deposit(pb, "b-1", "alice", 7)], "platform:t")
+                ),
+                daemon=True,
+            )
+            b_thread.start()
+            b_thread.join(60)
+            still_cut_off = proxy.stalled
+            proxy.resume()
+            a_thread.join(60)
+            assert still_cut_off and answers and answers[0][0].status == "accepted"
+            [failure] = stuck
+            assert isinstance(failure, BaseException) and retryable(type(failure).__name__)
+            for service, platform in ((a, "p1"), (b, "p2")):
+                count, bad, reason = verify_stored_chain(service.store, platform)
+                assert (bad, reason) == (None, "ok"), (platform, count, bad, reason)
+            with b.reading("p1") as state:  # a's group was rolled back
+                assert "a-1" not in state.done
+        finally:
+            proxy.resume()
+            a.close()
+            b.close()
