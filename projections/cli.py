@@ -202,6 +202,10 @@ def _run(args: argparse.Namespace, runner: ProjectionRunner) -> int:
         text = "\n".join(f"{p}: {n:,} records projected" for p, n in done.items())
         _print(args, done, text or "(no platforms)")
         return EXIT_OK
+    from ledger.logs import configure_logging, json_wanted
+
+    # a long-running worker: its lease takeovers and failures must reach the operator's logs
+    configure_logging(json_wanted(_config(args).log_format))
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
