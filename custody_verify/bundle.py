@@ -382,6 +382,8 @@ class Summary:
     balances: dict[str, dict[str, int]] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # "full" (every check, docs/BUNDLE.md §2) or "integrity" (checks 1-6: no replay)
+    level: str = "full"
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -1431,13 +1433,21 @@ class _HeaderFail(Exception):
         self.line = line
 
 
+LEVELS = ("full", "integrity")
+
+
 def verify_bundle(
     f: BinaryIO,
     verifiers: list[Verifier],
     progress: Callable[[int], None] | None = None,
     jobs: int = 1,
+    level: str = "full",
 ) -> Summary:
     """Verify a bundle read from binary stream `f`. Raises VerificationFailed on the first problem.
+
+    `level` "full" (the default) runs every check of docs/BUNDLE.md §2; "integrity" runs checks
+    1-6 only (header, syntax, positions, chain, Merkle roots and signatures, end line) without
+    decoding or replaying the records, in `jobs` processes (custody_verify/integrity.py).
 
     The replay state has no reference cycles, so the cyclic garbage collector is paused for the
     run (it would otherwise cost about a quarter of the time on short-lived record objects).
@@ -1448,8 +1458,10 @@ def verify_bundle(
     """
     was_enabled = gc.isenabled()
     gc.disable()
+    if level not in LEVELS:
+        raise ValueError(f"unknown verification level {level!r} (one of {', '.join(LEVELS)})")
     try:
-        return _verify(f, verifiers, progress, jobs)
+        return _verify(f, verifiers, progress, jobs, level)
     finally:
         if was_enabled:
             gc.enable()
@@ -1460,13 +1472,16 @@ def _verify(
     verifiers: list[Verifier],
     progress: Callable[[int], None] | None,
     jobs: int,
+    level: str = "full",
 ) -> Summary:
-    summary = Summary()
+    summary = Summary(level=level)
     started = time.perf_counter()
     try:
         lineno = _header(f, verifiers, summary)
     except _HeaderFail as exc:
         raise VerificationFailed(Failure("header", exc.reason, line=exc.line), summary) from None
+    if level == "integrity":
+        return _verify_integrity(f, summary, lineno, jobs, progress, started)
     ledger = _Ledger(summary.platform)
     worker = _ReplayWorker(summary.platform) if jobs >= 2 else None
     # Only the bundle's own key (its name is the origin) may sign its checkpoints: another key
@@ -1477,6 +1492,47 @@ def _verify(
     finally:
         if worker is not None:
             worker.close()
+
+
+def _verify_integrity(
+    f: BinaryIO,
+    summary: Summary,
+    lineno: int,
+    jobs: int,
+    progress: Callable[[int], None] | None,
+    started: float,
+) -> Summary:
+    """Checks 1-6 of docs/BUNDLE.md §2 (no replay), in blocks, in `jobs` processes."""
+    from custody_verify import integrity
+
+    try:
+        out = integrity.run(
+            f,
+            summary.origin,
+            summary.vkey,
+            [parse_vkey(summary.vkey)],  # only the bundle's own key signs its checkpoints
+            lineno,
+            MAX_LINE,
+            jobs,
+            progress,
+            PROGRESS_EVERY,
+        )
+    except integrity.IntegrityFailed as exc:
+        summary.records = exc.records
+        summary.checkpoints = exc.checkpoints
+        summary.chain_head = b64encode(exc.head)
+        summary.seconds = time.perf_counter() - started
+        failure = Failure(exc.where, exc.reason, exc.position, exc.checkpoint, exc.line)
+        raise VerificationFailed(failure, summary) from None
+    summary.records = out.records
+    summary.checkpoints = out.checkpoints
+    summary.chain_head = b64encode(out.head)
+    summary.checkpoint_size = out.checkpoint_size
+    summary.checkpoint_root = (
+        None if out.checkpoint_root is None else b64encode(out.checkpoint_root)
+    )
+    summary.seconds = time.perf_counter() - started
+    return summary
 
 
 def _run(

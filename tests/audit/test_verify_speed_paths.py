@@ -1,0 +1,285 @@
+"""The verifier's `--level integrity` path (custody_verify/integrity.py): blocks of lines checked
+independently (in worker processes with --jobs 2) and merged in file order.
+
+Every tampering that checks 1-6 of docs/BUNDLE.md §2 catch must be reported by this path exactly
+as the full level reports it (same place, line and reason), including damage right at the edges
+of the blocks; its Merkle merging of aligned blocks must give the RFC 6962 roots.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+from bundle_tools import lines_of, rebuild, run_cli, verify_bytes
+
+from custody_verify import integrity
+from custody_verify import merkle as vm
+from custody_verify.bundle import MAX_LINE, VerificationFailed, verify_bundle
+from custody_verify.note import parse_vkey
+
+VECTORS = Path("/work/shared/vectors/merkle-rfc6962.json")
+SMALL_BLOCK = 2048  # a few records per block: many block edges in a 3,000-record bundle
+
+
+def verify_integrity(data: bytes, vkey: str, jobs: int = 1):
+    try:
+        summary = verify_bundle(io.BytesIO(data), [parse_vkey(vkey)], jobs=jobs, level="integrity")
+    except VerificationFailed as exc:
+        return exc.failure, exc.summary
+    return None, summary
+
+
+def _report(failure, summary):
+    f = failure
+    return (
+        (f.where, f.position, f.checkpoint, f.line, f.reason),
+        (summary.records, summary.checkpoints, summary.chain_head),
+    )
+
+
+def _same_as_full(data: bytes, vkey: str, jobs: int = 1) -> None:
+    full = verify_bytes(data, vkey)
+    fast = verify_integrity(data, vkey, jobs)
+    assert full[0] is not None, "the tampering was not detected at all"
+    assert fast[0] is not None, f"integrity level missed: {full[0].describe()}"
+    assert _report(*fast) == _report(*full), (fast[0].describe(), full[0].describe())
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(integrity, "BLOCK", SMALL_BLOCK)
+
+
+def _block_edges(data: bytes) -> list[int]:
+    """Byte offsets (in the whole file) where the reader starts a new block."""
+    header_end = data.index(b"begin\n") + len(b"begin\n")
+    f = io.BytesIO(data[header_end:])
+    edges, off = [], header_end
+    for piece in integrity.pieces(f, MAX_LINE):
+        off += len(piece.block)
+        edges.append(off)
+    return edges[:-1]
+
+
+# -- Merkle: aligned blocks merged into the frontier give the RFC 6962 root ----------------------
+
+
+def _root_by_blocks(leaf_hashes: list[bytes], cuts: list[int]) -> bytes:
+    frontier = integrity.Frontier()
+    bounds = [0, *cuts, len(leaf_hashes)]
+    for a, e in itertools.pairwise(bounds):
+        nodes, at = [], a
+        for size in integrity.blocks(a, e):
+            sub = vm.RootBuilder()
+            for h in leaf_hashes[at : at + size]:
+                sub.push(h)
+            nodes.append(sub.root())
+            at += size
+        frontier.extend(a, e, nodes)
+    return frontier.root()
+
+
+def test_blocked_roots_match_the_rfc6962_vectors():
+    v = json.loads(VECTORS.read_text())
+    leaves = [vm.leaf_hash(bytes.fromhex(x)) for x in v["leaves_hex"]]
+    checked = 0
+    for case in v["roots"]:
+        n = case["size"]
+        for mask in range(1 << max(n - 1, 0)):  # every way to cut 0..n into blocks
+            cuts = [i for i in range(1, n) if mask >> (i - 1) & 1]
+            assert _root_by_blocks(leaves[:n], cuts) == bytes.fromhex(case["root_hex"])
+            checked += 1
+    assert checked > 200
+
+
+def test_blocked_roots_match_the_stack_algorithm_on_random_cuts():
+    rng = random.Random(11)
+    for n in [*range(0, 70), 127, 128, 129, 300, 1025]:
+        leaves = [vm.leaf_hash(b"%d" % i) for i in range(n)]
+        want = vm.root_from_leaves(b"%d" % i for i in range(n))
+        for _ in range(4):
+            cuts = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(0, 6)))) if n > 1 else []
+            assert _root_by_blocks(leaves, cuts) == want, (n, cuts)
+
+
+def test_blocks_partition_the_range_into_aligned_powers_of_two():
+    for a in range(0, 70):
+        for e in range(a, 140):
+            sizes = integrity.blocks(a, e)
+            assert sum(sizes) == e - a
+            at = a
+            for s in sizes:
+                assert s & (s - 1) == 0 and at % s == 0
+                at += s
+
+
+# -- the whole bundle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("block", [SMALL_BLOCK, None])
+def test_untouched_bundle_verifies_at_the_integrity_level(exported, monkeypatch, jobs, block):
+    if block is not None:
+        monkeypatch.setattr(integrity, "BLOCK", block)
+    failure, fast = verify_integrity(exported.data, exported.vkey, jobs)
+    assert failure is None, failure.describe()
+    failure, full = verify_bytes(exported.data, exported.vkey)
+    assert failure is None
+    assert fast.level == "integrity" and full.level == "full"
+    assert fast.records == full.records == len(exported.records)
+    assert (fast.checkpoints, fast.checkpoint_size, fast.checkpoint_root, fast.chain_head) == (
+        full.checkpoints,
+        full.checkpoint_size,
+        full.checkpoint_root,
+        full.chain_head,
+    )
+    assert fast.accounts == 0 and fast.kinds == {}  # nothing replayed, and it does not pretend
+
+
+def test_every_byte_flip_at_block_edges_is_reported_as_the_full_level_does(exported, small_blocks):
+    data = exported.data
+    edges = _block_edges(data)
+    assert len(edges) > 300
+    rng = random.Random(3)
+    offsets = sorted({e + d for e in rng.sample(edges, 40) for d in (-2, -1, 0, 1, 2, 50)})
+    offsets += [len(data) - 1, len(data) - 2]  # the end line and its LF
+    for i, off in enumerate(offsets):
+        bad = bytearray(data)
+        bad[off] ^= (0x01, 0x20, 0x80, 0x0B)[i % 4]
+        _same_as_full(bytes(bad), exported.vkey)
+
+
+def test_random_byte_flips_in_two_processes(exported, small_blocks):
+    rng = random.Random(9)
+    data = exported.data
+    for off in rng.sample(range(len(data)), 12):
+        bad = bytearray(data)
+        bad[off] ^= 0x04
+        _same_as_full(bytes(bad), exported.vkey, jobs=2)
+
+
+def _records_around_edges(data: bytes, count: int) -> list[int]:
+    """Positions of the first record of some blocks (and the one before it)."""
+    lines = lines_of(data)
+    starts = {ln.start: ln for ln in lines}
+    out = set()
+    for edge in _block_edges(data)[::25]:
+        ln = starts.get(edge)
+        if ln is not None and ln.kind == "record":
+            out.update({ln.position, ln.position - 1})
+    return sorted(p for p in out if 0 <= p < count)
+
+
+def _edit(data: bytes, how: str, pos: int) -> bytes:
+    lines = lines_of(data)
+    i = next(k for k, ln in enumerate(lines) if ln.kind == "record" and ln.position == pos)
+    raw = [ln.raw for ln in lines]
+    if how == "delete":
+        del raw[i]
+    elif how == "duplicate":
+        raw.insert(i, raw[i])
+    elif how == "swap":
+        j = next(k for k in range(i + 1, len(lines)) if lines[k].kind == "record")
+        raw[i], raw[j] = raw[j], raw[i]
+    elif how == "truncate":
+        return b"".join(raw[:i]) + raw[i][: len(raw[i]) // 2]
+    return b"".join(raw)
+
+
+@pytest.mark.parametrize("how", ["delete", "duplicate", "swap", "truncate"])
+def test_deletion_insertion_reordering_truncation_at_block_edges(exported, small_blocks, how):
+    positions = _records_around_edges(exported.data, len(exported.records))
+    assert len(positions) >= 10
+    for n, pos in enumerate(positions):
+        _same_as_full(_edit(exported.data, how, pos), exported.vkey, jobs=2 if n < 3 else 1)
+
+
+def test_checkpoint_lines_damaged_or_moved(exported, small_blocks):
+    data = exported.data
+    lines = lines_of(data)
+    cps = [k for k, ln in enumerate(lines) if ln.kind == "checkpoint"]
+    raw = [ln.raw for ln in lines]
+    # a checkpoint moved one record later, one dropped, one repeated, and the end line changed
+    moved = list(raw)
+    k = cps[1]
+    moved[k], moved[k + 1] = moved[k + 1], moved[k]
+    dropped = raw[: cps[0]] + raw[cps[0] + 1 :]
+    repeated = [*raw[: cps[2] + 1], raw[cps[2]], *raw[cps[2] + 1 :]]
+    no_end = raw[:-1]
+    extra = [*raw, b"R 0 x y\n"]
+    for bad in (moved, dropped, repeated, no_end, extra):
+        _same_as_full(b"".join(bad), exported.vkey)
+
+
+def test_a_rewritten_history_is_caught_at_its_checkpoint(exported, small_blocks):
+    """Records changed and re-chained without the key: the chain verifies, the next signed
+    root does not (the operator's old signatures are kept)."""
+    records = list(exported.records)
+    records[1234] = records[1234].replace(b'"ts":', b'"ts": ', 1)
+    lines = lines_of(exported.data)
+    header = b"".join(ln.raw for ln in lines if ln.kind == "header")
+    cps = [ln.size for ln in lines if ln.kind == "checkpoint"]
+    forged = rebuild(header, records, exported.signer, cps)  # re-signed: must pass the hashes
+    failure, _ = verify_integrity(forged, exported.vkey)
+    assert failure is None  # a key holder can re-sign: only the replay (or held notes) see it
+    # keep the old checkpoint lines: now the root check must fire at the first one after 1234
+    old_cps = [ln.raw for ln in lines if ln.kind == "checkpoint"]
+    new = [ln for ln in lines_of(forged) if ln.kind != "checkpoint"]
+    mixed, c = [], 0
+    for ln in lines_of(forged):
+        if ln.kind == "checkpoint":
+            mixed.append(old_cps[c])
+            c += 1
+        else:
+            mixed.append(ln.raw)
+    assert new
+    failure, _ = verify_integrity(b"".join(mixed), exported.vkey, jobs=2)
+    assert failure is not None and failure.where == "checkpoint"
+    assert failure.checkpoint == min(s for s in cps if s > 1234)
+    _same_as_full(b"".join(mixed), exported.vkey)
+
+
+def test_the_integrity_level_does_not_replay(exported):
+    """What the level leaves out, shown: an overdraft re-signed with the real key passes the
+    integrity level and fails the full level."""
+    records = list(exported.records)
+    i = next(n for n in range(1500, len(records)) if b'"kind":"transferred"' in records[n])
+    rec = json.loads(records[i])
+    rec["entries"][0][2] = 10**15
+    records[i] = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    lines = lines_of(exported.data)
+    header = b"".join(ln.raw for ln in lines if ln.kind == "header")
+    cps = [ln.size for ln in lines if ln.kind == "checkpoint"]
+    forged = rebuild(header, records, exported.signer, cps)
+    assert verify_integrity(forged, exported.vkey)[0] is None
+    failure, _ = verify_bytes(forged, exported.vkey)
+    assert failure is not None and "below zero" in failure.reason
+
+
+def test_cli_integrity_level(exported, tmp_path):
+    proc = run_cli(
+        "bundle", str(exported.bundle), "--vkey", exported.vkey, "--level", "integrity",
+        "--jobs", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)["summary"]
+    assert summary["level"] == "integrity" and summary["records"] == len(exported.records)
+    proc = run_cli("bundle", str(exported.bundle), "--vkey", exported.vkey, "--level", "integrity")
+    assert proc.returncode == 0 and "NOT replayed" in proc.stdout
+    bad = bytearray(exported.data)
+    bad[len(bad) // 2] ^= 0x01
+    path = tmp_path / "bad.bundle"
+    path.write_bytes(bytes(bad))
+    proc = run_cli(
+        "bundle", str(path), "--vkey", exported.vkey, "--level", "integrity", "--jobs", "2",
+        "--json", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["failure"]["where"] in ("record", "checkpoint")
+    proc = run_cli("bundle", str(path), "--vkey", exported.vkey, "--level", "fast")
+    assert proc.returncode == 2
