@@ -8,6 +8,11 @@ agree; controls read it through the `controls.view` protocols and never mutate i
 from __future__ import annotations
 
 import enum
+import hashlib
+from array import array
+from collections.abc import Callable, Iterator, MutableMapping
+from itertools import accumulate
+from operator import attrgetter
 from typing import Any, Final
 
 from controls.policy import DAY_MS, DEFAULT_POLICY, Policy
@@ -173,9 +178,13 @@ class Hold:
 
 
 class Done:
-    """What an accepted instruction produced, for idempotent replies and reversals."""
+    """What an accepted instruction produced, for idempotent replies and reversals.
 
-    __slots__ = ("entries", "fingerprint", "kind", "reversed_by", "seq")
+    `entries` (the postings, which only a reversal needs) may be left in the instruction's
+    stored record: then `source(seq, kind)` reads them from there on first use (see DoneTable).
+    """
+
+    __slots__ = ("_entries", "fingerprint", "kind", "reversed_by", "seq", "source")
 
     def __init__(
         self,
@@ -183,12 +192,356 @@ class Done:
         seq: int,
         kind: str,
         entries: list[list[Any]] | None,
+        source: Callable[[int, str], list[list[Any]] | None] | None = None,
     ) -> None:
         self.fingerprint = fingerprint
         self.seq = seq
         self.kind = kind
-        self.entries = entries
+        self._entries = entries
+        self.source = source
         self.reversed_by: str | None = None
+
+    @property
+    def entries(self) -> list[list[Any]] | None:
+        source = self.source
+        if source is not None:
+            self._entries = source(self.seq, self.kind)
+            self.source = None
+        return self._entries
+
+
+# -- the done table at scale ----------------------------------------------------------------------
+#
+# A platform keeps every accepted client id forever (a retry must get the same answer forever),
+# so at 10 M records the done table is most of the state. As a dict of objects it cannot be
+# rebuilt from a snapshot in seconds (10 M strings and a 10 M-entry dict take ~8 s alone). So
+# rows that reach a snapshot move into a compact, immutable `DoneBase`: flat columns plus an
+# open-addressing hash table over them, stored as they are in the snapshot and loaded without
+# building one Python object per row. Lookups are exact: the hash only finds the slot, the
+# client id itself is compared. Rows accepted since live in a plain dict in front of it.
+
+DONE_KEY_LEN: Final = 16  # blake2b key of the base's hash table (random per base)
+DONE_MAX_ROWS: Final = (1 << 31) - 1  # table entries hold row + 1 in 32 bits; 2^32 slots at most
+DONE_MAX_KINDS: Final = 256  # kinds are one byte per row
+DONE_MAX_LOAD: Final = 0.5  # table slots >= 2 x rows: a miss probes 1.5 slots on average
+_LOW32: Final = 0xFFFFFFFF
+_FINGERPRINT: Final = attrgetter("fingerprint")
+_SEQ: Final = attrgetter("seq")
+_KIND: Final = attrgetter("kind")
+_BLAKE2B: Final = hashlib.blake2b
+
+
+def _keyed(key: bytes) -> Any:
+    """The tag hash, keyed: 32 bits of BLAKE2b, so chosen client ids cannot be made to pile up
+    on one slot. A row's tag is `int.from_bytes(digest of keyed.copy() + cid, "big")`; copying
+    the keyed state skips hashing the key block for every client id."""
+    return _BLAKE2B(digest_size=4, key=key)
+
+
+def _bits_for(rows: int) -> int:
+    bits = 4
+    while (1 << bits) * DONE_MAX_LOAD < rows:
+        bits += 1
+    assert bits <= 32, "DONE_MAX_ROWS keeps the table within 2^32 slots"
+    return bits
+
+
+class DoneBase:
+    """Done rows that reached a snapshot, in flat columns (row r = the r-th row added).
+
+    cids: the client ids' UTF-8 bytes concatenated, `offsets[r]`..`offsets[r+1]` for row r;
+    fps: 16 bytes per row (big-endian fingerprint); seqs: the record positions; kinds: one byte
+    per row, an index into `kind_names`; table: 2^bits slots, each 0 (empty) or
+    tag << 32 | (row + 1), linear probing from slot tag >> (32 - bits). `reversed` maps the
+    reversed rows to their reversal's client id. Columns are memoryviews straight over the
+    snapshot body after a load, arrays once rows have been added.
+    """
+
+    __slots__ = (
+        "bits",
+        "cids",
+        "fps",
+        "key",
+        "keyed",
+        "kind_names",
+        "kinds",
+        "n",
+        "offsets",
+        "reversed",
+        "seqs",
+        "source",
+        "table",
+    )
+
+    def __init__(
+        self,
+        key: bytes,
+        kind_names: list[str],
+        cids: Any,
+        offsets: Any,
+        fps: Any,
+        seqs: Any,
+        kinds: Any,
+        table: Any,
+        reversed_by: dict[str, str],
+    ) -> None:
+        n = len(seqs)
+        bits = len(table).bit_length() - 1
+        if not (
+            len(key) == DONE_KEY_LEN
+            and len(kind_names) <= DONE_MAX_KINDS
+            and n <= DONE_MAX_ROWS
+            and len(offsets) == n + 1
+            and offsets[0] == 0
+            and offsets[n] == len(cids)
+            and len(fps) == 16 * n
+            and len(kinds) == n
+            and not bytes(kinds).translate(None, bytes(range(len(kind_names))))  # C speed
+            and 4 <= bits <= 32
+            and len(table) == 1 << bits
+            and n <= (1 << bits) * DONE_MAX_LOAD
+        ):
+            raise ValueError("done table columns are inconsistent")
+        self.key = key
+        self.keyed = _keyed(key)
+        self.kind_names = kind_names
+        self.cids = cids
+        self.offsets = offsets
+        self.fps = fps
+        self.seqs = seqs
+        self.kinds = kinds
+        self.table = table
+        self.bits = bits
+        self.n = n
+        self.reversed = reversed_by
+        # reads a row's postings from its record (set by ledger/snapshot.py: needs the store)
+        self.source: Callable[[int, str], list[list[Any]] | None] | None = None
+
+    @classmethod
+    def empty(cls, key: bytes) -> DoneBase:
+        empty = bytearray
+        return cls(key, [], empty(), array("Q", [0]), empty(), array("q"), empty(), _table(4), {})
+
+    def find(self, cid: str) -> int:
+        """The row of `cid`, or -1. Exact: a tag match is confirmed on the client id."""
+        raw = cid.encode()
+        h = self.keyed.copy()
+        h.update(raw)
+        tag = int.from_bytes(h.digest(), "big")
+        table = self.table
+        mask = len(table) - 1
+        i = tag >> (32 - self.bits)
+        cids, offsets = self.cids, self.offsets
+        for _ in range(len(table)):  # bounded: a table is never full (DONE_MAX_LOAD)
+            entry = table[i]
+            if entry == 0:
+                return -1
+            if entry >> 32 == tag:
+                r: int = (entry & _LOW32) - 1
+                if cids[offsets[r] : offsets[r + 1]] == raw:
+                    return r
+            i = (i + 1) & mask
+        raise StateError("done table has no free slot")
+
+    def cid(self, r: int) -> str:
+        return bytes(self.cids[self.offsets[r] : self.offsets[r + 1]]).decode()
+
+    def row(self, r: int, cid: str) -> Done:
+        done = Done(
+            int.from_bytes(self.fps[16 * r : 16 * r + 16], "big"),
+            self.seqs[r],
+            self.kind_names[self.kinds[r]],
+            None,
+            self.source or _no_source,
+        )
+        done.reversed_by = self.reversed.get(cid)
+        return done
+
+    def extend(self, rows: dict[str, Done], loaded: dict[str, Done]) -> None:
+        """Append `rows` (in their order) and fold in the reversal marks of `loaded`, in place:
+        a capture costs the new rows, not the table. All or nothing: on any failure the
+        columns are cut back and the slots taken are emptied again."""
+        n = self.n + len(rows)
+        if n > DONE_MAX_ROWS:
+            raise ValueError(f"more than {DONE_MAX_ROWS} accepted client ids")
+        kind_index = {k: i for i, k in enumerate(self.kind_names)}
+        kind_names = list(self.kind_names)
+        for done in rows.values():
+            if done.kind not in kind_index:
+                kind_index[done.kind] = len(kind_names)
+                kind_names.append(done.kind)
+        if len(kind_names) > DONE_MAX_KINDS:
+            raise ValueError("too many record kinds")
+        self._own()
+        cids, offsets, fps, seqs, kinds = self.cids, self.offsets, self.fps, self.seqs, self.kinds
+        old = (self.n, len(cids))
+        bits = _bits_for(n)
+        table = self.table if bits == self.bits else self._grown(bits)
+        taken: list[int] = []  # slots filled in `table`, emptied again on failure
+        try:
+            raws = [cid.encode() for cid in rows]
+            dones = list(rows.values())
+            ends = accumulate(map(len, raws), initial=len(cids))
+            next(ends)  # `initial` is the last offset already there
+            offsets.extend(ends)
+            cids += b"".join(raws)
+            fps += b"".join([fp.to_bytes(16, "big") for fp in map(_FINGERPRINT, dones)])
+            seqs.extend(map(_SEQ, dones))
+            kinds += bytes(map(kind_index.__getitem__, map(_KIND, dones)))
+            mask = (1 << bits) - 1
+            shift = 32 - bits
+            copy = self.keyed.copy
+            from_bytes = int.from_bytes
+            append = taken.append
+            for r, raw in enumerate(raws, self.n + 1):  # stored as row + 1
+                h = copy()
+                h.update(raw)
+                t = from_bytes(h.digest(), "big")
+                i = t >> shift
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = t << 32 | r
+                append(i)
+        except BaseException:
+            n0, c0 = old
+            del cids[c0:], offsets[n0 + 1 :], fps[16 * n0 :], seqs[n0:], kinds[n0:]
+            for i in taken:
+                table[i] = 0
+            raise
+        self.table, self.bits, self.n, self.kind_names = table, bits, n, kind_names
+        for cid, done in (*rows.items(), *loaded.items()):
+            if done.reversed_by is not None:
+                self.reversed[cid] = done.reversed_by
+
+    def _own(self) -> None:
+        """Growable copies of columns that are still views over a loaded snapshot body."""
+        for name in ("cids", "fps", "kinds"):
+            if type(getattr(self, name)) is not bytearray:
+                setattr(self, name, bytearray(getattr(self, name)))
+        for name, code in (("offsets", "Q"), ("seqs", "q"), ("table", "Q")):
+            if type(getattr(self, name)) is not array:
+                setattr(self, name, _copy(code, getattr(self, name)))
+
+    def _grown(self, bits: int) -> array[int]:
+        """The table at 2^bits slots: an entry's slot is a prefix of its 32-bit tag, so no
+        client id is hashed again."""
+        table = _table(bits)
+        mask = (1 << bits) - 1
+        shift = 32 - bits
+        for entry in self.table:
+            if entry:
+                i = (entry >> 32) >> shift
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = entry
+        return table
+
+
+def _table(bits: int) -> array[int]:
+    return array("Q", bytes(8 << bits))
+
+
+def _copy(code: str, column: Any) -> array[int]:
+    """A growable copy of an int column (an array, or a memoryview over a snapshot body)."""
+    out = array(code)
+    out.frombytes(memoryview(column).cast("B"))
+    return out
+
+
+def _no_source(seq: int, kind: str) -> list[list[Any]] | None:
+    raise StateError(f"the postings of record {seq} are in the store, and none is attached")
+
+
+class DoneTable(MutableMapping[str, Done]):
+    """Client id -> Done: rows accepted since the last snapshot in a dict (`rows`), older ones in
+    a `DoneBase`. A base row read once is kept in `loaded`, so it is the same object on every
+    read (a reversal marks it; a savepoint rollback unmarks it)."""
+
+    __slots__ = ("base", "loaded", "miss", "rows")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Done] = {}
+        self.base: DoneBase | None = None
+        self.loaded: dict[str, Done] = {}
+        # the last client id the base was asked for and does not hold: `add` right after the
+        # writer's own check need not look again (the base only changes in `freeze`)
+        self.miss: object = None
+
+    def __contains__(self, cid: object) -> bool:
+        if cid in self.rows:
+            return True
+        base = self.base
+        if base is None or type(cid) is not str:
+            return False
+        if cid in self.loaded or base.find(cid) >= 0:
+            return True
+        self.miss = cid
+        return False
+
+    def get(self, cid: str, default: Any = None) -> Any:
+        done = self.rows.get(cid)
+        if done is not None:
+            return done
+        base = self.base
+        if base is None:
+            return default
+        done = self.loaded.get(cid)
+        if done is not None:
+            return done
+        r = base.find(cid)
+        if r < 0:
+            self.miss = cid
+            return default
+        done = self.loaded[cid] = base.row(r, cid)
+        return done
+
+    def __getitem__(self, cid: str) -> Done:
+        done: Done | None = self.get(cid)
+        if done is None:
+            raise KeyError(cid)
+        return done
+
+    def add(self, cid: str, done: Done) -> bool:
+        """Add a new row; False (and nothing added) if `cid` is already in the table."""
+        rows = self.rows
+        if cid in rows:
+            return False
+        base = self.base
+        if base is not None and cid != self.miss and (cid in self.loaded or base.find(cid) >= 0):
+            return False
+        rows[cid] = done
+        return True
+
+    def __setitem__(self, cid: str, done: Done) -> None:
+        if not self.add(cid, done):
+            raise KeyError(f"client id {cid!r} is already done")
+
+    def __delitem__(self, cid: str) -> None:
+        del self.rows[cid]  # only new rows are ever taken back (a rolled back savepoint)
+
+    def __len__(self) -> int:
+        return len(self.rows) + (0 if self.base is None else self.base.n)
+
+    def __iter__(self) -> Iterator[str]:
+        base = self.base
+        if base is not None:
+            for r in range(base.n):
+                yield base.cid(r)
+        yield from self.rows
+
+    def freeze(self, key: bytes | None = None) -> DoneBase:
+        """Move every row into the base (a snapshot stores the base as it is). All or nothing
+        (`DoneBase.extend`); `key` keys a first base's hash."""
+        base = self.base
+        if base is None:
+            assert key is not None and len(key) == DONE_KEY_LEN
+            base = DoneBase.empty(key)
+        base.extend(self.rows, self.loaded)
+        self.base = base
+        self.rows = {}
+        self.loaded = {}
+        self.miss = None
+        return base
 
 
 class PendingRequest:
@@ -334,7 +687,7 @@ class PlatformState:
         self.holds: dict[str, Hold] = {}
         # Pending holds only, in placement order: the expiry sweep must not scan history.
         self.pending_holds: dict[str, Hold] = {}
-        self.done: dict[str, Done] = {}
+        self.done = DoneTable()
         self.next_seq = 0
         self.last_ts_ms = 0
         self.created = False
@@ -439,9 +792,8 @@ class PlatformState:
         account.last_seq = seq
 
     def add_done(self, client_id: str, done: Done) -> None:
-        if client_id in self.done:
+        if not self.done.add(client_id, done):
             raise StateError(f"record {done.seq}: client id {client_id!r} accepted twice")
-        self.done[client_id] = done
         if self._sp is not None:
             self._sp.new_done.append(client_id)
 

@@ -170,6 +170,12 @@ def _misplaced(state: PlatformState, rec: dict[str, Any]) -> str:
     return f"record {seq}: time goes backwards"
 
 
+def recorded_postings(state: PlatformState, rec: dict[str, Any]) -> list[list[Any]] | None:
+    """What an accepted record's Done row keeps as its postings: read back from the record when
+    the row lives in the done table's base (ledger/snapshot.py)."""
+    return _posted(state, rec)
+
+
 def _posted(state: PlatformState, rec: dict[str, Any]) -> list[list[Any]] | None:
     """The postings a record made, so that a later reversal can undo exactly those."""
     entries = rec.get("entries")

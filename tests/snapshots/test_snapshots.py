@@ -27,7 +27,7 @@ from controls.policy import DAY_MS
 from ledger import commands as c
 from ledger import records, snapshot
 from ledger.config import Config
-from ledger.domain import Account, PlatformState, StateError
+from ledger.domain import Account, Done, DoneTable, PlatformState, StateError
 from ledger.service import LedgerService
 from ledger.store import LedgerStore, log_stream
 from ledger.writer import PlatformWriter, Request
@@ -156,6 +156,10 @@ def dump(value: Any, ordered: bool = False) -> Any:
     (sealed data, reconciliation figures) as sets of items: their key order means nothing."""
     if isinstance(value, PlatformState):
         return {n: dump(getattr(value, n), True) for n in PlatformState.__slots__ if n != "_sp"}
+    if isinstance(value, DoneTable):  # however it is split into base and new rows
+        return ("done", [(cid, dump(d)) for cid, d in value.items()])
+    if isinstance(value, Done):  # its postings, in memory or read back from its record
+        return ("Done", value.fingerprint, value.seq, value.kind, value.entries, value.reversed_by)
     if isinstance(value, enum.Enum):
         return (type(value).__name__, value.value)
     if isinstance(value, msgspec.Struct):
@@ -376,11 +380,11 @@ def test_unknown_version_and_other_code_fall_back(built: tuple[Config, LedgerSer
     _, svc = built
     [position] = _table(svc).positions(PLATFORM)
     body = _table(svc).body(PLATFORM, position)
-    _rewrite(svc, position, _forged(body, format="custody-snapshot/v2"))
+    _rewrite(svc, position, _forged(body, format="custody-snapshot/v3"))
     _fallback_is_full(svc)
     _rewrite(svc, position, _forged(body, code="0" * 32))
     _fallback_is_full(svc)
-    _rewrite(svc, position, b"custody-snapshot/v2\n" + body[len(snapshot.MAGIC) :])
+    _rewrite(svc, position, b"custody-snapshot/v3\n" + body[len(snapshot.MAGIC) :])
     _fallback_is_full(svc)
     _rewrite(svc, position, snapshot.MAGIC + b"\x00" * 40)  # too short to decode
     _fallback_is_full(svc)
