@@ -9,6 +9,7 @@ same platform fail instead of forking the log. A `directory` stream lists the pl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ from psycopg.sql import SQL, Identifier
 
 from ledger.config import STORE_POSTGRES, Config
 
+_log = logging.getLogger("ledger.store")
 DIRECTORY_STREAM: Final = "directory"
 APP_NAME: Final = "custody"
 READ_PAGE_MAX: Final = 10_000
@@ -207,6 +209,18 @@ class LedgerStore:
 
     def close(self) -> None:
         self.factory.close()
+
+    def discard_broken_connections(self) -> None:
+        """After a failed commit: test every idle pooled connection (one empty query each) and
+        replace the broken ones. A dropped network or a restarted PostgreSQL breaks all of them
+        at once; unchecked, the next reads and commits would each meet one and fail in turn.
+        PostgreSQL only (SQLite has no network)."""
+        if not self.is_postgres:
+            return
+        try:
+            self.datastore.pool.check()
+        except Exception:  # the pool replaces what it can; the next use reports the rest
+            _log.warning("checking the pooled connections failed", exc_info=True)
 
     # -- writes ---------------------------------------------------------------------------------
 

@@ -444,6 +444,8 @@ class PlatformWriter:
         self.prepared_next_seq = self.committed_next_seq
         if isinstance(exc, IntegrityError | WriterSuperseded):
             self.fenced = True  # someone else holds this log: stop, never fork it
+        else:  # e.g. a dropped connection: its siblings in the pool are likely broken too
+            self.store.discard_broken_connections()
         try:
             self.load()
             self.dirty = False
