@@ -23,6 +23,8 @@ from __future__ import annotations
 import binascii
 import hashlib
 import multiprocessing
+import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from custody_verify.note import (
 
 BLOCK = 1 << 19  # bytes of whole lines checked as one unit (about 1,100 records)
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+GENESIS = b"\x00" * 32
 
 
 @dataclass
@@ -66,6 +69,8 @@ class ChunkResult:
     end: tuple[int, bytes, int] | None = None  # (line index, raw line with LF, pos)
     # (where, reason, position, checkpoint, line index)
     failure: tuple[str, str, int | None, int | None, int] | None = None
+    first: bytes = b""  # with prev None: the first record's bytes, and its stored link
+    first_link: bytes = b""
 
 
 def blocks(a: int, e: int) -> list[int]:
@@ -82,23 +87,42 @@ def blocks(a: int, e: int) -> list[int]:
 
 
 def check_block(
-    block: bytes, start: int, prev: bytes, origin: str, verifiers: list[Verifier], final: bool
+    block: bytes,
+    start: int,
+    prev: bytes | None,
+    origin: str,
+    verifiers: list[Verifier],
+    final: bool,
 ) -> ChunkResult:
     """Check the lines of `block` (whole lines, LF-terminated; the last one may lack its LF only
     when `final`), whose first record, if any, must be at position `start` and chain from
-    `prev`. Same checks, order and messages as the full level's loop (bundle._run)."""
+    `prev`. Same checks, order and messages as the full level's loop (bundle._run).
+
+    `prev` None: the caller has checked that the first line is `R <start> <link> <data>` with a
+    canonical 44-character link and non-empty data, but does not know the link before it; that
+    record's stored link is taken as the chain head and its bytes returned in `first`, for the
+    merge to check SHA-256(previous link || first) against `first_link`."""
     sha256 = hashlib.sha256
     b2a = binascii.b2a_base64
     lines = block.split(b"\n")
     tail = lines.pop()  # b"" when the block ends with LF; otherwise a line without its LF
     res = ChunkResult(start=start)
-    head = prev
     stack: list[bytes] = []
     push = stack.append
     pop = stack.pop
     pos = start
     idx = 0
     ended = False
+    if prev is None:
+        parts = lines[0].split(b" ", 3)
+        head = binascii.a2b_base64(parts[2])
+        res.first, res.first_link = parts[3], head
+        push(sha256(b"\x00" + parts[3]).digest())  # a block's first leaf merges with nothing
+        pos += 1
+        idx = 1
+        del lines[0]
+    else:
+        head = prev
     for line in lines:
         if line[:2] == b"R " and not ended:
             parts = line.split(b" ", 3)
@@ -246,7 +270,7 @@ class Frontier:
         return other
 
 
-# -- the reader: cut the file into blocks of whole lines ---------------------------------------
+# -- the reader: cut the stream into blocks of whole lines (--jobs 1, or not a plain file) ------
 
 
 @dataclass
@@ -257,7 +281,13 @@ class Piece:
     final: bool  # the last piece (may end without LF)
 
 
-def pieces(f: BinaryIO, max_line: int, block_size: int | None = None) -> Iterator[Piece]:
+def pieces(
+    f: BinaryIO,
+    max_line: int,
+    block_size: int | None = None,
+    start: int = 0,
+    prev: bytes = GENESIS,
+) -> Iterator[Piece]:
     """Blocks of whole lines read from `f`, each with the position and stored link its first
     record must continue from (taken from the blocks before it, as stored: a block that does
     not verify stops the run before the next one's `prev` matters). A line longer than
@@ -266,8 +296,6 @@ def pieces(f: BinaryIO, max_line: int, block_size: int | None = None) -> Iterato
     # a line inside a block is at most block_size long: never longer than what readline takes
     block_size = min(block_size or BLOCK, max_line)
     carry = b""
-    start = 0
-    prev = b"\x00" * 32
     while True:
         chunk = f.read(block_size)
         buf = carry + chunk if carry else chunk
@@ -295,17 +323,98 @@ def pieces(f: BinaryIO, max_line: int, block_size: int | None = None) -> Iterato
                 prev = b""  # that record fails in its own block
 
 
-# -- workers -------------------------------------------------------------------------------------
+# -- workers that read their own byte ranges (--jobs >= 2 on a plain file) ----------------------
+
+
+@dataclass
+class Ranged:
+    """A worker's answer for the byte range [s, e) of the body.
+
+    status "ok": `result` covers the lines starting in [s, e), bytes [a, z), its first record
+    trusted (ChunkResult.first); "empty": no line starts in [s, e); "recheck": the block [a, z)
+    does not start with a usable record line (a checkpoint line, or damage): the merge checks it
+    itself, knowing the state before it; "sequential": its last line has no LF within
+    `max_line` bytes (an over-long or unterminated line): the merge reads on from `a` itself."""
+
+    status: str
+    a: int
+    z: int = 0
+    result: ChunkResult | None = None
+
+
+def _canonical_position(text: bytes) -> bool:
+    return text.isdigit() and (text == b"0" or text[:1] != b"0") and len(text) < 20
+
+
+def check_range(
+    fd: int,
+    s: int,
+    e: int,
+    body_start: int,
+    max_line: int,
+    origin: str,
+    verifiers: list[Verifier],
+) -> Ranged:
+    """Check the lines that start in [s, e) of the file `fd`, reading them with os.pread."""
+    if s > body_start:
+        head = os.pread(fd, e - s + 1, s - 1)  # the first line starts after the first LF
+        i = head.find(b"\n")
+        if i == -1 or s + i >= e:
+            return Ranged("empty", e)
+        a = s + i
+        buf = head[i + 1 :]
+    else:
+        a = s
+        buf = os.pread(fd, e - s, s)
+    if len(buf) < e - a:  # pragma: no cover - the file shrank while being verified
+        return Ranged("sequential", a)
+    if buf[-1:] != b"\n":  # complete the last line, which may not exceed max_line bytes
+        room = max_line - (len(buf) - buf.rfind(b"\n") - 1)
+        more = b""
+        j = -1
+        while j == -1 and len(more) < room:
+            got = os.pread(fd, min(max(len(more), 1 << 14), room - len(more)), e + len(more))
+            if not got:
+                break
+            j = got.find(b"\n")
+            j = j if j == -1 else len(more) + j
+            more += got
+        if j == -1 or j + 1 > room:
+            return Ranged("sequential", a)
+        buf += more[: j + 1]
+    z = a + len(buf)
+    nl = buf.find(b"\n")
+    parts = buf[:nl].split(b" ", 3)
+    if (
+        len(parts) != 4
+        or parts[0] != b"R"
+        or not _canonical_position(parts[1])
+        or not parts[3]
+        or len(parts[2]) != 44
+    ):
+        return Ranged("recheck", a, z)
+    try:
+        link = binascii.a2b_base64(parts[2])
+    except (binascii.Error, ValueError):
+        return Ranged("recheck", a, z)
+    if binascii.b2a_base64(link, newline=False) != parts[2] or len(link) != 32:
+        return Ranged("recheck", a, z)
+    res = check_block(buf, int(parts[1]), None, origin, verifiers, False)
+    return Ranged("ok", a, z, res)
+
 
 _W: dict[str, Any] = {}
 
 
-def _init_worker(origin: str, vkey: str) -> None:
+def _init_worker(origin: str, vkey: str, fd: int, body_start: int, max_line: int) -> None:
     import gc
 
     gc.disable()
     _W["origin"] = origin
     _W["verifiers"] = [parse_vkey(vkey)]
+    _W["fd"] = fd
+    _W["body_start"] = body_start
+    _W["max_line"] = max_line
 
 
 def _check_piece(piece: Piece) -> ChunkResult:
@@ -314,40 +423,15 @@ def _check_piece(piece: Piece) -> ChunkResult:
     )
 
 
-class _Local:
-    """jobs = 1: check each block in this process, when its result is asked for."""
-
-    def __init__(self, origin: str, verifiers: list[Verifier]) -> None:
-        self.origin = origin
-        self.verifiers = verifiers
-
-    def submit(self, piece: Piece) -> Callable[[], ChunkResult]:
-        def run() -> ChunkResult:
-            return check_block(
-                piece.block, piece.start, piece.prev, self.origin, self.verifiers, piece.final
-            )
-
-        return run
-
-    def close(self) -> None:
-        pass
+def _check_range(s: int, e: int) -> Ranged:
+    w = _W
+    return check_range(w["fd"], s, e, w["body_start"], w["max_line"], w["origin"], w["verifiers"])
 
 
-class _Pool:
-    """jobs >= 2: worker processes (fork where available), results taken in submission order."""
-
-    def __init__(self, jobs: int, origin: str, vkey: str) -> None:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(origin, vkey))
-
-    def submit(self, piece: Piece) -> Callable[[], ChunkResult]:
-        pending = self.pool.apply_async(_check_piece, (piece,))
-        return pending.get
-
-    def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+def _pool(jobs: int, initargs: tuple[Any, ...]) -> Any:
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ctx.Pool(jobs, initializer=_init_worker, initargs=initargs)
 
 
 # -- merging the blocks' results in file order -------------------------------------------------
@@ -385,79 +469,46 @@ class Outcome:
     checkpoint_root: bytes | None
 
 
-def run(
-    f: BinaryIO,
-    origin: str,
-    vkey: str,
-    verifiers: list[Verifier],
-    lineno: int,
-    max_line: int,
-    jobs: int,
-    progress: Callable[[int], None] | None,
-    progress_every: int,
-) -> Outcome:
-    """Check the body of a bundle (after its header, `lineno` lines) at the integrity level."""
-    executor: _Local | _Pool = _Local(origin, verifiers) if jobs < 2 else _Pool(jobs, origin, vkey)
-    try:
-        return _merge(f, executor, jobs, lineno, max_line, progress, progress_every)
-    finally:
-        executor.close()
+class _Merge:
+    """The state of the file so far, advanced one block result at a time, in file order."""
 
-
-def _merge(
-    f: BinaryIO,
-    executor: _Local | _Pool,
-    jobs: int,
-    lineno: int,
-    max_line: int,
-    progress: Callable[[int], None] | None,
-    progress_every: int,
-) -> Outcome:
-    frontier = Frontier()
-    pos = 0
-    head = b"\x00" * 32
-    checkpoints = 0
-    last_cp_size = -1
-    cp_root: bytes | None = None
-    ended = False
-    next_progress = progress_every
-    inflight: deque[Callable[[], ChunkResult]] = deque()
-    source = pieces(f, max_line)
-    limit = 1 if jobs < 2 else 2 * jobs + 1
-    exhausted = False
+    def __init__(self, lineno: int) -> None:
+        self.frontier = Frontier()
+        self.pos = 0
+        self.head = GENESIS
+        self.lineno = lineno  # lines before the next block
+        self.checkpoints = 0
+        self.last_cp_size = -1
+        self.cp_root: bytes | None = None
+        self.ended = False
 
     def fail(
+        self,
         where: str,
         reason: str,
         position: int | None,
         checkpoint: int | None,
         line: int,
         records: int,
-        at_head: bytes,
+        head: bytes,
     ) -> IntegrityFailed:
         return IntegrityFailed(
-            where, reason, position, checkpoint, line, records, checkpoints, at_head
+            where, reason, position, checkpoint, line, records, self.checkpoints, head
         )
 
-    while True:
-        while not exhausted and len(inflight) < limit:
-            piece = next(source, None)
-            if piece is None:
-                exhausted = True
-            else:
-                inflight.append(executor.submit(piece))
-        if not inflight:
-            break
-        res = inflight.popleft()()
-        base = lineno  # line number of the block's line index -1
-        if ended and res.lines:
-            raise fail("end", "data after the end line", None, None, base + 1, pos, head)
+    def take(self, res: ChunkResult) -> None:
+        """Apply one block's result; raises IntegrityFailed at the first problem."""
+        fail = self.fail
+        base = self.lineno  # the line number of the block's line index -1
+        if self.ended and res.lines:
+            raise fail("end", "data after the end line", None, None, base + 1, self.pos, self.head)
         for cp in res.checkpoints:
             line = base + cp.line + 1
-            if cp.size <= last_cp_size:
+            last = self.last_cp_size
+            if cp.size <= last:
                 raise fail(
                     "checkpoint",
-                    f"checkpoint sizes must increase (previous {last_cp_size})",
+                    f"checkpoint sizes must increase (previous {last})",
                     None,
                     cp.size,
                     line,
@@ -485,12 +536,10 @@ def _merge(
                     cp.pos,
                     cp.head,
                 )
-            at = frontier.copy()
+            at = self.frontier.copy()
             at.extend(res.start, cp.pos, cp.nodes)
             if at.root() != cp.root:
-                where = (
-                    f"records {max(last_cp_size, 0)}..{cp.pos - 1}" if cp.pos else "the empty log"
-                )
+                where = f"records {max(last, 0)}..{cp.pos - 1}" if cp.pos else "the empty log"
                 raise fail(
                     "checkpoint",
                     "signed root does not match the Merkle root of the records "
@@ -501,35 +550,36 @@ def _merge(
                     cp.pos,
                     cp.head,
                 )
-            last_cp_size = cp.size
-            checkpoints += 1
-            cp_root = cp.root
+            self.last_cp_size = cp.size
+            self.checkpoints += 1
+            self.cp_root = cp.root
         if res.end is not None:
             idx, raw, at_pos = res.end
             line = base + idx + 1
-            if raw != b"end %d %d\n" % (at_pos, checkpoints):
+            at_head = res.head if res.records else self.head
+            if raw != b"end %d %d\n" % (at_pos, self.checkpoints):
                 raise fail(
                     "end",
                     f"end line {raw[:80]!r} does not match {at_pos} records and "
-                    f"{checkpoints} checkpoints",
+                    f"{self.checkpoints} checkpoints",
                     None,
-                    last_cp_size,
+                    self.last_cp_size,
                     line,
                     at_pos,
-                    _head_at(res, head),
+                    at_head,
                 )
-            if last_cp_size != at_pos:
+            if self.last_cp_size != at_pos:
                 raise fail(
                     "end",
-                    f"records {max(last_cp_size, 0)}..{at_pos - 1} are not covered by a signed "
-                    "checkpoint",
+                    f"records {max(self.last_cp_size, 0)}..{at_pos - 1} are not covered by a "
+                    "signed checkpoint",
                     None,
-                    last_cp_size,
+                    self.last_cp_size,
                     line,
                     at_pos,
-                    _head_at(res, head),
+                    at_head,
                 )
-            ended = True
+            self.ended = True
         if res.failure is not None:
             where, reason, position, checkpoint, idx = res.failure
             raise fail(
@@ -539,22 +589,160 @@ def _merge(
                 checkpoint,
                 base + idx + 1,
                 res.start + res.records,
-                res.head if res.records else head,
+                res.head if res.records else self.head,
             )
-        frontier.extend(res.start, res.start + res.records, res.nodes)
+        self.frontier.extend(res.start, res.start + res.records, res.nodes)
         if res.records:
-            head = res.head
-        pos = res.start + res.records
-        lineno = base + res.lines
-        if progress is not None and pos >= next_progress:
-            next_progress = pos + progress_every
-            progress(pos)
-    if not ended:
-        raise fail(
-            "bundle", "bundle ends without its end line (truncated?)", pos, None, lineno, pos, head
-        )
-    return Outcome(pos, checkpoints, head, last_cp_size if checkpoints else None, cp_root)
+            self.head = res.head
+        self.pos = res.start + res.records
+        self.lineno = base + res.lines
+
+    def outcome(self) -> Outcome:
+        if not self.ended:
+            raise self.fail(
+                "bundle",
+                "bundle ends without its end line (truncated?)",
+                self.pos,
+                None,
+                self.lineno,
+                self.pos,
+                self.head,
+            )
+        size = self.last_cp_size if self.checkpoints else None
+        return Outcome(self.pos, self.checkpoints, self.head, size, self.cp_root)
 
 
-def _head_at(res: ChunkResult, head: bytes) -> bytes:
-    return res.head if res.records else head
+def run(
+    f: BinaryIO,
+    origin: str,
+    vkey: str,
+    verifiers: list[Verifier],
+    lineno: int,
+    max_line: int,
+    jobs: int,
+    progress: Callable[[int], None] | None,
+    progress_every: int,
+) -> Outcome:
+    """Check the body of a bundle (after its header, `lineno` lines) at the integrity level."""
+    merge = _Merge(lineno)
+    ticker = _Ticker(progress, progress_every)
+    fd = _plain_file(f)
+    if jobs < 2:
+        _sequential(f, merge, origin, verifiers, max_line, ticker)
+    elif fd is not None and max_line > BLOCK and "fork" in multiprocessing.get_all_start_methods():
+        _ranges(f, fd, merge, origin, vkey, verifiers, max_line, jobs, ticker)
+    else:
+        _shipped(f, merge, origin, vkey, max_line, jobs, ticker)
+    return merge.outcome()
+
+
+class _Ticker:
+    def __init__(self, progress: Callable[[int], None] | None, every: int) -> None:
+        self.progress = progress
+        self.every = every
+        self.next = every
+
+    def __call__(self, pos: int) -> None:
+        if self.progress is not None and pos >= self.next:
+            self.next = pos + self.every
+            self.progress(pos)
+
+
+def _plain_file(f: BinaryIO) -> int | None:
+    """The descriptor of `f` when it is a regular file that workers may pread (else None)."""
+    try:
+        fd = f.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) and hasattr(os, "pread") else None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _sequential(
+    f: BinaryIO,
+    merge: _Merge,
+    origin: str,
+    verifiers: list[Verifier],
+    max_line: int,
+    ticker: _Ticker,
+) -> None:
+    """--jobs 1 (and the rest of a file after an odd line in --jobs N): block after block in
+    this process, continuing from the merge's state."""
+    for p in pieces(f, max_line, start=merge.pos, prev=merge.head):
+        merge.take(check_block(p.block, p.start, p.prev, origin, verifiers, p.final))
+        ticker(merge.pos)
+
+
+def _shipped(
+    f: BinaryIO, merge: _Merge, origin: str, vkey: str, max_line: int, jobs: int, ticker: _Ticker
+) -> None:
+    """--jobs N on a stream that is not a plain file: this process reads the blocks and sends
+    them to the workers (each block crosses a pipe)."""
+    pool = _pool(jobs, (origin, vkey, -1, 0, max_line))
+    try:
+        inflight: deque[Any] = deque()
+        source = pieces(f, max_line)
+        exhausted = False
+        while True:
+            while not exhausted and len(inflight) < 2 * jobs + 1:
+                piece = next(source, None)
+                if piece is None:
+                    exhausted = True
+                else:
+                    inflight.append(pool.apply_async(_check_piece, (piece,)))
+            if not inflight:
+                return
+            merge.take(inflight.popleft().get())
+            ticker(merge.pos)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _ranges(
+    f: BinaryIO,
+    fd: int,
+    merge: _Merge,
+    origin: str,
+    vkey: str,
+    verifiers: list[Verifier],
+    max_line: int,
+    jobs: int,
+    ticker: _Ticker,
+) -> None:
+    """--jobs N on a plain file: each worker reads its own byte range (nothing crosses a pipe
+    but offsets and small results); this process only merges, and checks itself the few blocks
+    a worker cannot start (a block opening with a checkpoint line, or damage)."""
+    body_start = f.tell()
+    size = os.fstat(fd).st_size
+    pool = _pool(jobs, (origin, vkey, fd, body_start, max_line))
+    try:
+        inflight: deque[Any] = deque()
+        s = body_start
+        while True:
+            while s < size and len(inflight) < 2 * jobs + 1:
+                e = min(s + BLOCK, size)
+                inflight.append(pool.apply_async(_check_range, (s, e)))
+                s = e
+            if not inflight:
+                return
+            got: Ranged = inflight.popleft().get()
+            if got.status == "empty":
+                continue
+            if got.status == "sequential":
+                f.seek(got.a)
+                _sequential(f, merge, origin, verifiers, max_line, ticker)
+                return
+            res = got.result
+            if res is not None and (
+                res.start != merge.pos
+                or hashlib.sha256(merge.head + res.first).digest() != res.first_link
+            ):
+                res = None  # starts elsewhere than the blocks before it end: check it here
+            if res is None:
+                block = os.pread(fd, got.z - got.a, got.a)
+                res = check_block(block, merge.pos, merge.head, origin, verifiers, False)
+            merge.take(res)
+            ticker(merge.pos)
+    finally:
+        pool.terminate()
+        pool.join()

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,21 @@ VECTORS = Path("/work/shared/vectors/merkle-rfc6962.json")
 SMALL_BLOCK = 2048  # a few records per block: many block edges in a 3,000-record bundle
 
 
-def verify_integrity(data: bytes, vkey: str, jobs: int = 1):
-    try:
-        summary = verify_bundle(io.BytesIO(data), [parse_vkey(vkey)], jobs=jobs, level="integrity")
-    except VerificationFailed as exc:
-        return exc.failure, exc.summary
+def verify_integrity(data: bytes, vkey: str, jobs: int = 1, on_disk: bool = False):
+    """On disk with jobs >= 2, the workers read their own byte ranges (integrity._ranges); from
+    memory, this process ships them the blocks (integrity._shipped)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if on_disk:
+            path = Path(tmp) / "b.bundle"
+            path.write_bytes(data)
+            f = open(path, "rb", buffering=1 << 20)  # noqa: SIM115
+        else:
+            f = io.BytesIO(data)
+        try:
+            with f:
+                summary = verify_bundle(f, [parse_vkey(vkey)], jobs=jobs, level="integrity")
+        except VerificationFailed as exc:
+            return exc.failure, exc.summary
     return None, summary
 
 
@@ -42,9 +53,9 @@ def _report(failure, summary):
     )
 
 
-def _same_as_full(data: bytes, vkey: str, jobs: int = 1) -> None:
+def _same_as_full(data: bytes, vkey: str, jobs: int = 1, on_disk: bool = False) -> None:
     full = verify_bytes(data, vkey)
-    fast = verify_integrity(data, vkey, jobs)
+    fast = verify_integrity(data, vkey, jobs, on_disk)
     assert full[0] is not None, "the tampering was not detected at all"
     assert fast[0] is not None, f"integrity level missed: {full[0].describe()}"
     assert _report(*fast) == _report(*full), (fast[0].describe(), full[0].describe())
@@ -121,12 +132,14 @@ def test_blocks_partition_the_range_into_aligned_powers_of_two():
 # -- the whole bundle ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-@pytest.mark.parametrize("block", [SMALL_BLOCK, None])
-def test_untouched_bundle_verifies_at_the_integrity_level(exported, monkeypatch, jobs, block):
+@pytest.mark.parametrize(("jobs", "on_disk"), [(1, False), (2, False), (2, True), (3, True)])
+@pytest.mark.parametrize("block", [SMALL_BLOCK, 777, None])
+def test_untouched_bundle_verifies_at_the_integrity_level(
+    exported, monkeypatch, jobs, on_disk, block
+):
     if block is not None:
         monkeypatch.setattr(integrity, "BLOCK", block)
-    failure, fast = verify_integrity(exported.data, exported.vkey, jobs)
+    failure, fast = verify_integrity(exported.data, exported.vkey, jobs, on_disk)
     assert failure is None, failure.describe()
     failure, full = verify_bytes(exported.data, exported.vkey)
     assert failure is None
@@ -154,13 +167,28 @@ def test_every_byte_flip_at_block_edges_is_reported_as_the_full_level_does(expor
         _same_as_full(bytes(bad), exported.vkey)
 
 
-def test_random_byte_flips_in_two_processes(exported, small_blocks):
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_random_byte_flips_in_two_processes(exported, small_blocks, on_disk):
     rng = random.Random(9)
     data = exported.data
     for off in rng.sample(range(len(data)), 12):
         bad = bytearray(data)
         bad[off] ^= 0x04
-        _same_as_full(bytes(bad), exported.vkey, jobs=2)
+        _same_as_full(bytes(bad), exported.vkey, jobs=2, on_disk=on_disk)
+
+
+def test_byte_flips_at_block_edges_with_workers_reading_the_file(exported, small_blocks):
+    """Each worker finds its own first line and trusts its first record's stored link until the
+    merge checks it: damage to that record, or to the line before it, must still be reported
+    exactly as the full level does."""
+    data = exported.data
+    edges = _block_edges(data)
+    rng = random.Random(4)
+    offsets = sorted({e + d for e in rng.sample(edges, 6) for d in (-2, -1, 0, 1, 3, 60)})
+    for i, off in enumerate(offsets):
+        bad = bytearray(data)
+        bad[off] ^= (0x01, 0x20, 0x80, 0x0B)[i % 4]
+        _same_as_full(bytes(bad), exported.vkey, jobs=2, on_disk=True)
 
 
 def _records_around_edges(data: bytes, count: int) -> list[int]:
@@ -196,7 +224,8 @@ def test_deletion_insertion_reordering_truncation_at_block_edges(exported, small
     positions = _records_around_edges(exported.data, len(exported.records))
     assert len(positions) >= 10
     for n, pos in enumerate(positions):
-        _same_as_full(_edit(exported.data, how, pos), exported.vkey, jobs=2 if n < 3 else 1)
+        jobs, on_disk = ((2, True), (2, False), (1, False))[min(n // 3, 2)]
+        _same_as_full(_edit(exported.data, how, pos), exported.vkey, jobs, on_disk)
 
 
 def test_checkpoint_lines_damaged_or_moved(exported, small_blocks):
@@ -214,6 +243,7 @@ def test_checkpoint_lines_damaged_or_moved(exported, small_blocks):
     extra = [*raw, b"R 0 x y\n"]
     for bad in (moved, dropped, repeated, no_end, extra):
         _same_as_full(b"".join(bad), exported.vkey)
+        _same_as_full(b"".join(bad), exported.vkey, jobs=2, on_disk=True)
 
 
 def test_a_rewritten_history_is_caught_at_its_checkpoint(exported, small_blocks):
@@ -238,7 +268,7 @@ def test_a_rewritten_history_is_caught_at_its_checkpoint(exported, small_blocks)
         else:
             mixed.append(ln.raw)
     assert new
-    failure, _ = verify_integrity(b"".join(mixed), exported.vkey, jobs=2)
+    failure, _ = verify_integrity(b"".join(mixed), exported.vkey, jobs=2, on_disk=True)
     assert failure is not None and failure.where == "checkpoint"
     assert failure.checkpoint == min(s for s in cps if s > 1234)
     _same_as_full(b"".join(mixed), exported.vkey)
