@@ -185,7 +185,11 @@ def _report(
         median = f"{statistics.median(times):.0f}" if times else "-"
         most = f"{max(times):.0f}" if times else "-"
         print(f"  {kind:18} {len(group):3}  median {median:>6}  max {most:>6}  never {never}")
-    print(f"acknowledged {findings.acknowledged}, found exactly once {findings.found}")
+    replayed = sum(ack.status == "replayed" for ack in answers.acks.values())
+    print(
+        f"acknowledged {findings.acknowledged}, found exactly once {findings.found} "
+        f"(acknowledged as replayed: {replayed}, a retry of a group whose commit had landed)"
+    )
     print(
         f"lost {len(findings.lost)}, duplicates {len(findings.duplicates)}, misplaced "
         f"{len(findings.misplaced)}, outside their writer's epoch {len(findings.outside_epoch)}"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
+import psycopg
+from eventsourcing import persistence as es_persistence
 
 from controls.base import Proposal, Refusal
 from controls.codes import Code
@@ -37,6 +39,13 @@ from ledger.store import LedgerStore, NewRow, WriterClaim, WriterSuperseded, log
 from ledger.validate import InvalidInput, is_actor, validate
 
 _log = logging.getLogger("ledger.writer")
+# Failures of the connection itself, not answers of the database: a commit may have landed.
+_CONNECTION_ERRORS: Final = (
+    es_persistence.OperationalError,
+    es_persistence.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 _ENCODE: Final = records.ENCODER.encode
 _SHA256: Final = hashlib.sha256
 _FINGERPRINT: Final = records.fingerprint
@@ -118,7 +127,16 @@ class ChainBroken(RuntimeError):
 
 
 class CommitFailed(RuntimeError):
-    """The group's database transaction did not commit; none of its instructions happened."""
+    """The group was not confirmed as stored. Either it certainly was not (a refused or earlier
+    failed transaction: nothing happened), or, as `CommitOutcomeUnknown`, nobody can say here.
+    Either way a retry with the same client ids is safe: it replays the stored result or
+    decides the instructions anew."""
+
+
+class CommitOutcomeUnknown(CommitFailed):
+    """The connection failed during the group's transaction (dropped, reset, PostgreSQL
+    restarted): the COMMIT may have landed without its answer arriving. The writer rebuilds
+    from the store, so a retry with the same client ids learns the outcome (`replayed`)."""
 
 
 class StoreUnavailable(CommitFailed):
@@ -433,6 +451,10 @@ class PlatformWriter:
                 self.store.append(rows, self.claim)
         except Exception as exc:
             metrics.observe_commit_failed()
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise CommitOutcomeUnknown(
+                    f"platform {self.platform_id}: the connection failed during the commit"
+                ) from exc
             raise CommitFailed(f"commit failed for platform {self.platform_id}") from exc
         metrics.observe_commit(prepared.answers, time.perf_counter() - started)
 

@@ -41,7 +41,7 @@ from cluster_harness import Ack, Cluster, Node
 from ledger.api.errors import from_exception
 from ledger.lease import WriterElsewhere
 from ledger.service import Overloaded, ServiceClosed
-from ledger.writer import CommitFailed, StoreUnavailable, WriterFenced
+from ledger.writer import CommitFailed, CommitOutcomeUnknown, StoreUnavailable, WriterFenced
 
 CHUNK_MAX: Final = 64 * 1024  # bytes read at once per direction: the proxy's whole buffer
 PG_BIN: Final = Path("/usr/lib/postgresql/15/bin")
@@ -408,6 +408,7 @@ def _api_kinds() -> dict[str, grpc.StatusCode]:
     gives each (ledger/api/errors.py, the one mapping clients see)."""
     samples: list[BaseException] = [
         CommitFailed("x"),
+        CommitOutcomeUnknown("x"),
         StoreUnavailable("x"),
         WriterFenced("x"),
         WriterElsewhere("p"),
