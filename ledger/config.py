@@ -27,6 +27,9 @@ CUSTODY_ADVERTISE        HOST:PORT clients use to reach this server; written to 
                          another server to write that platform (default: empty = unknown)
 CUSTODY_LEASE_POLL_MS    PostgreSQL: how often a server checks its write leases' connection and
                          tries to take the leases of platforms nobody writes (default 1000)
+CUSTODY_LEASE_BALANCE    PostgreSQL: 1 = each server holds at most its fair share of the write
+                         leases (ceil(platforms / live servers)) and hands over the rest
+                         (default 0: the first server takes every free lease)
 CUSTODY_METRICS_PORT     `custody serve` answers GET /metrics (Prometheus text format) on
                          127.0.0.1:PORT, or HOST:PORT when given so (default 0 = off)
 CUSTODY_LOG_FORMAT       json | text | auto (default: text on a terminal, else JSON lines)
@@ -157,6 +160,7 @@ class Config:
     server_id: str = "local"
     advertise: str = ""
     lease_poll_ms: int = 1000
+    lease_balance: int = 0  # 1 = spread write leases over the live servers (ledger/balance.py)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0 = no /metrics endpoint
     log_format: str = "auto"  # json | text | auto (text on a terminal)
@@ -215,6 +219,7 @@ class Config:
             server_id=_server_id(env),
             advertise=_advertise(env),
             lease_poll_ms=_int(env, "CUSTODY_LEASE_POLL_MS", 1000, 50, 60_000),
+            lease_balance=_int(env, "CUSTODY_LEASE_BALANCE", 0, 0, 1),
             metrics_host=metrics[0],
             metrics_port=metrics[1],
             log_format=_choice(env, "CUSTODY_LOG_FORMAT", ("auto", "json", "text")),

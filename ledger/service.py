@@ -34,8 +34,8 @@ import msgspec
 
 from controls.codes import Code
 from controls.policy import Policy
+from ledger import balance, metrics
 from ledger import commands as c
-from ledger import metrics
 from ledger.checkpoint import (
     CheckpointLog,
     NoteSigner,
@@ -701,6 +701,7 @@ class LedgerService:
                 self._discover()
         except Exception:
             log.warning("cannot read the platform directory", exc_info=True)
+        share = self._lease_share()  # None: take every free lease
         for platform_id, platform in list(self._platforms.items()):
             if self._closed:
                 return
@@ -710,9 +711,11 @@ class LedgerService:
                 elif platform.role == WRITER:
                     if platform_id not in lease.held:
                         self._demote(platform)
+                    elif share is not None and len(lease.held) > share:
+                        self._let_go(platform, "above this server's fair share")
                     elif platform.writer.fenced:
                         self._repair(platform)
-                elif lease.try_acquire(platform_id):
+                elif (share is None or len(lease.held) < share) and lease.try_acquire(platform_id):
                     self._promote(platform)
                 else:
                     with platform.cond:
@@ -723,6 +726,25 @@ class LedgerService:
                 return
             except Exception:
                 log.exception("lease upkeep for %s failed", platform_id)
+
+    def _lease_share(self) -> int | None:
+        """With CUSTODY_LEASE_BALANCE=1: announce this server and return the most leases it
+        should hold (ledger/balance.py); None when not balancing or the count is unknown."""
+        lease = self._lease
+        if not self.config.lease_balance or lease is None:
+            return None
+        schema = self.config.postgres.get("POSTGRES_SCHEMA") or "public"
+        try:
+            balance.heartbeat(self.store.datastore, schema, self.server_id, self.config.advertise)
+            live = balance.live_servers(
+                self.store.datastore, schema, within_ms=int(lease.timeout_s * 1000)
+            )
+        except Exception:
+            log.warning("cannot count the live servers; not balancing this poll", exc_info=True)
+            return None
+        # a platform being created holds its lease before it is in `_platforms`: count it too
+        platforms = len({p for p in self._platforms if not self._gone(p)} | set(lease.held))
+        return max(1, balance.fair_share(platforms, live))
 
     def _discover(self) -> None:
         """Platforms another server created since: loaded here as followers. Caller holds
@@ -803,9 +825,10 @@ class LedgerService:
         log.warning("no longer writing platform %s", platform.writer.platform_id)
         self._notify_role(platform.writer.platform_id, FOLLOWER, None)
 
-    def _let_go(self, platform: _Platform) -> None:
-        """The platform moves (or moved) to another store: stop writing it, and release its
-        lease once no group is in flight, so the mover can take the lease and copy the log."""
+    def _let_go(self, platform: _Platform, why: str = "it moves to another store") -> None:
+        """Stop writing the platform and release its lease once no group is in flight: it
+        moves (or moved) to another store and the mover takes the lease to copy the log, or
+        this server holds more than its fair share and another takes it over."""
         lease = self._lease
         assert lease is not None
         platform_id = platform.writer.platform_id
@@ -815,7 +838,7 @@ class LedgerService:
             with platform.cond:
                 platform.drained_or_timeout()
             lease.release(platform_id)
-            log.warning("platform %s moves to another store: write lease released", platform_id)
+            log.warning("platform %s: write lease released: %s", platform_id, why)
 
     def _demote_all(self) -> None:
         for platform in list(self._platforms.values()):

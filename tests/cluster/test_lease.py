@@ -183,3 +183,33 @@ def test_lease_keys_are_stable_and_distinct() -> None:
     others = {lease_key("local", "other", "p1"), lease_key("x", "public", "p1")}
     assert key not in others and len(others) == 2
     assert lease_key("local", "public", "p2") != key
+
+
+def test_balanced_servers_share_the_write_leases_and_take_over_a_dead_ones(
+    pg_store: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**pg_store, "CUSTODY_LEASE_BALANCE": "1"}
+    a = _server(env, tmp_path, "a", 7001)
+    b: LedgerService | None = None
+    try:
+        ids = [f"p{i}" for i in range(1, 5)]
+        platforms = {platform_id: make_platform(a, platform_id) for platform_id in ids}
+        assert all(a.is_writer(p) for p in ids)  # alone, it holds them all
+        b = _server(env, tmp_path, "b", 7002)
+
+        def held(s: LedgerService) -> int:
+            return sum(1 for p in ids if s.is_writer(p))
+
+        _until(lambda: held(a) == 2 and held(b) == 2)
+        # every platform still has exactly one writer, and writes go on through the handover
+        for platform_id in ids:
+            writer = a if a.is_writer(platform_id) else b
+            p = platforms[platform_id]
+            assert writer.execute(platform_id, [deposit(p, "d", "alice", 1)], "platform:t")[0].ok
+        b.close()
+        b = None
+        _until(lambda: held(a) == 4)  # the survivor's share grows back to everything
+    finally:
+        if b is not None:
+            b.close()
+        a.close()
