@@ -62,6 +62,8 @@ class PiiVault:
         self._table = f'"{schema}".{_TABLE}' if schema else _TABLE
         self._cache: dict[tuple[str, str], tuple[AESGCM, bytes]] = {}
         with datastore.transaction(commit=True) as cur:
+            if is_postgres:  # concurrent CREATE ... IF NOT EXISTS can collide in pg_type
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext('custody-pii-ddl'))")
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} (platform TEXT NOT NULL, "
                 f"subject TEXT NOT NULL, wrapped {self._blob}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Final
 
 from eventsourcing.persistence import (
@@ -184,6 +185,21 @@ class BatchPostgresRecorder(PostgresApplicationRecorder):
                     write_row(row)
 
 
+@contextmanager
+def _ddl_lock(config: Config) -> Iterator[None]:
+    """Serialise table creation between processes starting at once on an empty schema: two
+    concurrent CREATE TABLE IF NOT EXISTS can fail ("tuple concurrently updated"). A session
+    advisory lock on a short-lived connection of its own, released when it closes."""
+    import psycopg
+
+    from ledger.lease import connect_kwargs
+
+    schema = config.postgres.get("POSTGRES_SCHEMA") or "public"
+    with psycopg.connect(**connect_kwargs(config, timeout_s=10.0, purpose="ddl")) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"custody-ddl/{schema}",))
+        yield
+
+
 class LedgerStore:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -198,9 +214,10 @@ class LedgerStore:
             env["SQLITE_DBNAME"] = str(config.sqlite_path)
             env["SQLITE_LOCK_TIMEOUT"] = "10"
             env["APPLICATION_RECORDER_TOPIC"] = "ledger.store:BatchSQLiteRecorder"
-        self.factory = InfrastructureFactory.construct(Environment(APP_NAME, env))
-        self.recorder: ApplicationRecorder = self.factory.application_recorder()
         self.is_postgres = config.store == STORE_POSTGRES
+        with _ddl_lock(config) if self.is_postgres else nullcontext():
+            self.factory = InfrastructureFactory.construct(Environment(APP_NAME, env))
+            self.recorder: ApplicationRecorder = self.factory.application_recorder()
 
     @property
     def datastore(self) -> Any:
