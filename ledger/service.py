@@ -267,6 +267,9 @@ class LedgerService:
             if platform.committer is not None:
                 platform.committer.stop()
         if self._lease is not None:
+            for platform_id, platform in self._platforms.items():
+                if platform.role == WRITER:  # the handover shows in the logs, not only in the db
+                    log.info("no longer writing platform %s: shutting down", platform_id)
             self._lease.close()  # after the last commit: PostgreSQL releases every lease
         self.store.close()
 
