@@ -409,9 +409,10 @@ class DoneBase:
                 table[i] = 0
             raise
         self.table, self.bits, self.n, self.kind_names = table, bits, n, kind_names
-        for cid, done in (*rows.items(), *loaded.items()):
-            if done.reversed_by is not None:
-                self.reversed[cid] = done.reversed_by
+        for table_ in (rows, loaded):
+            for cid, done in table_.items():
+                if done.reversed_by is not None:
+                    self.reversed[cid] = done.reversed_by
 
     def _own(self) -> None:
         """Growable copies of columns that are still views over a loaded snapshot body."""

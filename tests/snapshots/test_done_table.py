@@ -378,3 +378,20 @@ def test_a_v1_snapshot_is_refused_and_the_log_replayed(
         snapshot.open_body(v1)
     _fallback_is_full(svc)
     assert svc.store.last_row(log_stream(PLATFORM)) is not None
+
+
+def test_a_big_full_replay_is_compacted_before_serving(
+    built: tuple[Config, LedgerService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SETTLE_MIN_ROWS a full replay moves the done rows into the base itself (so the first
+    capture does not, under the platform lock); the state and every answer stay the same."""
+    _, svc = built
+    monkeypatch.setattr(snapshot, "SETTLE_MIN_ROWS", 1)
+    settled = _full(svc)
+    assert settled.state.done.base is not None and not settled.state.done.rows
+    monkeypatch.setattr(snapshot, "SETTLE_MIN_ROWS", 10**9)
+    plain = _full(svc)
+    assert plain.state.done.base is None and plain.state.done.rows
+    _assert_same(settled, plain)
+    requests = _every_instruction_again(plain)
+    assert _answers(settled, requests) == _answers(plain, requests)
