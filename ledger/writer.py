@@ -208,6 +208,7 @@ class PlatformWriter:
                 self.snapshot_position = -1
                 self._reset()
                 self._replay_from(-1, progress)
+                snapshot.settle(self.state, self.tree)  # a big done table: compact it now
         except BaseException:
             self.state, self.head, self.tree, self.snapshot_position = before
             raise
