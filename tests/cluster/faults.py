@@ -9,9 +9,10 @@ proxy only forwards to it, and restarts happen on a private instance this module
     proxy = FaultProxy(("127.0.0.1", 5432)); proxy.start()   # servers connect to proxy.port
     proxy.drop(rst=True)      # every carried connection closed abruptly (RST to both sides)
     proxy.stall(); ...; proxy.resume()   # nothing forwarded meanwhile, then everything flows
+    proxy.stall(TO_SERVER)    # PostgreSQL works on, its answers wait (commits land unconfirmed)
 
-    with PrivatePostgres.create(workdir) as pg:   # initdb as user postgres, on a free port
-        pg.restart("immediate")
+    with PrivatePostgres.create() as pg:   # initdb (as user postgres) in /tmp, a free port
+        pg.restart("immediate")            # stopped and removed on exit, whatever happened
 """
 
 from __future__ import annotations
