@@ -51,6 +51,7 @@ from ledger.domain import PlatformState
 from ledger.lease import (
     LeaseLost,
     LeaseManager,
+    TakeoverBlocked,
     WriterElsewhere,
     WriterInfo,
     lookup_writer,
@@ -727,6 +728,8 @@ class LedgerService:
                 log.error("write lease connection lost: %s", exc)
                 self._demote_all()
                 return
+            except TakeoverBlocked as exc:  # the old writer's commit still holds its row
+                log.warning("taking over platform %s waits for the next poll: %s", platform_id, exc)
             except Exception:
                 log.exception("lease upkeep for %s failed", platform_id)
 

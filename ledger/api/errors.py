@@ -25,7 +25,7 @@ from controls.codes import INPUT_CODES, Code
 from ledger import logs
 from ledger.lease import WriterElsewhere
 from ledger.service import Overloaded, PlatformNotFound, ServiceClosed
-from ledger.writer import CommitFailed, Outcome, WriterFenced
+from ledger.writer import CommitFailed, CommitOutcomeUnknown, Outcome, WriterFenced
 from projections.base import NotProjected, ProjectionError
 
 DOMAIN: Final = "custody.v1"
@@ -350,6 +350,14 @@ def from_exception(exc: BaseException) -> ApiError | None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             ApiReason.OVERLOADED,
             "the platform's queue is full; retry with the same client ids",
+            retry_delay_s=_RETRY_DELAY_S,
+        )
+    if isinstance(exc, CommitOutcomeUnknown):  # before CommitFailed: it is a subclass
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            ApiReason.COMMIT_FAILED,
+            "the database connection failed during the commit, which may have been stored: "
+            "retry with the same client ids to learn the outcome (replayed if it was)",
             retry_delay_s=_RETRY_DELAY_S,
         )
     if isinstance(exc, CommitFailed):

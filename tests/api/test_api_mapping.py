@@ -21,7 +21,7 @@ from ledger.api.client import (
     sign_instruction,
 )
 from ledger.api.pb import customer_pb, hold_pb, movement_pb
-from ledger.writer import Outcome
+from ledger.writer import CommitFailed, CommitOutcomeUnknown, Outcome
 
 SC = grpc.StatusCode
 
@@ -81,6 +81,16 @@ def _details(error: errors.ApiError) -> dict[str, Any]:
                 found[cls.__name__] = msg
     found["message"] = status.message
     return found
+
+
+def test_a_commit_of_unknown_outcome_is_not_called_nothing_happened() -> None:
+    unknown = errors.from_exception(CommitOutcomeUnknown("connection reset during COMMIT"))
+    failed = errors.from_exception(CommitFailed("serialization failure"))
+    assert unknown is not None and failed is not None
+    assert unknown.code is failed.code is SC.UNAVAILABLE  # both retryable, same ids
+    assert unknown.reason == failed.reason == errors.ApiReason.COMMIT_FAILED
+    assert "nothing happened" in failed.message
+    assert "nothing happened" not in unknown.message and "may have been stored" in unknown.message
 
 
 def test_blocked_answer_never_echoes_the_ledger_message() -> None:
