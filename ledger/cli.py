@@ -25,6 +25,7 @@ from ledger import cli_backup, cli_controls, cli_remote, records
 from ledger import commands as c
 from ledger.backup import RestoreUnverified
 from ledger.config import Config, ConfigError
+from ledger.lease import WriterElsewhere
 from ledger.store import log_stream
 from ledger.validate import is_actor
 from projections import cli as project_cli
@@ -555,9 +556,10 @@ def cmd_platform_move(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     r = report.as_dict()
-    _print(args, r, f"moved {r['platform']} from {r['source']} to {r['target']}: {r['records']} "
-           f"records ({r['copied']} copied by this run), head {r['head'][:16]}..., side rows "
-           f"{sum(r['side_rows'].values())}, {r['elapsed_s']} s")  # fmt: skip
+    _print(args, r, f"moved {r['platform']} from {r['source']} to {r['target']}: log of "
+           f"{r['records']:,} records ({r['copied']:,} copied by this run), head "
+           f"{r['head'][:16]}..., {sum(r['side_rows'].values()):,} side rows, "
+           f"{r['elapsed_s']} s")  # fmt: skip
     return EXIT_OK
 
 
@@ -869,6 +871,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except LookupError as exc:
         print(f"not found: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except WriterElsewhere as exc:  # another server or another database holds the platform
+        print(f"not here: {exc}; nothing was written", file=sys.stderr)
         return EXIT_REFUSED
     except BrokenPipeError:  # `custody ... | head`: the reader left; that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

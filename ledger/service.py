@@ -74,6 +74,7 @@ from ledger.writer import (
 __all__ = [
     "LedgerService",
     "Overloaded",
+    "PlacedElsewhere",
     "PlatformNotFound",
     "ServiceClosed",
     "WriterElsewhere",
@@ -91,6 +92,17 @@ _DRAIN_TIMEOUT_S: Final = 30.0
 
 class PlatformNotFound(LookupError):
     pass
+
+
+class PlacedElsewhere(WriterElsewhere):
+    """The platform lives in another store (database) of the placement: go to `address`, a
+    server of that store (empty when the placement names none for it)."""
+
+    def __init__(self, platform_id: str, store: str, address: str, retry_after_ms: int) -> None:
+        super().__init__(platform_id, f"store:{store}", address, retry_after_ms=retry_after_ms)
+        self.store = store
+        where = f"; its servers: {address}" if address else ""
+        self.args = (f"platform {platform_id} is in store {store}, another database{where}",)
 
 
 class Overloaded(RuntimeError):
@@ -396,8 +408,7 @@ class LedgerService:
         else:
             return
         assert placement is not None
-        address = placement.address(store, platform_id)
-        raise WriterElsewhere(platform_id, f"store:{store}", address, retry_after_ms=retry_ms)
+        raise PlacedElsewhere(platform_id, store, placement.address(store, platform_id), retry_ms)
 
     def _refresh_moves(self) -> None:
         """Read this store's latest move rows (PostgreSQL; SQLite stores never move)."""

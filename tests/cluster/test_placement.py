@@ -512,3 +512,35 @@ def test_grpc_clients_are_sent_to_the_store_that_holds_the_platform_even_after_a
             if kind != records.REFUSED_KIND
         ]
         assert b_cids.count("g-1") == 1 and b_cids.count("g-2") == 1
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_moves_a_platform_and_then_says_where_it_is(
+    two_stores: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ledger.cli import EXIT_OK, EXIT_REFUSED, main
+
+    monkeypatch.setenv("CUSTODY_PLACEMENT", str(two_stores["path"]))
+    monkeypatch.setenv("CUSTODY_STORE_NAME", "a")
+    monkeypatch.setenv("CUSTODY_DATA_DIR", str(tmp_path / "cli"))
+    monkeypatch.setenv("CUSTODY_MASTER_KEY", MASTER_KEY)
+    assert main(["platform", "create", "demo", "--name", "Demo"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["--json", "platform", "move", "demo", "--to", "b"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert (report["source"], report["target"], report["records"]) == ("a", "b", 1)
+    assert report["state"] == OUT_DONE and len(report["head"]) == 64
+    assert main(["platform", "move", "demo", "--to", "b"]) == EXIT_REFUSED
+    assert "already moved from a to b" in capsys.readouterr().err
+    assert main(["balance", "--platform", "demo"]) == EXIT_REFUSED
+    assert "platform demo is in store b, another database" in capsys.readouterr().err
+    assert main(["--json", "platform", "moves", "demo"]) == EXIT_OK
+    assert [m["state"] for m in json.loads(capsys.readouterr().out)] == [OUT_START, OUT_DONE]
+    monkeypatch.setenv("CUSTODY_STORE_NAME", "b")
+    assert main(["--json", "platform", "list"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out) == ["demo"]
