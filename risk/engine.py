@@ -71,6 +71,18 @@ GENESIS_HEX: Final = records.CHAIN_GENESIS.hex()
 _DECODE: Final = msgspec.json.Decoder().decode
 _REC_DECODE: Final = REC_DECODER.decode
 _CMD_ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
+VERIFY_PAGE: Final = 20_000  # rows per read of the scheduled full-chain verification
+
+
+class _Ident(msgspec.Struct):
+    """The three fields of a record the chain verification compares with where it is stored."""
+
+    seq: int
+    kind: str
+    platform: str
+
+
+_IDENT_DECODE: Final = msgspec.json.Decoder(_Ident).decode
 
 
 class PositionConflict(RuntimeError):
@@ -238,8 +250,7 @@ class RiskEngine:
         projections' runner: no eventsourcing `StoredEvent` per row, which costs about as much
         as the rules). Bounded above by position as `LedgerStore.read` is; if the recorder does
         not expose its table, `LedgerStore.read` page by page."""
-        table = getattr(self.store.recorder, "events_table_name", None)
-        if not isinstance(table, str) or not table.replace("_", "").isalnum():
+        if self._events_table() is None:
             rows: list[tuple[int, str, bytes]] = []
             while len(rows) < self.batch_size:
                 page = self.store.read(
@@ -251,20 +262,72 @@ class RiskEngine:
                 if len(page) < READ_PAGE_MAX:
                     break
             return rows
+        return self._rows(platform, after, self.batch_size)
+
+    def _events_table(self) -> str | None:
+        """The event table's qualified name, or None if the recorder does not expose it."""
+        table = getattr(self.store.recorder, "events_table_name", None)
+        if not isinstance(table, str) or not table.replace("_", "").isalnum():
+            return None
+        return f'"{self.db.schema}".{table}' if self.db.schema else table
+
+    def _rows(
+        self, platform: str, after: int, limit: int, bounded: bool = True
+    ) -> list[tuple[int, str, bytes]]:
+        """Up to `limit` rows of the log after `after`, in order; `bounded`: only positions up
+        to `after + limit` (keeps PostgreSQL on the primary key index, as `LedgerStore.read`)."""
+        name = self._events_table()
+        assert name is not None and limit >= 1
         db = self.db
-        name = f'"{db.schema}".{table}' if db.schema else table
+        upper = f"AND originator_version <= {db.ph} " if bounded else ""
+        params: tuple[Any, ...] = (log_stream(platform), after)
+        if bounded:
+            params += (after + limit,)
         with db.reading() as cur:
             cur.execute(
                 f"SELECT originator_version, topic, state FROM {name} "
-                f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} "
-                f"AND originator_version <= {db.ph} "
-                f"ORDER BY originator_version LIMIT {int(self.batch_size)}",
-                (log_stream(platform), after, after + self.batch_size),
+                f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} {upper}"
+                f"ORDER BY originator_version LIMIT {int(limit)}",
+                params,
             )
             fetched = cur.fetchall()
         if db.is_pg:
             return [(r["originator_version"], r["topic"], bytes(r["state"])) for r in fetched]
         return [(r[0], r[1], r[2]) for r in fetched]
+
+    def verify_chain(self, platform: str) -> tuple[int, int | None, str]:
+        """W17's scheduled check of the whole stored chain: what `verify_stored_chain` checks
+        (positions without gaps, every link, each record's seq/kind/platform), reading the event
+        table directly and decoding only those three fields (the ledger's walk decodes every
+        record whole through `StoredEvent`s: about a fifth of a catch-up). Anything irregular
+        is handed to `verify_stored_chain`, so a failure is reported in its exact words."""
+        if self._events_table() is None:
+            return verify_stored_chain(self.store, platform)
+        head = records.CHAIN_GENESIS
+        expected = 0
+        sha256 = hashlib.sha256
+        hash_len = records.HASH_LEN
+        while True:
+            rows = self._rows(platform, expected - 1, VERIFY_PAGE)
+            for seq, kind, packed in rows:
+                if seq != expected or len(packed) <= hash_len:
+                    return verify_stored_chain(self.store, platform)
+                data = packed[hash_len:]
+                head = sha256(head + data).digest()
+                if head != packed[:hash_len]:
+                    return verify_stored_chain(self.store, platform)
+                try:
+                    ident = _IDENT_DECODE(data)
+                except msgspec.MsgspecError:
+                    return verify_stored_chain(self.store, platform)
+                if ident.seq != seq or ident.kind != kind or ident.platform != platform:
+                    return verify_stored_chain(self.store, platform)
+                expected += 1
+            if len(rows) < VERIFY_PAGE:
+                # a short page ends the log, unless a row follows a gap (a deleted row)
+                if self._rows(platform, expected - 1, 1, bounded=False):
+                    return verify_stored_chain(self.store, platform)
+                return expected, None, "ok"
 
     def _batch(self, platform: str) -> int:
         pos = self._load(platform)
@@ -325,7 +388,7 @@ class RiskEngine:
                 interval = self.ruleset.integrity.verify_interval_ms
                 if "W17" in self.ruleset.enabled and now >= state.last_verify_ms + interval:
                     state.last_verify_ms = now
-                    _count, bad, reason = verify_stored_chain(self.store, platform)
+                    _count, bad, reason = self.verify_chain(platform)
                     if bad is not None:
                         self.rules.integrity_failure(state, bad, reason, out)
                 self._commit(platform, pos, pos.position, pos.head, [], out)
