@@ -442,7 +442,7 @@ _REQUESTED: Final = "approval_requested"
 
 
 class Rules:
-    def __init__(self, rules: RuleSet) -> None:
+    def __init__(self, rules: RuleSet, fast: bool = True) -> None:
         self.rules = rules
         self.on = rules.enabled
         self._cal = Calendar(DEFAULT_POLICY.day_offset_ms, rules.holidays)
@@ -450,6 +450,19 @@ class Rules:
         self._w08 = "W08" in self.on
         self._w09 = "W09" in self.on
         self._w10 = "W10" in self.on
+        # `fast`: single-leg movements take `_move` (the rules inlined for the case where
+        # nothing fires); False keeps every record on the reference path (`_body` / `_legs`)
+        self.fast = fast
+        r = rules
+        self._w07_consts = (
+            r.structuring.near_low_bp,
+            r.structuring.near_high_bp,
+            r.structuring.split_min_count,
+        )
+        self._w08_consts = (r.rapid.min_inflow_minor, r.rapid.out_share_bp, r.rapid.window_ms)
+        self._w09_consts = (r.fan.min_distinct, r.fan.max_other, r.fan.window_ms)
+        self._fan_purposes = r.fan.purposes
+        self._dormant_ms = r.dormant.dormant_ms
 
     def _emit(
         self,
@@ -499,6 +512,21 @@ class Rules:
             state.last_ts = ts
         day = self.calendar(state).day(ts)
         out.count(day, "records")
+        entries = r.entries
+        if (
+            self.fast
+            and r.account is msgspec.UNSET
+            and r.hold is msgspec.UNSET
+            and not r.resolve
+            and len(entries) == 1
+        ):
+            debit, credit, amount = entries[0]
+            if debit != credit:
+                purpose = _CMD_DECODE(r.cmd).purpose if r.kind == "transferred" else ""
+                self._move(state, ts, r.ccy, purpose, debit, credit, amount, out, day)
+                for tag in r.tags:
+                    self._lvt_tag(state, tag, out, day)
+                return
         cmd: _Cmd | None = None
         if r.account is not msgspec.UNSET:
             cmd = _CMD_DECODE(r.cmd)
@@ -668,6 +696,121 @@ class Rules:
             for account, amount in sorted(touched.items()):
                 self._activity(state, accounts[account], account, amount, ts, out)
 
+    def _move(
+        self,
+        state: State,
+        ts: int,
+        ccy: Any,
+        purpose: Any,
+        debit: str,
+        credit: str,
+        amount: int,
+        out: Output,
+        day: int,
+    ) -> None:
+        """`_legs` for a record with one leg between two different accounts (nearly every
+        movement), in one pass: the per-leg steps of W07, W08, W09 and W10 written out, with
+        the same window updates; whenever a rule would fire (or the state is unusual: a near-
+        threshold amount, a waking account) the step is handed to the reference method, which
+        does the update and raises the alert. Same findings in the same order as `_legs`."""
+        accounts = state.accounts
+        da, ca = accounts.get(debit), accounts.get(credit)
+        dkind = da.kind if da is not None else None
+        ckind = ca.kind if ca is not None else None
+        if dkind == OMNIBUS:
+            self._omnibus(state, ccy, ts, amount, out, day)
+        if ckind == OMNIBUS:
+            self._omnibus(state, ccy, ts, -amount, out, day)
+        dcust, ccust = dkind == CUSTOMER, ckind == CUSTOMER
+        if not (dcust or ccust):
+            return
+        lvt = state.lvt.get(ccy) if self._w07 else None
+        w08 = self._w08
+        near_low, near_high, split_min = self._w07_consts
+        min_inflow, out_share, window08 = self._w08_consts
+        since08 = ts - window08
+        dirty = state.dirty
+        for a, account, side, cust in ((da, debit, "out", dcust), (ca, credit, "in", ccust)):
+            if not cust:
+                continue
+            assert a is not None
+            dirty.add(account)
+            if lvt is not None:
+                threshold = lvt[1] if a.corporate else lvt[0]
+                if threshold > 0:
+                    # W07: the day's split counter; a near-threshold amount, or a split that
+                    # crosses the threshold, goes to `_structuring`
+                    legs = a.legs_in if side == "in" else a.legs_out
+                    new_day = legs is None or legs[0] != day
+                    if new_day:
+                        count, total, top, fired = 1, amount, max(0, amount), 0
+                    else:
+                        assert legs is not None
+                        count, total = legs[1] + 1, legs[2] + amount
+                        top, fired = max(legs[3], amount), legs[4]
+                    if threshold * near_low <= amount * 10_000 <= threshold * near_high or (
+                        count >= split_min and total >= threshold > top and not fired
+                    ):
+                        self._structuring(state, a, account, side, amount, ts, threshold, day, out)
+                    elif new_day:
+                        if side == "in":
+                            a.legs_in = [day, count, total, top, fired]
+                        else:
+                            a.legs_out = [day, count, total, top, fired]
+                    else:
+                        assert legs is not None
+                        legs[1], legs[2], legs[3] = count, total, top
+            if w08:
+                ins, outs = a.ins, a.outs
+                while ins and ins[0][0] < since08:
+                    a.in_sum -= ins.popleft()[1]
+                while outs and outs[0][0] < since08:
+                    a.out_sum -= outs.popleft()[1]
+                if side == "in":
+                    ins.append((ts, amount))
+                    a.in_sum += amount
+                elif (
+                    a.in_sum >= min_inflow and (a.out_sum + amount) * 10_000 >= a.in_sum * out_share
+                ):
+                    self._rapid(state, a, account, side, amount, ts, out)  # an episode
+                else:
+                    outs.append((ts, amount))
+                    a.out_sum += amount
+        if dcust and ccust and self._w09 and purpose in self._fan_purposes:
+            assert da is not None and ca is not None
+            min_distinct, max_other, window09 = self._w09_consts
+            since09 = ts - window09
+            for a, account, side, other in ((da, debit, "out", credit), (ca, credit, "in", debit)):
+                items = a.fan
+                while items and items[0][0] < since09:
+                    _t, cp, d = items.popleft()
+                    counts = a.fan_in if d == "in" else a.fan_out
+                    left = counts[cp] - 1
+                    if left:
+                        counts[cp] = left
+                    else:
+                        del counts[cp]
+                items.append((ts, other, side))
+                counts = a.fan_in if side == "in" else a.fan_out
+                counts[other] = counts.get(other, 0) + 1
+                if a.fan_fired is None or a.fan_fired < since09:
+                    senders, receivers = len(a.fan_in), len(a.fan_out)
+                    if (senders >= min_distinct and 1 <= receivers <= max_other) or (
+                        receivers >= min_distinct and 1 <= senders <= max_other
+                    ):
+                        self._fan_found(state, a, account, ts, since09, out)
+        if self._w10:
+            dormant_ms = self._dormant_ms
+            touched = ((debit, da), (credit, ca)) if debit < credit else ((credit, ca), (debit, da))
+            for account, a in touched:
+                if a is None or a.kind != CUSTOMER:
+                    continue
+                last = a.last_activity
+                if a.wake is None and ts - (ts if last is None else last) < dormant_ms:
+                    a.last_activity = ts  # awake and not waking: nothing else to do
+                else:
+                    self._activity(state, a, account, amount, ts, out)
+
     def _structuring(
         self,
         state: State,
@@ -791,6 +934,13 @@ class Rules:
         items.append((ts, other, side))
         counts = a.fan_in if side == "in" else a.fan_out
         counts[other] = counts.get(other, 0) + 1
+        self._fan_found(state, a, account, ts, since, out)
+
+    def _fan_found(
+        self, state: State, a: Acct, account: str, ts: int, since: int, out: Output
+    ) -> None:
+        """W09's test once the window of `a` holds the leg at `ts`."""
+        p = self.rules.fan
         if a.fan_fired is not None and a.fan_fired >= since:
             return
         senders, receivers = len(a.fan_in), len(a.fan_out)
