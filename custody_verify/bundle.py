@@ -32,12 +32,13 @@ import itertools
 import json
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
 
 from custody_verify.note import (
+    Checkpoint,
     NoteError,
     Verifier,
     b64decode_strict,
@@ -384,6 +385,7 @@ class Summary:
     seconds: float = 0.0
     # "full" (every check, docs/BUNDLE.md §2) or "integrity" (checks 1-6: no replay)
     level: str = "full"
+    held_checkpoints: int = 0  # checkpoints the auditor holds, matched by the records' root
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -395,6 +397,20 @@ class _Fail(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def held_differs(size: int) -> str:
+    return (
+        f"the records' Merkle root at size {size} is not the one in the checkpoint you hold: "
+        "the log was rewritten after that checkpoint was signed (two histories)"
+    )
+
+
+def held_beyond(records: int, size: int) -> str:
+    return (
+        f"the bundle has {records} records, fewer than the checkpoint you hold at size {size}: "
+        "the log was cut back (or this is an older export)"
+    )
 
 
 def _no_floats(text: str) -> Any:
@@ -1442,8 +1458,13 @@ def verify_bundle(
     progress: Callable[[int], None] | None = None,
     jobs: int = 1,
     level: str = "full",
+    held: Sequence[Checkpoint] = (),
 ) -> Summary:
     """Verify a bundle read from binary stream `f`. Raises VerificationFailed on the first problem.
+
+    `held`: checkpoints of this log the auditor already holds (their signatures checked by the
+    caller): the records' Merkle root at each one's size must be its root, so a history
+    rewritten and re-signed since then is caught even if every checkpoint in the file matches.
 
     `level` "full" (the default) runs every check of docs/BUNDLE.md §2; "integrity" runs checks
     1-6 only (header, syntax, positions, chain, Merkle roots and signatures, end line) without
@@ -1461,7 +1482,7 @@ def verify_bundle(
     if level not in LEVELS:
         raise ValueError(f"unknown verification level {level!r} (one of {', '.join(LEVELS)})")
     try:
-        return _verify(f, verifiers, progress, jobs, level)
+        return _verify(f, verifiers, progress, jobs, level, list(held))
     finally:
         if was_enabled:
             gc.enable()
@@ -1473,22 +1494,29 @@ def _verify(
     progress: Callable[[int], None] | None,
     jobs: int,
     level: str = "full",
+    held: list[Checkpoint] | None = None,
 ) -> Summary:
     summary = Summary(level=level)
     started = time.perf_counter()
+    held = held or []
     try:
         lineno = _header(f, verifiers, summary)
     except _HeaderFail as exc:
         raise VerificationFailed(Failure("header", exc.reason, line=exc.line), summary) from None
+    for cp in held:
+        if cp.origin != summary.origin:
+            reason = f"the checkpoint you hold at size {cp.size} is of {cp.origin!r}, another log"
+            failure = Failure("checkpoint", reason, checkpoint=cp.size, line=lineno)
+            raise VerificationFailed(failure, summary)
     if level == "integrity":
-        return _verify_integrity(f, summary, lineno, jobs, progress, started)
+        return _verify_integrity(f, summary, lineno, jobs, progress, started, held)
     ledger = _Ledger(summary.platform)
     worker = _ReplayWorker(summary.platform) if jobs >= 2 else None
     # Only the bundle's own key (its name is the origin) may sign its checkpoints: another key
     # the auditor trusts for another log must not be able to vouch for this one.
     own_key = [parse_vkey(summary.vkey)]
     try:
-        return _run(f, own_key, progress, summary, ledger, worker, lineno, started)
+        return _run(f, own_key, progress, summary, ledger, worker, lineno, started, held)
     finally:
         if worker is not None:
             worker.close()
@@ -1501,6 +1529,7 @@ def _verify_integrity(
     jobs: int,
     progress: Callable[[int], None] | None,
     started: float,
+    held: list[Checkpoint],
 ) -> Summary:
     """Checks 1-6 of docs/BUNDLE.md §2 (no replay), in blocks, in `jobs` processes."""
     from custody_verify import integrity
@@ -1516,6 +1545,7 @@ def _verify_integrity(
             jobs,
             progress,
             PROGRESS_EVERY,
+            held,
         )
     except integrity.IntegrityFailed as exc:
         summary.records = exc.records
@@ -1531,6 +1561,7 @@ def _verify_integrity(
     summary.checkpoint_root = (
         None if out.checkpoint_root is None else b64encode(out.checkpoint_root)
     )
+    summary.held_checkpoints = out.held_checked
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -1544,6 +1575,7 @@ def _run(
     worker: _ReplayWorker | None,
     lineno: int,
     started: float,
+    held: list[Checkpoint] | None = None,
 ) -> Summary:
     origin = summary.origin
     sha256 = hashlib.sha256
@@ -1585,6 +1617,22 @@ def _run(
         for left in reversed(stack[:-1]):
             r = sha256(b"\x01" + left + r).digest()
         return r
+
+    # checkpoints the auditor holds, by size: each compared once the records reach its size
+    waiting = sorted(held or [], key=lambda cp: cp.size)
+    held_checked = 0
+    next_held = waiting[0].size if waiting else -1
+
+    def check_held() -> int:
+        nonlocal held_checked
+        while waiting and waiting[0].size == pos:
+            if merkle_root() != waiting.pop(0).root:
+                raise fail("checkpoint", held_differs(pos), checkpoint=pos)
+            held_checked += 1
+        return waiting[0].size if waiting else -1
+
+    if next_held == 0:
+        next_held = check_held()
 
     readline = f.readline
     for line in iter(lambda: readline(MAX_LINE), b""):
@@ -1631,6 +1679,8 @@ def _run(
             elif worker.feed(data, pos):
                 raise replay_failed(*worker.finish()[0])  # type: ignore[misc]
             pos += 1
+            if pos == next_held:
+                next_held = check_held()
             if pos >= next_progress:
                 next_progress += PROGRESS_EVERY
                 if progress is not None:
@@ -1703,6 +1753,8 @@ def _run(
             raise fail("record", f"unknown line {line[:40]!r}", position=pos)
     if not ended:
         raise fail("bundle", "bundle ends without its end line (truncated?)", position=pos)
+    if waiting:
+        raise fail("end", held_beyond(pos, waiting[0].size), checkpoint=waiting[0].size)
     # every posting has both sides in one currency, so this holds by construction; it is
     # recomputed from the account totals once, as an independent cross-check
     if worker is not None:
@@ -1717,6 +1769,7 @@ def _run(
     summary.records = pos
     summary.checkpoints = checkpoints
     summary.chain_head = b64encode(head)
+    summary.held_checkpoints = held_checked
     ledger.fill(summary)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -143,8 +143,20 @@ def _emit(args: argparse.Namespace, ok: bool, report: dict[str, Any], lines: lis
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def _load_held(paths: list[str], verifiers: list[Verifier]) -> list[Any]:
+    """Checkpoint notes the auditor kept; each must be signed by a key passed with --vkey."""
+    held = []
+    for path in paths:
+        try:
+            held.append(open_checkpoint(_read(path, "checkpoint"), verifiers))
+        except NoteError as exc:
+            raise UsageError(f"--checkpoint {path!r}: {exc}") from None
+    return held
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     verifiers = _load_vkeys(args.vkey)
+    held = _load_held(args.checkpoint, verifiers)
     try:
         f = open(args.file, "rb", buffering=1 << 20)  # noqa: SIM115
     except OSError as exc:
@@ -161,7 +173,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     with f:
         try:
-            summary = verify_bundle(f, verifiers, progress, jobs=args.jobs, level=args.level)
+            summary = verify_bundle(
+                f, verifiers, progress, jobs=args.jobs, level=args.level, held=held
+            )
         except VerificationFailed as exc:
             failure = exc.failure
             report = {
@@ -180,6 +194,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             f"   checkpoints {s.checkpoints} signed, last at size {s.checkpoint_size} "
             f"root {s.checkpoint_root}",
             f"   chain head  {s.chain_head}",
+            f"   held        {s.held_checkpoints} checkpoint(s) you hold match the records",
             f"   {s.seconds:.2f} s, {rate} records/s",
         ]
         return _emit(args, True, {"bundle": args.file, "summary": s.to_json()}, lines)
@@ -189,6 +204,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"   checkpoints {s.checkpoints} signed, last at size {s.checkpoint_size} "
         f"root {s.checkpoint_root}",
         f"   chain head  {s.chain_head}",
+        f"   held        {s.held_checkpoints} checkpoint(s) you hold match the records",
         f"   refused     {s.refused:,} (changed nothing)",
         f"   accounts    {s.accounts:,}, pending holds {s.pending_holds:,}",
         f"   policy      version {s.policy_version}, gate {s.gate}, "
@@ -309,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="the bundle, as written by `custody export`")
     common(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NOTE",
+        help="a signed checkpoint of this log you already hold (repeatable): the records' "
+        "Merkle root at its size must be its root, so a history rewritten and re-signed since "
+        "is caught; a bundle shorter than it fails",
+    )
     p.add_argument(
         "--level",
         choices=("full", "integrity"),

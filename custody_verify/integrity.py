@@ -15,7 +15,7 @@ know their size). The file is cut into blocks of whole lines (`BLOCK` bytes); th
 the record lines of each block (the start position of the next one) and takes the stored link of
 its last record (the `prev` of the next one); workers check blocks independently; the reader
 merges their results strictly in file order, so the first problem in the file is the one
-reported. At most `2 * jobs + 1` blocks are in flight: memory stays flat in the log size.
+reported. At most `2 * jobs` blocks are in flight: memory stays flat in the log size.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import hashlib
 import multiprocessing
 import os
 import stat
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
 
-from custody_verify.bundle import _position_problem
+from custody_verify.bundle import _position_problem, held_beyond, held_differs
 from custody_verify.note import (
     Checkpoint,
     NoteError,
@@ -71,6 +71,9 @@ class ChunkResult:
     failure: tuple[str, str, int | None, int | None, int] | None = None
     first: bytes = b""  # with prev None: the first record's bytes, and its stored link
     first_link: bytes = b""
+    # at each size in `marks` (the checkpoints the auditor holds): (line index of the record
+    # that completes it, size, the block's Merkle nodes over [start, size), chain head)
+    marked: list[tuple[int, int, list[bytes], bytes]] = field(default_factory=list)
 
 
 def blocks(a: int, e: int) -> list[int]:
@@ -93,6 +96,7 @@ def check_block(
     origin: str,
     verifiers: list[Verifier],
     final: bool,
+    marks: tuple[int, ...] = (),
 ) -> ChunkResult:
     """Check the lines of `block` (whole lines, LF-terminated; the last one may lack its LF only
     when `final`), whose first record, if any, must be at position `start` and chain from
@@ -101,7 +105,10 @@ def check_block(
     `prev` None: the caller has checked that the first line is `R <start> <link> <data>` with a
     canonical 44-character link and non-empty data, but does not know the link before it; that
     record's stored link is taken as the chain head and its bytes returned in `first`, for the
-    merge to check SHA-256(previous link || first) against `first_link`."""
+    merge to check SHA-256(previous link || first) against `first_link`.
+
+    `marks`: sorted sizes at which the block's Merkle nodes are kept (`marked`), for the merge
+    to compare the root there with a checkpoint the auditor holds."""
     sha256 = hashlib.sha256
     b2a = binascii.b2a_base64
     lines = block.split(b"\n")
@@ -113,12 +120,17 @@ def check_block(
     pos = start
     idx = 0
     ended = False
+    later = [m for m in marks if m > start]
+    mark = later.pop(0) if later else -1
     if prev is None:
         parts = lines[0].split(b" ", 3)
         head = binascii.a2b_base64(parts[2])
         res.first, res.first_link = parts[3], head
         push(sha256(b"\x00" + parts[3]).digest())  # a block's first leaf merges with nothing
         pos += 1
+        if pos == mark:
+            res.marked.append((0, pos, list(stack), head))
+            mark = later.pop(0) if later else -1
         idx = 1
         del lines[0]
     else:
@@ -141,6 +153,9 @@ def check_block(
                         n >>= 1
                         span <<= 1
                     pos += 1
+                    if pos == mark:
+                        res.marked.append((idx, pos, list(stack), head))
+                        mark = later.pop(0) if later else -1
                     idx += 1
                     continue
         why = _other(line + b"\n", idx, pos, head, stack, origin, verifiers, res, ended)
@@ -354,6 +369,7 @@ def check_range(
     max_line: int,
     origin: str,
     verifiers: list[Verifier],
+    marks: tuple[int, ...] = (),
 ) -> Ranged:
     """Check the lines that start in [s, e) of the file `fd`, reading them with os.pread."""
     if s > body_start:
@@ -399,17 +415,20 @@ def check_range(
         return Ranged("recheck", a, z)
     if binascii.b2a_base64(link, newline=False) != parts[2] or len(link) != 32:
         return Ranged("recheck", a, z)
-    res = check_block(buf, int(parts[1]), None, origin, verifiers, False)
+    res = check_block(buf, int(parts[1]), None, origin, verifiers, False, marks)
     return Ranged("ok", a, z, res)
 
 
 _W: dict[str, Any] = {}
 
 
-def _init_worker(origin: str, vkey: str, fd: int, body_start: int, max_line: int) -> None:
+def _init_worker(
+    origin: str, vkey: str, fd: int, body_start: int, max_line: int, marks: tuple[int, ...]
+) -> None:
     import gc
 
     gc.disable()
+    _W["marks"] = marks
     _W["origin"] = origin
     _W["verifiers"] = [parse_vkey(vkey)]
     _W["fd"] = fd
@@ -418,20 +437,78 @@ def _init_worker(origin: str, vkey: str, fd: int, body_start: int, max_line: int
 
 
 def _check_piece(piece: Piece) -> ChunkResult:
+    w = _W
     return check_block(
-        piece.block, piece.start, piece.prev, _W["origin"], _W["verifiers"], piece.final
+        piece.block, piece.start, piece.prev, w["origin"], w["verifiers"], piece.final, w["marks"]
     )
 
 
 def _check_range(s: int, e: int) -> Ranged:
     w = _W
-    return check_range(w["fd"], s, e, w["body_start"], w["max_line"], w["origin"], w["verifiers"])
+    return check_range(
+        w["fd"], s, e, w["body_start"], w["max_line"], w["origin"], w["verifiers"], w["marks"]
+    )
 
 
-def _pool(jobs: int, initargs: tuple[Any, ...]) -> Any:
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return ctx.Pool(jobs, initializer=_init_worker, initargs=initargs)
+def _worker_main(conn: Connection, initargs: tuple[Any, ...]) -> None:
+    """A worker process: tasks in, results out, in order, until None."""
+    _init_worker(*initargs)
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        kind, arg = task
+        conn.send(_check_range(*arg) if kind == "range" else _check_piece(arg))
+
+
+class _Workers:
+    """`jobs` worker processes, each with its own pipe; task k goes to worker k mod jobs, so
+    results come back in task order. No thread in this process (a Pool's feeder threads could
+    hang its terminate); at most `depth` tasks wait per worker, so memory stays flat."""
+
+    def __init__(self, jobs: int, initargs: tuple[Any, ...], depth: int = 2) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        self.limit = jobs * depth
+        self.sent = 0
+        self.received = 0
+        for _ in range(jobs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, initargs), daemon=True)  # type: ignore[attr-defined]
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def room(self) -> bool:
+        return self.sent - self.received < self.limit
+
+    def pending(self) -> bool:
+        return self.received < self.sent
+
+    def submit(self, task: tuple[str, Any]) -> None:
+        self.conns[self.sent % len(self.conns)].send(task)
+        self.sent += 1
+
+    def result(self) -> Any:
+        conn = self.conns[self.received % len(self.conns)]
+        try:
+            got = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"an integrity worker process died: {exc!r}") from None
+        self.received += 1
+        return got
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join()
+        for conn in self.conns:
+            conn.close()
 
 
 # -- merging the blocks' results in file order -------------------------------------------------
@@ -467,12 +544,15 @@ class Outcome:
     head: bytes
     checkpoint_size: int | None
     checkpoint_root: bytes | None
+    held_checked: int
 
 
 class _Merge:
     """The state of the file so far, advanced one block result at a time, in file order."""
 
-    def __init__(self, lineno: int) -> None:
+    def __init__(self, lineno: int, held: list[Checkpoint]) -> None:
+        self.waiting = sorted(held, key=lambda cp: cp.size)  # held checkpoints not yet reached
+        self.held_checked = 0
         self.frontier = Frontier()
         self.pos = 0
         self.head = GENESIS
@@ -502,57 +582,81 @@ class _Merge:
         base = self.lineno  # the line number of the block's line index -1
         if self.ended and res.lines:
             raise fail("end", "data after the end line", None, None, base + 1, self.pos, self.head)
-        for cp in res.checkpoints:
-            line = base + cp.line + 1
-            last = self.last_cp_size
-            if cp.size <= last:
-                raise fail(
-                    "checkpoint",
-                    f"checkpoint sizes must increase (previous {last})",
-                    None,
-                    cp.size,
-                    line,
-                    cp.pos,
-                    cp.head,
-                )
-            if cp.size > cp.pos:
-                raise fail(
-                    "record",
-                    f"record {cp.pos} missing: checkpoint at size {cp.size} follows record "
-                    f"{cp.pos - 1}",
-                    cp.pos,
-                    None,
-                    line,
-                    cp.pos,
-                    cp.head,
-                )
-            if cp.size < cp.pos:
-                raise fail(
-                    "checkpoint",
-                    f"checkpoint for size {cp.size} placed after record {cp.pos - 1}",
-                    None,
-                    cp.size,
-                    line,
-                    cp.pos,
-                    cp.head,
-                )
-            at = self.frontier.copy()
-            at.extend(res.start, cp.pos, cp.nodes)
-            if at.root() != cp.root:
-                where = f"records {max(last, 0)}..{cp.pos - 1}" if cp.pos else "the empty log"
-                raise fail(
-                    "checkpoint",
-                    "signed root does not match the Merkle root of the records "
-                    f"(history altered in {where}, or the checkpoint is inconsistent with it)",
-                    None,
-                    cp.size,
-                    line,
-                    cp.pos,
-                    cp.head,
-                )
-            self.last_cp_size = cp.size
-            self.checkpoints += 1
-            self.cp_root = cp.root
+        events: list[tuple[int, Any]] = [(m[0], m) for m in res.marked]
+        events += [(cp.line, cp) for cp in res.checkpoints]
+        for _, event in sorted(events, key=lambda ev: ev[0]):
+            if isinstance(event, ChunkCheckpoint):
+                self._checkpoint(res, event, base)
+            else:
+                idx, size, nodes, at_head = event
+                at = self.frontier.copy()
+                at.extend(res.start, size, nodes)
+                self.held_at(size, at.root, base + idx + 1, at_head)
+        self._end_and_failure(res, base)
+
+    def held_at(self, size: int, root: Callable[[], bytes], line: int, head: bytes) -> None:
+        """Compare the records' root at `size` with the checkpoints the auditor holds there."""
+        while self.waiting and self.waiting[0].size == size:
+            cp = self.waiting.pop(0)
+            if root() != cp.root:
+                raise self.fail("checkpoint", held_differs(size), None, size, line, size, head)
+            self.held_checked += 1
+
+    def _checkpoint(self, res: ChunkResult, cp: ChunkCheckpoint, base: int) -> None:
+        fail = self.fail
+        line = base + cp.line + 1
+        last = self.last_cp_size
+        if cp.size <= last:
+            raise fail(
+                "checkpoint",
+                f"checkpoint sizes must increase (previous {last})",
+                None,
+                cp.size,
+                line,
+                cp.pos,
+                cp.head,
+            )
+        if cp.size > cp.pos:
+            raise fail(
+                "record",
+                f"record {cp.pos} missing: checkpoint at size {cp.size} follows record "
+                f"{cp.pos - 1}",
+                cp.pos,
+                None,
+                line,
+                cp.pos,
+                cp.head,
+            )
+        if cp.size < cp.pos:
+            raise fail(
+                "checkpoint",
+                f"checkpoint for size {cp.size} placed after record {cp.pos - 1}",
+                None,
+                cp.size,
+                line,
+                cp.pos,
+                cp.head,
+            )
+        at = self.frontier.copy()
+        at.extend(res.start, cp.pos, cp.nodes)
+        if at.root() != cp.root:
+            where = f"records {max(last, 0)}..{cp.pos - 1}" if cp.pos else "the empty log"
+            raise fail(
+                "checkpoint",
+                "signed root does not match the Merkle root of the records "
+                f"(history altered in {where}, or the checkpoint is inconsistent with it)",
+                None,
+                cp.size,
+                line,
+                cp.pos,
+                cp.head,
+            )
+        self.last_cp_size = cp.size
+        self.checkpoints += 1
+        self.cp_root = cp.root
+
+    def _end_and_failure(self, res: ChunkResult, base: int) -> None:
+        fail = self.fail
         if res.end is not None:
             idx, raw, at_pos = res.end
             line = base + idx + 1
@@ -608,8 +712,13 @@ class _Merge:
                 self.pos,
                 self.head,
             )
+        if self.waiting:
+            held = self.waiting[0].size
+            raise self.fail(
+                "end", held_beyond(self.pos, held), None, held, self.lineno, self.pos, self.head
+            )
         size = self.last_cp_size if self.checkpoints else None
-        return Outcome(self.pos, self.checkpoints, self.head, size, self.cp_root)
+        return Outcome(self.pos, self.checkpoints, self.head, size, self.cp_root, self.held_checked)
 
 
 def run(
@@ -622,17 +731,21 @@ def run(
     jobs: int,
     progress: Callable[[int], None] | None,
     progress_every: int,
+    held: list[Checkpoint],
 ) -> Outcome:
-    """Check the body of a bundle (after its header, `lineno` lines) at the integrity level."""
-    merge = _Merge(lineno)
+    """Check the body of a bundle (after its header, `lineno` lines) at the integrity level;
+    `held`: checkpoints of this log the auditor already holds (signatures checked)."""
+    merge = _Merge(lineno, held)
+    merge.held_at(0, lambda: EMPTY_ROOT, lineno, GENESIS)
+    marks = tuple(sorted({cp.size for cp in held}))
     ticker = _Ticker(progress, progress_every)
     fd = _plain_file(f)
     if jobs < 2:
-        _sequential(f, merge, origin, verifiers, max_line, ticker)
+        _sequential(f, merge, origin, verifiers, max_line, ticker, marks)
     elif fd is not None and max_line > BLOCK and "fork" in multiprocessing.get_all_start_methods():
-        _ranges(f, fd, merge, origin, vkey, verifiers, max_line, jobs, ticker)
+        _ranges(f, fd, merge, origin, vkey, verifiers, max_line, jobs, ticker, marks)
     else:
-        _shipped(f, merge, origin, vkey, max_line, jobs, ticker)
+        _shipped(f, merge, origin, vkey, max_line, jobs, ticker, marks)
     return merge.outcome()
 
 
@@ -664,38 +777,44 @@ def _sequential(
     verifiers: list[Verifier],
     max_line: int,
     ticker: _Ticker,
+    marks: tuple[int, ...],
 ) -> None:
     """--jobs 1 (and the rest of a file after an odd line in --jobs N): block after block in
     this process, continuing from the merge's state."""
     for p in pieces(f, max_line, start=merge.pos, prev=merge.head):
-        merge.take(check_block(p.block, p.start, p.prev, origin, verifiers, p.final))
+        merge.take(check_block(p.block, p.start, p.prev, origin, verifiers, p.final, marks))
         ticker(merge.pos)
 
 
 def _shipped(
-    f: BinaryIO, merge: _Merge, origin: str, vkey: str, max_line: int, jobs: int, ticker: _Ticker
+    f: BinaryIO,
+    merge: _Merge,
+    origin: str,
+    vkey: str,
+    max_line: int,
+    jobs: int,
+    ticker: _Ticker,
+    marks: tuple[int, ...],
 ) -> None:
     """--jobs N on a stream that is not a plain file: this process reads the blocks and sends
     them to the workers (each block crosses a pipe)."""
-    pool = _pool(jobs, (origin, vkey, -1, 0, max_line))
+    workers = _Workers(jobs, (origin, vkey, -1, 0, max_line, marks))
     try:
-        inflight: deque[Any] = deque()
         source = pieces(f, max_line)
         exhausted = False
         while True:
-            while not exhausted and len(inflight) < 2 * jobs + 1:
+            while not exhausted and workers.room():
                 piece = next(source, None)
                 if piece is None:
                     exhausted = True
                 else:
-                    inflight.append(pool.apply_async(_check_piece, (piece,)))
-            if not inflight:
+                    workers.submit(("piece", piece))
+            if not workers.pending():
                 return
-            merge.take(inflight.popleft().get())
+            merge.take(workers.result())
             ticker(merge.pos)
     finally:
-        pool.terminate()
-        pool.join()
+        workers.close()
 
 
 def _ranges(
@@ -708,29 +827,29 @@ def _ranges(
     max_line: int,
     jobs: int,
     ticker: _Ticker,
+    marks: tuple[int, ...],
 ) -> None:
     """--jobs N on a plain file: each worker reads its own byte range (nothing crosses a pipe
     but offsets and small results); this process only merges, and checks itself the few blocks
     a worker cannot start (a block opening with a checkpoint line, or damage)."""
     body_start = f.tell()
     size = os.fstat(fd).st_size
-    pool = _pool(jobs, (origin, vkey, fd, body_start, max_line))
+    workers = _Workers(jobs, (origin, vkey, fd, body_start, max_line, marks))
     try:
-        inflight: deque[Any] = deque()
         s = body_start
         while True:
-            while s < size and len(inflight) < 2 * jobs + 1:
+            while s < size and workers.room():
                 e = min(s + BLOCK, size)
-                inflight.append(pool.apply_async(_check_range, (s, e)))
+                workers.submit(("range", (s, e)))
                 s = e
-            if not inflight:
+            if not workers.pending():
                 return
-            got: Ranged = inflight.popleft().get()
+            got: Ranged = workers.result()
             if got.status == "empty":
                 continue
             if got.status == "sequential":
                 f.seek(got.a)
-                _sequential(f, merge, origin, verifiers, max_line, ticker)
+                _sequential(f, merge, origin, verifiers, max_line, ticker, marks)
                 return
             res = got.result
             if res is not None and (
@@ -740,9 +859,8 @@ def _ranges(
                 res = None  # starts elsewhere than the blocks before it end: check it here
             if res is None:
                 block = os.pread(fd, got.z - got.a, got.a)
-                res = check_block(block, merge.pos, merge.head, origin, verifiers, False)
+                res = check_block(block, merge.pos, merge.head, origin, verifiers, False, marks)
             merge.take(res)
             ticker(merge.pos)
     finally:
-        pool.terminate()
-        pool.join()
+        workers.close()

@@ -21,7 +21,8 @@ from bundle_tools import lines_of, rebuild, run_cli, verify_bytes
 from custody_verify import integrity
 from custody_verify import merkle as vm
 from custody_verify.bundle import MAX_LINE, VerificationFailed, verify_bundle
-from custody_verify.note import parse_vkey
+from custody_verify.note import open_checkpoint, parse_vkey
+from ledger.checkpoint import NoteSigner, sign_checkpoint
 
 VECTORS = Path("/work/shared/vectors/merkle-rfc6962.json")
 SMALL_BLOCK = 2048  # a few records per block: many block edges in a 3,000-record bundle
@@ -312,4 +313,108 @@ def test_cli_integrity_level(exported, tmp_path):
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["failure"]["where"] in ("record", "checkpoint")
     proc = run_cli("bundle", str(path), "--vkey", exported.vkey, "--level", "fast")
+    assert proc.returncode == 2
+
+
+# -- checkpoints the auditor already holds (--checkpoint) ---------------------------------------
+
+
+def _held(exported, *sizes):
+    return [
+        open_checkpoint(
+            sign_checkpoint(exported.signer, n, exported.tree.root(n)), [parse_vkey(exported.vkey)]
+        )
+        for n in sizes
+    ]
+
+
+def _both_levels(data, exported, held, on_disk=False):
+    """(full, integrity --jobs 1, integrity --jobs 2) results with `held` checkpoints."""
+    v = [parse_vkey(exported.vkey)]
+    out = []
+    for level, jobs in (("full", 1), ("integrity", 1), ("integrity", 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "b.bundle"
+            path.write_bytes(data)
+            f = open(path, "rb") if on_disk else io.BytesIO(data)  # noqa: SIM115
+            try:
+                with f:
+                    out.append((None, verify_bundle(f, v, jobs=jobs, level=level, held=held)))
+            except VerificationFailed as exc:
+                out.append((exc.failure, exc.summary))
+    return out
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_held_checkpoints_that_match(exported, small_blocks, on_disk):
+    count = len(exported.records)
+    edges = _records_around_edges(exported.data, count)[:5]
+    held = _held(exported, 1, 2, 700, 1000, count, *edges)
+    for failure, summary in _both_levels(exported.data, exported, held, on_disk):
+        assert failure is None, failure.describe()
+        assert summary.held_checkpoints == len(held)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_history_rewritten_and_resigned_is_caught_by_a_held_checkpoint(
+    exported, small_blocks, on_disk
+):
+    """The operator (who has the key) changes record 1234, re-chains and re-signs every
+    checkpoint: the bundle is self-consistent; only a checkpoint kept from before shows it."""
+    records = list(exported.records)
+    records[1234] = records[1234].replace(b'"ts":', b'"ts": ', 1)
+    lines = lines_of(exported.data)
+    header = b"".join(ln.raw for ln in lines if ln.kind == "header")
+    forged = rebuild(header, records, exported.signer, [ln.size for ln in lines if ln.size])
+    assert verify_integrity(forged, exported.vkey)[0] is None
+    results = _both_levels(forged, exported, _held(exported, 1000, 1500, 2000), on_disk)
+    reports = [_report(*r) for r in results]
+    assert reports[0] == reports[1] == reports[2], reports
+    failure = results[0][0]
+    assert (failure.where, failure.checkpoint) == ("checkpoint", 1500)
+    assert "rewritten" in failure.reason
+
+
+def test_a_bundle_shorter_than_a_held_checkpoint_fails(exported, small_blocks):
+    records = list(exported.records)[:2000]
+    lines = lines_of(exported.data)
+    header = b"".join(ln.raw for ln in lines if ln.kind == "header")
+    sizes = [ln.size for ln in lines if ln.size and ln.size <= 2000]
+    cut = rebuild(header, records, exported.signer, sizes)
+    results = _both_levels(cut, exported, _held(exported, 1000, 2500), on_disk=True)
+    reports = [_report(*r) for r in results]
+    assert reports[0] == reports[1] == reports[2], reports
+    failure = results[0][0]
+    assert (failure.where, failure.checkpoint) == ("end", 2500) and "cut back" in failure.reason
+
+
+def test_held_checkpoint_of_another_log(exported):
+    other = NoteSigner(exported.signer.key, "custody-ledger.example/other/p9")
+    note = sign_checkpoint(other, 10, exported.tree.root(10))
+    held = [open_checkpoint(note, [parse_vkey(other.vkey)])]
+    for failure, _ in _both_levels(exported.data, exported, held):
+        assert (
+            failure is not None
+            and failure.where == "checkpoint"
+            and "another log" in (failure.reason)
+        )
+
+
+def test_cli_held_checkpoints(exported, tmp_path):
+    good = tmp_path / "good.note"
+    good.write_bytes(sign_checkpoint(exported.signer, 1500, exported.tree.root(1500)))
+    bad = tmp_path / "bad.note"
+    bad.write_bytes(sign_checkpoint(exported.signer, 1500, exported.tree.root(1499)))
+    for level in ("full", "integrity"):
+        args = ["bundle", str(exported.bundle), "--vkey", exported.vkey, "--level", level]
+        proc = run_cli(*args, "--checkpoint", str(good), "--json", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["summary"]["held_checkpoints"] == 1
+        proc = run_cli(*args, "--checkpoint", str(bad), "--json", "--quiet")
+        assert proc.returncode == 1
+        assert json.loads(proc.stdout)["failure"]["checkpoint"] == 1500
+    unsigned = tmp_path / "unsigned.note"
+    unsigned.write_bytes(b"not a note\n")
+    proc = run_cli("bundle", str(exported.bundle), "--vkey", exported.vkey, "--checkpoint",
+                   str(unsigned))  # fmt: skip
     assert proc.returncode == 2
