@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+from psycopg.rows import tuple_row as _tuple_row
 
 from controls.codes import Code
 from controls.policy import GATE_ORDER
@@ -48,7 +49,6 @@ from risk.rules import (
     STATE_FORMAT,
     Finding,
     Output,
-    Rec,
     Rules,
     State,
     changes,
@@ -284,16 +284,18 @@ class RiskEngine:
         if bounded:
             params += (after + limit,)
         with db.reading() as cur:
+            # plain tuples (the pool's cursors build a `sqlite3.Row` / dict per row otherwise)
+            cur.row_factory = _tuple_row if db.is_pg else None
             cur.execute(
                 f"SELECT originator_version, topic, state FROM {name} "
                 f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} {upper}"
                 f"ORDER BY originator_version LIMIT {int(limit)}",
                 params,
             )
-            fetched = cur.fetchall()
+            fetched: list[tuple[int, str, bytes]] = cur.fetchall()
         if db.is_pg:
-            return [(r["originator_version"], r["topic"], bytes(r["state"])) for r in fetched]
-        return [(r[0], r[1], r[2]) for r in fetched]
+            return [(v, t, bytes(st)) for v, t, st in fetched]
+        return fetched
 
     def verify_chain(self, platform: str) -> tuple[int, int | None, str]:
         """W17's scheduled check of the whole stored chain: what `verify_stored_chain` checks
@@ -334,18 +336,21 @@ class RiskEngine:
         rows = self._read(platform, pos.position)
         if not rows:
             return 0
-        # each record decoded once: into the typed fields the rules read, and, for the few
-        # governance kinds (`Rules.general`), into the whole record as well
-        recs: list[tuple[Rec, dict[str, Any] | None]] = []
+        # each record decoded once, into the typed fields the rules read, and evaluated as it is
+        # checked; the few governance kinds (`Rules.general`) are also decoded whole
+        out = Output()
+        state = pos.state
+        apply, apply_rec, general = self.rules.apply, self.rules.apply_rec, Rules.general
+        whole_recs: list[dict[str, Any]] = []
         head = pos.head
-        expected = pos.position + 1
+        first = expected = pos.position + 1
         broken: tuple[int, str] | None = None
-        general = Rules.general
         sha256 = hashlib.sha256
+        hash_len = records.HASH_LEN
         for seq, kind, packed in rows:
             if seq != expected:
                 break  # a gap: not visible yet (or deleted: the scheduled verify names it)
-            link, data = packed[: records.HASH_LEN], packed[records.HASH_LEN :]
+            link, data = packed[:hash_len], packed[hash_len:]
             if sha256(head + data).digest() != link:
                 broken = (seq, "chain link does not match the record and its predecessor")
                 break
@@ -356,23 +361,18 @@ class RiskEngine:
             if rec is None or rec.seq != seq or rec.kind != kind or rec.platform != platform:
                 broken = (seq, "record position, kind or platform differs from where it is stored")
                 break
-            recs.append((rec, _DECODE(data) if general(rec) else None))
+            if general(rec):
+                whole = _DECODE(data)
+                whole_recs.append(whole)
+                apply(state, whole, out)
+            else:
+                apply_rec(state, rec, out)
             head = link
             expected += 1
-        out = Output()
-        state = pos.state
-        apply, apply_rec = self.rules.apply, self.rules.apply_rec
-        for rec, whole in recs:
-            if whole is None:
-                apply_rec(state, rec, out)
-            else:
-                apply(state, whole, out)
         if broken is not None:
             self.rules.integrity_failure(state, broken[0], broken[1], out)
-        last = recs[-1][0].seq if recs else pos.position
-        whole_recs = [whole for _, whole in recs if whole is not None]
-        self._commit(platform, pos, last, head, whole_recs, out)
-        return len(recs)
+        self._commit(platform, pos, expected - 1, head, whole_recs, out)
+        return expected - first
 
     # -- time -----------------------------------------------------------------------------------
 
