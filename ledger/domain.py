@@ -225,6 +225,8 @@ DONE_MAX_ROWS: Final = (1 << 31) - 1  # table entries hold row + 1 in 32 bits; 2
 DONE_MAX_KINDS: Final = 256  # kinds are one byte per row
 DONE_MAX_LOAD: Final = 0.5  # table slots >= 2 x rows: a miss probes 1.5 slots on average
 _LOW32: Final = 0xFFFFFFFF
+# any str is a valid key (a lone surrogate too: looking one up must not raise), one bytes each
+_UTF8: Final = ("utf-8", "surrogatepass")
 _FINGERPRINT: Final = attrgetter("fingerprint")
 _SEQ: Final = attrgetter("seq")
 _KIND: Final = attrgetter("kind")
@@ -324,7 +326,7 @@ class DoneBase:
 
     def find(self, cid: str) -> int:
         """The row of `cid`, or -1. Exact: a tag match is confirmed on the client id."""
-        raw = cid.encode()
+        raw = cid.encode(*_UTF8)
         h = self.keyed.copy()
         h.update(raw)
         tag = int.from_bytes(h.digest(), "big")
@@ -344,7 +346,7 @@ class DoneBase:
         raise StateError("done table has no free slot")
 
     def cid(self, r: int) -> str:
-        return bytes(self.cids[self.offsets[r] : self.offsets[r + 1]]).decode()
+        return bytes(self.cids[self.offsets[r] : self.offsets[r + 1]]).decode(*_UTF8)
 
     def row(self, r: int, cid: str) -> Done:
         done = Done(
@@ -379,7 +381,7 @@ class DoneBase:
         table = self.table if bits == self.bits else self._grown(bits)
         taken: list[int] = []  # slots filled in `table`, emptied again on failure
         try:
-            raws = [cid.encode() for cid in rows]
+            raws = [cid.encode(*_UTF8) for cid in rows]
             dones = list(rows.values())
             ends = accumulate(map(len, raws), initial=len(cids))
             next(ends)  # `initial` is the last offset already there

@@ -48,7 +48,7 @@ def _cid(rng: random.Random, i: int) -> str:
     if shape == 1:
         return f"t{i}-" + "x" * rng.randrange(0, 60)
     if shape == 2:
-        return f"überweisung-{i}-€"
+        return f"überweisung-{i}-€" if i % 3 else f"lone-{i}-\ud800"  # any str is a key
     return f"{i:x}"
 
 
