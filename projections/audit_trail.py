@@ -24,7 +24,15 @@ import msgspec
 
 from ledger import records
 from ledger.store import log_stream
-from projections.base import INT64_MAX, Projection, ProjectionError, Record, log_body
+from projections.base import (
+    INT64_MAX,
+    Projection,
+    ProjectionError,
+    Record,
+    key_range,
+    log_body,
+    platform_number,
+)
 from projections.db import Db
 from projections.statements import (
     PAGE_SIZE_DEFAULT,
@@ -40,18 +48,23 @@ AUDIT: Final = "proj_audit"
 AUDIT_ACCOUNTS: Final = "proj_audit_accounts"
 AUDIT_HOLDS: Final = "proj_audit_holds"
 AUDIT_CLOCK: Final = "proj_audit_clock"
+AUDIT_NAMES: Final = "proj_audit_names"  # (platform, kind, name) -> integer key
+_ACTOR: Final = 0  # kinds of names
+_OP: Final = 1
+_ACCOUNT: Final = 2
 EXPORT_ROWS_DEFAULT: Final = 1_000_000
 EXPORT_ROWS_MAX: Final = 10_000_000
 _EXPORT_PAGE: Final = 1_000
 _CACHE_MAX: Final = 200_000
 _REFUSED: Final = records.REFUSED_KIND
 _ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
-_ACCOUNT_OF: Final = operator.itemgetter(1)
+_KEY_OF: Final = operator.itemgetter(0)
 
-# The stored row is a narrow index over the log: the filter columns, and the accounts (a capture
-# or a refusal names its accounts only through earlier records, so they are worked out here).
+# The stored row is a narrow index over the log: the platform's number, the filter columns
+# (actor and op as keys of proj_audit_names), and the accounts only where the record cannot tell
+# them (a capture or a refusal names its accounts only through earlier records; NULL otherwise).
 # Everything else a row shows is read back from the record itself, joined by position.
-AUDIT_COLUMNS: Final = ("platform", "seq", "actor", "op", "code", "accounts")
+AUDIT_COLUMNS: Final = ("pno", "seq", "actor", "op", "code", "accounts")
 # What a caller sees, in order (platform is implied by the query).
 PUBLIC_COLUMNS: Final = (
     "seq",
@@ -134,45 +147,58 @@ def _amounts(rec: dict[str, Any], cmd: dict[str, Any], refused: bool) -> list[in
 
 class AuditTrailProjection(Projection):
     name = "audit"
-    layout = 2
+    # 2: a narrow index over the log (rows read back from the records);
+    # 3: actors, ops and accounts as integer keys (proj_audit_names), platform as its number
+    layout = 3
     tables = (
-        (AUDIT, ("seq",)),
-        (AUDIT_ACCOUNTS, ("account", "seq")),
-        (AUDIT_HOLDS, ("hold_id",)),
-        (AUDIT_CLOCK, ("ts",)),
+        (AUDIT, ("seq",), "pno"),
+        (AUDIT_NAMES, ("kind", "name"), "platform"),
+        (AUDIT_ACCOUNTS, ("akey", "seq"), "akey"),
+        (AUDIT_HOLDS, ("hold_id",), "platform"),
+        (AUDIT_CLOCK, ("ts",), "platform"),
     )
 
     def __init__(self) -> None:
         self._platform: str | None = None
+        self._pno = -1
         self._holds: dict[str, tuple[str, str]] = {}
+        self._names: dict[tuple[int, str], int] = {}  # (kind, name) -> nkey
+        self._next_key: int | None = None
         self._last_ts: int | None = None
 
     def reset(self) -> None:
         self._platform = None
+        self._pno = -1
         self._holds = {}
+        self._names = {}
+        self._next_key = None
         self._last_ts = None
 
     def create(self, db: Db, cur: Any) -> None:
         wr = db.without_rowid
         t = db.t
         cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {t(AUDIT)} (platform TEXT NOT NULL, seq BIGINT NOT NULL, "
-            "actor TEXT NOT NULL, op TEXT NOT NULL, code TEXT, accounts TEXT NOT NULL, "
-            f"PRIMARY KEY (platform, seq)){wr}"
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT)} (pno INTEGER NOT NULL, seq BIGINT NOT NULL, "
+            "actor BIGINT NOT NULL, op BIGINT NOT NULL, code TEXT, accounts TEXT, "
+            f"PRIMARY KEY (pno, seq)){wr}"
         )
         for col in ("actor", "op"):
             cur.execute(
                 f"CREATE INDEX IF NOT EXISTS {db.index_name(f'proj_audit_by_{col}')} "
-                f"ON {t(AUDIT)} (platform, {col}, seq)"
+                f"ON {t(AUDIT)} (pno, {col}, seq)"
             )
         cur.execute(
             f"CREATE INDEX IF NOT EXISTS {db.index_name('proj_audit_by_code')} "
-            f"ON {t(AUDIT)} (platform, code, seq) WHERE code IS NOT NULL"
+            f"ON {t(AUDIT)} (pno, code, seq) WHERE code IS NOT NULL"
         )
         cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_ACCOUNTS)} (platform TEXT NOT NULL, "
-            "account TEXT NOT NULL, seq BIGINT NOT NULL, "
-            f"PRIMARY KEY (platform, account, seq)){wr}"
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_NAMES)} (platform TEXT NOT NULL, "
+            "kind INTEGER NOT NULL, name TEXT NOT NULL, nkey BIGINT NOT NULL, "
+            f"PRIMARY KEY (platform, kind, name)){wr}"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_ACCOUNTS)} (akey BIGINT NOT NULL, "
+            f"seq BIGINT NOT NULL, PRIMARY KEY (akey, seq)){wr}"
         )
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {t(AUDIT_HOLDS)} (platform TEXT NOT NULL, "
@@ -185,7 +211,11 @@ class AuditTrailProjection(Projection):
         )
 
     def _load(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
-        if self._platform != platform or len(self._holds) > _CACHE_MAX:
+        if (
+            self._platform != platform
+            or len(self._holds) > _CACHE_MAX
+            or len(self._names) > _CACHE_MAX
+        ):
             self.reset()
             self._platform = platform
         if self._last_ts is None:
@@ -196,6 +226,14 @@ class AuditTrailProjection(Projection):
                 (platform,),
             )
             self._last_ts = -1 if row is None else int(row[0])
+        if self._next_key is None:
+            self._pno = platform_number(db, cur, platform)
+            row = db.fetchone(
+                cur, f"SELECT max(nkey) FROM {db.t(AUDIT_NAMES)} WHERE platform = {db.ph}",
+                (platform,),
+            )  # fmt: skip
+            top = None if row is None else row[0]
+            self._next_key = key_range(self._pno)[0] if top is None else int(top) + 1
         want: set[str] = set()
         for rec in recs:
             if rec.entries is not None:
@@ -217,13 +255,46 @@ class AuditTrailProjection(Projection):
             ):
                 self._holds[hold_id] = (debit, credit)
 
+    def _keys(self, db: Db, cur: Any, platform: str, wanted: dict[tuple[int, str], None]) -> None:
+        """Give every name in `wanted` its key: the stored one, else the next free one, in the
+        order of first appearance in the log (so keys do not depend on batch sizes)."""
+        names = self._names
+        missing = [k for k in wanted if k not in names]
+        if not missing:
+            return
+        for kind in (_ACTOR, _OP, _ACCOUNT):
+            ids = sorted({name for k, name in missing if k == kind})
+            for chunk in _chunks(ids):
+                marks = ", ".join([db.ph] * len(chunk))
+                for name, nkey in db.fetchall(
+                    cur,
+                    f"SELECT name, nkey FROM {db.t(AUDIT_NAMES)} WHERE platform = {db.ph} "
+                    f"AND kind = {db.ph} AND name IN ({marks})",
+                    (platform, kind, *chunk),
+                ):
+                    names[(kind, name)] = int(nkey)
+        new = [k for k in missing if k not in names]
+        if not new:
+            return
+        key = self._next_key
+        assert key is not None
+        if key + len(new) - 1 > key_range(self._pno)[1]:
+            raise ProjectionError(f"{platform}: too many audit names for integer keys")
+        rows = []
+        for kind, name in new:
+            names[(kind, name)] = key
+            rows.append((platform, kind, name, key))
+            key += 1
+        self._next_key = key
+        db.insert_many(cur, AUDIT_NAMES, ("platform", "kind", "name", "nkey"), rows)
+
     def apply(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
         self._load(db, cur, platform, recs)
         holds = self._holds
-        rows: list[tuple[Any, ...]] = []
-        add = rows.append
-        touched: list[tuple[str, str, int]] = []
-        touch = touched.append
+        # First pass: what each record names (actor, op, accounts), in log order.
+        found: list[tuple[int, str, str, Any, Sequence[str], str | None]] = []
+        keep = found.append
+        wanted: dict[tuple[int, str], None] = {}  # ordered set, first appearance first
         new_holds: list[tuple[str, str, str, str]] = []
         clock: list[tuple[str, int, int]] = []
         last_ts = self._last_ts
@@ -236,57 +307,96 @@ class AuditTrailProjection(Projection):
                     raise ProjectionError(f"record {seq}: time goes backwards")
                 clock.append((platform, ts, seq))
                 last_ts = ts
+            actor = _name(rec.actor)
             entries = rec.entries
+            stored: str | None = None  # the accounts column, when the record cannot tell
+            accounts: Sequence[str]
             if entries is not None and rec.kind != _REFUSED:  # the hot path
-                op = _op_of(rec.cmd)
+                op = _name(_op_of(rec.cmd))
                 if len(entries) == 1:
                     d, c, _ = entries[0]
-                    touch((platform, d, seq))
-                    if c != d:
-                        touch((platform, c, seq))
-                        add((platform, seq, rec.actor, op, rec.code, f"{d};{c}"))
-                    else:
-                        add((platform, seq, rec.actor, op, rec.code, d))
-                    continue
-                accounts = [x for d, c, _ in entries for x in (d, c)]
+                    accounts = (d, c) if c != d else (d,)
+                else:
+                    accounts = list(dict.fromkeys(x for d, c, _ in entries for x in (d, c)))
             elif rec.kind == _REFUSED:
                 cmd = _cmd_of(rec.cmd)
-                op = cmd.get("op", "")
-                accounts = _cmd_accounts(cmd)
+                op = _name(cmd.get("op", ""))
+                named = _cmd_accounts(cmd)
                 for key in ("hold_id", "withdrawal_id"):
                     value = cmd.get(key)
                     ref = holds.get(value) if isinstance(value, str) else None
                     if ref is not None:
-                        accounts += ref
+                        named += ref
+                accounts = list(dict.fromkeys(named))
+                stored = ";".join(accounts)
             else:
-                op = _op_of(rec.cmd)
-                accounts = []
+                op = _name(_op_of(rec.cmd))
+                named = []
                 hold = rec.hold
                 if hold is not None:
-                    accounts += (hold["debit"], hold["credit"])
+                    named += (hold["debit"], hold["credit"])
                     new_holds.append((platform, hold["id"], hold["debit"], hold["credit"]))
                     holds[hold["id"]] = (hold["debit"], hold["credit"])
                 for hold_id, _, _ in rec.resolve or ():
                     ref = holds.get(hold_id)
                     if ref is None:
                         raise ProjectionError(f"record {seq}: unknown hold {hold_id!r}")
-                    accounts += ref
+                    named += ref
                 spec = rec.account
                 if isinstance(spec, dict) and isinstance(spec.get("id"), str):
-                    accounts.append(spec["id"])
+                    named.append(spec["id"])
                 subject = rec.subject
                 if isinstance(subject, str):
-                    accounts.append(subject)
-            unique = list(dict.fromkeys(accounts))
-            for account in unique:
-                touch((platform, account, seq))
-            add((platform, seq, rec.actor, op, rec.code, ";".join(unique)))
+                    named.append(subject)
+                accounts = list(dict.fromkeys(named))
+                if rec.resolve:  # a resolution names its accounts only through the hold
+                    stored = ";".join(accounts)
+            wanted[(_ACTOR, actor)] = None
+            wanted[(_OP, op)] = None
+            for account in accounts:
+                wanted[(_ACCOUNT, account)] = None
+            keep((seq, actor, op, rec.code, accounts, stored))
         self._last_ts = last_ts
+        self._keys(db, cur, platform, wanted)
+        names = self._names
+        pno = self._pno
+        rows: list[tuple[Any, ...]] = []
+        add = rows.append
+        touched: list[tuple[int, int]] = []
+        touch = touched.append
+        for seq, actor, op, code, accounts, stored in found:
+            add((pno, seq, names[(_ACTOR, actor)], names[(_OP, op)], code, stored))
+            for account in accounts:
+                touch((names[(_ACCOUNT, account)], seq))
         db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
-        touched.sort(key=_ACCOUNT_OF)  # stable: one pass over each account's b-tree pages
-        db.insert_many(cur, AUDIT_ACCOUNTS, ("platform", "account", "seq"), touched)
+        touched.sort(key=_KEY_OF)  # stable: one pass over each account's b-tree pages
+        db.insert_many(cur, AUDIT_ACCOUNTS, ("akey", "seq"), touched)
         db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
         db.insert_many(cur, AUDIT_CLOCK, ("platform", "ts", "seq"), clock)
+
+
+def _name(value: Any) -> str:
+    """An actor or op as stored in the names dictionary (the ledger writes strings)."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+def derived_accounts(rec: dict[str, Any]) -> str:
+    """The accounts of an accepted record without a resolution, from its own effect fields
+    (exactly what `apply` names; refusals and resolutions store theirs)."""
+    entries = rec.get("entries")
+    if entries is not None:
+        return ";".join(dict.fromkeys(x for d, c, _ in entries for x in (d, c)))
+    named: list[str] = []
+    hold = rec.get("hold")
+    if hold is not None:
+        named += (hold["debit"], hold["credit"])
+    spec = rec.get("account")
+    if isinstance(spec, dict) and isinstance(spec.get("id"), str):
+        named.append(spec["id"])
+    subject = rec.get("subject")
+    if isinstance(subject, str):
+        named.append(subject)
+    return ";".join(dict.fromkeys(named))
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -401,25 +511,38 @@ def audit_page(
         projected = projected_position(db, cur, platform, "audit")
         lo, hi = _seq_range(db, cur, platform, f, projected)
         lo = max(lo, after + 1)
-        params: list[Any] = [log_stream(platform)]
-        if f.account is not None:
-            src = (
-                f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a "
-                "ON a.platform = x.platform AND a.seq = x.seq"
-            )
-            where = [f"x.platform = {ph}", f"x.account = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
-            params += [platform, f.account, lo, hi]
+        pno = platform_number(db, cur, platform)
+        named: dict[str, int] = {}
+        for col, kind in (("account", _ACCOUNT), ("actor", _ACTOR), ("op", _OP)):
+            value = getattr(f, col)
+            if value is not None:
+                row = db.fetchone(
+                    cur,
+                    f"SELECT nkey FROM {db.t(AUDIT_NAMES)} WHERE platform = {ph} "
+                    f"AND kind = {ph} AND name = {ph}",
+                    (platform, kind, value),
+                )
+                if row is None:  # never seen: nothing matches
+                    return AuditPage([], "", projected)
+                named[col] = int(row[0])
+        params: list[Any]
+        if "account" in named:
+            src = f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a ON a.pno = {ph} AND a.seq = x.seq"
+            where = [f"x.akey = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
+            params = [pno, log_stream(platform), named["account"], lo, hi]
             order = "x.seq"
         else:
             src = f"{db.t(AUDIT)} a"
-            where = [f"a.platform = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
-            params += [platform, lo, hi]
+            where = [f"a.pno = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
+            params = [log_stream(platform), pno, lo, hi]
             order = "a.seq"
-        for col in ("actor", "op", "code"):
-            value = getattr(f, col)
-            if value is not None:
+        for col in ("actor", "op"):
+            if col in named:
                 where.append(f"a.{col} = {ph}")
-                params.append(value)
+                params.append(named[col])
+        if f.code is not None:
+            where.append(f"a.code = {ph}")
+            params.append(f.code)
         if f.kind is not None:  # the log's own column: the record's kind
             where.append(f"e.topic = {ph}")
             params.append(f.kind)
@@ -429,11 +552,18 @@ def audit_page(
         if f.role is not None:  # the actor's prefix before ':' ("" when it has none)
             if ":" in f.role:
                 where.append("1 = 0")
-            elif f.role:
-                where.append(f"substr(a.actor, 1, {len(f.role) + 1}) = {ph}")
-                params.append(f.role + ":")
             else:
-                where.append("(a.actor NOT LIKE '%:%' OR substr(a.actor, 1, 1) = ':')")
+                if f.role:
+                    cond = f"substr(n.name, 1, {len(f.role) + 1}) = {ph}"
+                    params.append(platform)
+                    params.append(f.role + ":")
+                else:
+                    cond = "(n.name NOT LIKE '%:%' OR substr(n.name, 1, 1) = ':')"
+                    params.append(platform)
+                where.append(
+                    f"a.actor IN (SELECT n.nkey FROM {db.t(AUDIT_NAMES)} n "
+                    f"WHERE n.platform = {ph} AND n.kind = {_ACTOR} AND {cond})"
+                )
         rows = db.fetchall(
             cur,
             f"SELECT a.seq, a.accounts, e.state FROM {src} JOIN {db.events_table()} e "
@@ -441,10 +571,10 @@ def audit_page(
             f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {page_size + 1}",
             params,
         )
-    out = [
-        _public(seq, accounts, log_body(platform, seq, state, _DECODE))
-        for seq, accounts, state in rows[:page_size]
-    ]
+    out = []
+    for seq, accounts, state in rows[:page_size]:
+        rec = log_body(platform, seq, state, _DECODE)
+        out.append(_public(seq, derived_accounts(rec) if accounts is None else accounts, rec))
     token = encode_token(key, out[-1]["seq"], 0) if len(rows) > page_size else ""
     return AuditPage(out, token, projected)
 

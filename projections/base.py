@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from ledger.records import HASH_LEN
+from ledger.store import DIRECTORY_STREAM
 from projections.db import Db
 
 T = TypeVar("T")
@@ -54,6 +55,12 @@ STATUS_BY_KIND: Final = {
     "account_closed": "closed",
 }
 INT64_MAX: Final = 2**63 - 1
+# Integer keys of a platform's accounts (and audit names): the platform's number (its position
+# in the store's directory) in the high bits, the order of first appearance in its log in the
+# low bits. Both are fixed by the log, so a rebuild gives the same keys; one platform's keys are
+# one contiguous range, which is what its rows are scoped (dumped, dropped) by.
+KEY_BITS: Final = 32
+LOCAL_KEYS_MAX: Final = 2**KEY_BITS
 
 
 class ProjectionError(Exception):
@@ -87,6 +94,44 @@ def log_body(platform: str, seq: int, state: Any, decode: Callable[[bytes], T]) 
     return rec  # type: ignore[no-any-return]
 
 
+def platform_number(db: Db, cur: Any, platform: str) -> int:
+    """The platform's position in the store's directory stream: immutable once the platform
+    exists, so it can stand for the platform in the integer keys of the big tables (cached)."""
+    cached = db.platform_numbers.get(platform)
+    if cached is not None:
+        return cached
+    ph = db.ph
+    cur.execute(
+        f"SELECT originator_version, state FROM {db.events_table()} "
+        f"WHERE originator_id = {ph} ORDER BY originator_version",
+        (DIRECTORY_STREAM,),
+    )
+    for row in cur.fetchall():
+        number, state = (row["originator_version"], row["state"]) if isinstance(row, dict) else row
+        db.platform_numbers[bytes(state).decode()] = int(number)
+    if platform not in db.platform_numbers:
+        raise ProjectionError(f"platform {platform!r} is not in the store's directory")
+    return db.platform_numbers[platform]
+
+
+def key_range(pno: int) -> tuple[int, int]:
+    """The inclusive range of the integer keys of platform number `pno`."""
+    assert 0 <= pno < 2 ** (63 - KEY_BITS), pno
+    return pno << KEY_BITS, (pno << KEY_BITS) + LOCAL_KEYS_MAX - 1
+
+
+def scope(db: Db, cur: Any, platform: str, column: str) -> tuple[str, tuple[Any, ...]]:
+    """WHERE clause and parameters selecting one platform's rows of a table scoped by `column`:
+    `platform` (the id), `pno` (the platform's number) or an integer key column (its range)."""
+    ph = db.ph
+    if column == "platform":
+        return f"platform = {ph}", (platform,)
+    pno = platform_number(db, cur, platform)
+    if column == "pno":
+        return f"pno = {ph}", (pno,)
+    return f"{column} BETWEEN {ph} AND {ph}", key_range(pno)
+
+
 class NotProjected(ProjectionError):
     """A query asks about a log position the projection has not reached yet."""
 
@@ -95,8 +140,8 @@ class Projection(abc.ABC):
     """One read model. Subclasses keep caches only as a speed-up: `reset` must make them reload."""
 
     name: str
-    # (table, primary-key columns) in dump order; every table has a `platform` column.
-    tables: tuple[tuple[str, tuple[str, ...]], ...]
+    # (table, primary-key columns in dump order, scope column: see `scope`).
+    tables: tuple[tuple[str, tuple[str, ...], str], ...]
     # Bumped when the tables change shape: the runner then drops them (and `retired` tables of
     # earlier layouts) and projects the log again from the start.
     layout: int = 1
@@ -116,6 +161,7 @@ class Projection(abc.ABC):
 
     def drop(self, db: Db, cur: Any, platform: str) -> None:
         """Delete this platform's rows (the runner resets the position in the same transaction)."""
-        for table, _ in self.tables:
-            cur.execute(f"DELETE FROM {db.t(table)} WHERE platform = {db.ph}", (platform,))
+        for table, _, column in self.tables:
+            where, params = scope(db, cur, platform, column)
+            cur.execute(f"DELETE FROM {db.t(table)} WHERE {where}", params)
         self.reset()

@@ -30,6 +30,8 @@ class Db:
         # WITHOUT ROWID: one b-tree keyed by the primary key instead of rowid table + index.
         self.without_rowid = "" if self.is_pg else " WITHOUT ROWID"
         self.blob = "BYTEA" if self.is_pg else "BLOB"
+        # platform id -> its position in the store's directory (fixed once created)
+        self.platform_numbers: dict[str, int] = {}
 
     def t(self, name: str) -> str:
         """The qualified name of one of our tables."""

@@ -41,6 +41,7 @@ from projections.base import (
     Projection,
     ProjectionError,
     Record,
+    scope,
 )
 from projections.db import Db
 from projections.statements import StatementsProjection
@@ -375,7 +376,7 @@ class ProjectionRunner:
         stored = 1 if row is None else int(row[0])  # layout 1: before layouts were recorded
         if stored == p.layout:
             return
-        for table in (*(t for t, _ in p.tables), *p.retired):
+        for table in (*(t for t, _, _ in p.tables), *p.retired):
             cur.execute(f"DROP TABLE IF EXISTS {db.t(table)}")
         cur.execute(
             f"UPDATE {db.t(POSITIONS)} SET position = -1, head = {db.ph} WHERE name = {db.ph}",
@@ -619,11 +620,11 @@ class ProjectionRunner:
         db = self.db
         with db.reading() as cur:
             for p in self.projections:
-                for table, key in p.tables:
+                for table, key, column in p.tables:
+                    where, params = scope(db, cur, platform, column)
                     cur.execute(
-                        f"SELECT * FROM {db.t(table)} WHERE platform = {db.ph} "
-                        f"ORDER BY {', '.join(key)}",
-                        (platform,),
+                        f"SELECT * FROM {db.t(table)} WHERE {where} ORDER BY {', '.join(key)}",
+                        params,
                     )
                     while True:
                         page = cur.fetchmany(READ_PAGE_MAX)

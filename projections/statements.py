@@ -32,7 +32,9 @@ from projections.base import (
     Projection,
     ProjectionError,
     Record,
+    key_range,
     log_body,
+    platform_number,
 )
 from projections.db import Db
 
@@ -41,13 +43,14 @@ HOLDS: Final = "proj_stmt_holds"
 LINES: Final = "proj_stmt_lines"
 CLOCK: Final = "proj_stmt_clock"
 RETIRED: Final = ("proj_stmt_moves",)  # earlier layouts' tables, dropped on upgrade
+ACCOUNT_KEY_INDEX: Final = "proj_stmt_accounts_by_key"
 PAGE_SIZE_DEFAULT: Final = 50
 PAGE_SIZE_MAX: Final = 1_000
 KINDS_FILTER_MAX: Final = 32
 _LOAD_CHUNK: Final = 500  # ids per IN (...) lookup
 _CACHE_MAX: Final = 200_000  # accounts/holds kept between batches
 _REFUSED: Final = records.REFUSED_KIND
-_ACCOUNT_OF: Final = operator.itemgetter(1)
+_ACCOUNT_OF: Final = operator.itemgetter(0)
 
 
 class _Head(msgspec.Struct, gc=False):
@@ -63,17 +66,17 @@ class _Head(msgspec.Struct, gc=False):
 _HEAD_DECODE: Final = msgspec.json.Decoder(_Head).decode
 
 # Narrow on purpose (two lines per transfer): what the record says (time, kind, client id) is
-# not copied: a page reads it back from the log (the event table, by position).
+# not copied: a page reads it back from the log (the event table, by position). Accounts are
+# integer keys (`akey` of proj_stmt_accounts, which also scopes a line to its platform).
 LINE_COLUMNS: Final = (
-    "platform",
-    "account",
+    "akey",
     "seq",
     "n",
     "amount",  # change of `posted` (normal direction); 0 for a pure reservation
     "held_delta",  # change of the account's held (pending debit) amount
     "posted",  # posted balance after this line, in the account's normal direction
     "held",  # held amount after this line
-    "counterparty",
+    "counterparty",  # the other account's akey
 )
 # What a statement line shows, in order.
 STATEMENT_FIELDS: Final = (
@@ -92,6 +95,7 @@ STATEMENT_FIELDS: Final = (
 _ACCOUNT_COLUMNS: Final = (
     "platform",
     "account",
+    "akey",
     "kind",
     "ccy",
     "role",
@@ -125,6 +129,7 @@ class _Acct:
         "cpend",
         "dp",
         "dpend",
+        "key",
         "kind",
         "last_seq",
         "opened_seq",
@@ -132,7 +137,10 @@ class _Acct:
         "status",
     )
 
-    def __init__(self, kind: str, ccy: str, role: str | None, status: str, opened_seq: int) -> None:
+    def __init__(
+        self, key: int, kind: str, ccy: str, role: str | None, status: str, opened_seq: int
+    ) -> None:
+        self.key = key
         self.kind = kind
         self.ccy = ccy
         self.role = role
@@ -163,13 +171,15 @@ class _Hold:
 
 class StatementsProjection(Projection):
     name = "statements"
-    layout = 2  # 2: no proj_stmt_moves (what a record says is read back from the log)
+    # 2: no proj_stmt_moves (what a record says is read back from the log);
+    # 3: lines keyed by integer account keys (akey) instead of (platform, account) text
+    layout = 3
     retired = RETIRED
     tables = (
-        (ACCOUNTS, ("account",)),
-        (HOLDS, ("hold_id",)),
-        (LINES, ("account", "seq", "n")),
-        (CLOCK, ("ts",)),
+        (ACCOUNTS, ("account",), "platform"),
+        (HOLDS, ("hold_id",), "platform"),
+        (LINES, ("akey", "seq", "n"), "akey"),
+        (CLOCK, ("ts",), "platform"),
     )
 
     def __init__(self) -> None:
@@ -177,21 +187,29 @@ class StatementsProjection(Projection):
         self._accounts: dict[str, _Acct] = {}
         self._holds: dict[str, _Hold] = {}
         self._last_ts: int | None = None
+        self._next_key: int | None = None  # akey of the platform's next account
 
     def reset(self) -> None:
         self._platform = None
         self._accounts = {}
         self._holds = {}
         self._last_ts = None
+        self._next_key = None
 
     def create(self, db: Db, cur: Any) -> None:
         wr = db.without_rowid
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(ACCOUNTS)} (platform TEXT NOT NULL, "
-            "account TEXT NOT NULL, kind TEXT NOT NULL, ccy TEXT NOT NULL, role TEXT, "
+            "account TEXT NOT NULL, akey BIGINT NOT NULL, kind TEXT NOT NULL, "
+            "ccy TEXT NOT NULL, role TEXT, "
             "status TEXT NOT NULL, opened_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL, "
             "dp BIGINT NOT NULL, cp BIGINT NOT NULL, dpend BIGINT NOT NULL, "
             f"cpend BIGINT NOT NULL, PRIMARY KEY (platform, account)){wr}"
+        )
+        # akey -> account: the counterparty's id on a statement page
+        cur.execute(
+            f"CREATE UNIQUE INDEX IF NOT EXISTS {db.index_name(ACCOUNT_KEY_INDEX)} "
+            f"ON {db.t(ACCOUNTS)} (akey)"
         )
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(HOLDS)} (platform TEXT NOT NULL, "
@@ -200,11 +218,11 @@ class StatementsProjection(Projection):
             f"resolved_seq BIGINT, PRIMARY KEY (platform, hold_id)){wr}"
         )
         cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {db.t(LINES)} (platform TEXT NOT NULL, "
-            "account TEXT NOT NULL, seq BIGINT NOT NULL, n INTEGER NOT NULL, "
+            f"CREATE TABLE IF NOT EXISTS {db.t(LINES)} (akey BIGINT NOT NULL, "
+            "seq BIGINT NOT NULL, n INTEGER NOT NULL, "
             "amount BIGINT NOT NULL, held_delta BIGINT NOT NULL, posted BIGINT NOT NULL, "
-            f"held BIGINT NOT NULL, counterparty TEXT NOT NULL, "
-            f"PRIMARY KEY (platform, account, seq, n)){wr}"
+            "held BIGINT NOT NULL, counterparty BIGINT NOT NULL, "
+            f"PRIMARY KEY (akey, seq, n)){wr}"
         )
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(CLOCK)} (platform TEXT NOT NULL, "
@@ -226,6 +244,14 @@ class StatementsProjection(Projection):
                 (platform,),
             )
             self._last_ts = -1 if row is None else int(row[0])
+        if self._next_key is None:
+            first, last = key_range(platform_number(db, cur, platform))
+            row = db.fetchone(
+                cur, f"SELECT max(akey) FROM {db.t(ACCOUNTS)} WHERE platform = {ph}", (platform,)
+            )
+            top = None if row is None else row[0]
+            self._next_key = first if top is None else int(top) + 1
+            assert first <= self._next_key <= last + 1, (platform, self._next_key)
         holds = self._holds
         want_holds = {
             r[0] for rec in recs if rec.entries is None and rec.resolve for r in rec.resolve
@@ -266,12 +292,13 @@ class StatementsProjection(Projection):
             marks = ", ".join([ph] * len(chunk))
             for row in db.fetchall(
                 cur,
-                f"SELECT account, kind, ccy, role, status, opened_seq, last_seq, dp, cp, dpend, "
-                f"cpend FROM {db.t(ACCOUNTS)} WHERE platform = {ph} AND account IN ({marks})",
+                f"SELECT account, akey, kind, ccy, role, status, opened_seq, last_seq, dp, cp, "
+                f"dpend, cpend FROM {db.t(ACCOUNTS)} WHERE platform = {ph} "
+                f"AND account IN ({marks})",
                 (platform, *chunk),
             ):
-                a = _Acct(row[1], row[2], row[3], row[4], int(row[5]))
-                a.last_seq, a.dp, a.cp, a.dpend, a.cpend = (int(v) for v in row[6:11])
+                a = _Acct(int(row[1]), row[2], row[3], row[4], row[5], int(row[6]))
+                a.last_seq, a.dp, a.cp, a.dpend, a.cpend = (int(v) for v in row[7:12])
                 accounts[row[0]] = a
 
     def apply(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
@@ -314,10 +341,12 @@ class StatementsProjection(Projection):
                     da.dp += amount
                     ca.cp += amount
                     da.last_seq = ca.last_seq = seq
-                    add((platform, d, seq, n, amount if da.asset else -amount, 0, da.posted(),
-                         da.dpend, c))  # fmt: skip
-                    add((platform, c, seq, n + 1, -amount if ca.asset else amount, 0, ca.posted(),
-                         ca.dpend, d))  # fmt: skip
+                    dk = da.key
+                    ck = ca.key
+                    add((dk, seq, n, amount if da.asset else -amount, 0, da.posted(), da.dpend,
+                         ck))  # fmt: skip
+                    add((ck, seq, n + 1, -amount if ca.asset else amount, 0, ca.posted(),
+                         ca.dpend, dk))  # fmt: skip
                     n += 2
                     dirty.add(d)
                     dirty.add(c)
@@ -335,7 +364,7 @@ class StatementsProjection(Projection):
                 holds[hid] = _Hold(d, c, amount, "pending", seq)
                 dirty_holds.add(hid)
                 # The credit side's posted and held amounts do not change: no line for it.
-                add((platform, d, seq, 0, 0, amount, da.posted(), da.dpend, c))
+                add((da.key, seq, 0, 0, amount, da.posted(), da.dpend, ca.key))
                 dirty.add(d)
                 dirty.add(c)
                 continue
@@ -355,11 +384,11 @@ class StatementsProjection(Projection):
                     h.status = status
                     h.resolved_seq = seq
                     dirty_holds.add(hid)
-                    add((platform, h.debit, seq, n, captured if da.asset else -captured,
-                         -h.amount, da.posted(), da.dpend, h.credit))  # fmt: skip
+                    add((da.key, seq, n, captured if da.asset else -captured, -h.amount,
+                         da.posted(), da.dpend, ca.key))  # fmt: skip
                     if captured:
-                        add((platform, h.credit, seq, n + 1, -captured if ca.asset else captured,
-                             0, ca.posted(), ca.dpend, h.debit))  # fmt: skip
+                        add((ca.key, seq, n + 1, -captured if ca.asset else captured, 0,
+                             ca.posted(), ca.dpend, da.key))  # fmt: skip
                     n += 2
                     dirty.add(h.debit)
                     dirty.add(h.credit)
@@ -369,8 +398,13 @@ class StatementsProjection(Projection):
                 account_id = spec["id"]
                 if account_id in accounts:
                     raise ProjectionError(f"record {seq}: account {account_id!r} opened twice")
+                key = self._next_key
+                assert key is not None
+                if key > key_range(platform_number(db, cur, platform))[1]:
+                    raise ProjectionError(f"record {seq}: too many accounts for integer keys")
+                self._next_key = key + 1
                 accounts[account_id] = _Acct(
-                    spec["kind"], spec["ccy"], spec.get("role"), "open", seq
+                    key, spec["kind"], spec["ccy"], spec.get("role"), "open", seq
                 )
                 dirty.add(account_id)
                 continue
@@ -398,8 +432,8 @@ class StatementsProjection(Projection):
             rows = []
             for account_id in sorted(dirty):
                 a = accounts[account_id]
-                rows.append((platform, account_id, a.kind, a.ccy, a.role, a.status, a.opened_seq,
-                             a.last_seq, a.dp, a.cp, a.dpend, a.cpend))  # fmt: skip
+                rows.append((platform, account_id, a.key, a.kind, a.ccy, a.role, a.status,
+                             a.opened_seq, a.last_seq, a.dp, a.cp, a.dpend, a.cpend))  # fmt: skip
             cur.executemany(_upsert(db, ACCOUNTS, _ACCOUNT_COLUMNS, 2), rows)
         if dirty_holds:
             hrows = []
@@ -471,15 +505,17 @@ def seq_at_time(db: Db, cur: Any, platform: str, at_ms: int, projected: int) -> 
     return projected if row is None else min(projected, int(row[0]) - 1)
 
 
-def _account_meta(db: Db, cur: Any, platform: str, account: str) -> tuple[str, str]:
+def _account_meta(db: Db, cur: Any, platform: str, account: str) -> tuple[str, str, int]:
+    """(kind, currency, akey) of a projected account."""
     row = db.fetchone(
         cur,
-        f"SELECT kind, ccy FROM {db.t(ACCOUNTS)} WHERE platform = {db.ph} AND account = {db.ph}",
+        f"SELECT kind, ccy, akey FROM {db.t(ACCOUNTS)} "
+        f"WHERE platform = {db.ph} AND account = {db.ph}",
         (platform, account),
     )
     if row is None:
         raise LookupError(f"account {account!r} of platform {platform!r} (not projected)")
-    return str(row[0]), str(row[1])
+    return str(row[0]), str(row[1]), int(row[2])
 
 
 def balance_at(
@@ -496,7 +532,7 @@ def balance_at(
     assert at_seq is None or at_ms is None, "give a position or a time, not both"
     with db.reading() as cur:
         projected = projected_position(db, cur, platform)
-        kind, ccy = _account_meta(db, cur, platform, account)
+        kind, ccy, akey = _account_meta(db, cur, platform, account)
         if at_ms is not None:
             seq = seq_at_time(db, cur, platform, at_ms, projected)
         elif at_seq is not None:
@@ -509,9 +545,9 @@ def balance_at(
             seq = projected
         row = db.fetchone(
             cur,
-            f"SELECT seq, posted, held FROM {db.t(LINES)} WHERE platform = {db.ph} "
-            f"AND account = {db.ph} AND seq <= {db.ph} ORDER BY seq DESC, n DESC LIMIT 1",
-            (platform, account, seq),
+            f"SELECT seq, posted, held FROM {db.t(LINES)} WHERE akey = {db.ph} "
+            f"AND seq <= {db.ph} ORDER BY seq DESC, n DESC LIMIT 1",
+            (akey, seq),
         )
     last, posted, held = (None, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
     available = None if kind in ASSET_KINDS else posted - held
@@ -606,12 +642,12 @@ def statement(
     ph = db.ph
     with db.reading() as cur:
         projected = projected_position(db, cur, platform)
-        kind, _ = _account_meta(db, cur, platform, account)
+        kind, _, akey = _account_meta(db, cur, platform, account)
         lo = -1 if from_ms is None else seq_at_time(db, cur, platform, from_ms - 1, projected)
         hi = projected if to_ms is None else seq_at_time(db, cur, platform, to_ms, projected)
         # An indexable lower bound for the token too, so deep pages stay one range scan.
-        where = [f"l.platform = {ph}", f"l.account = {ph}", f"l.seq > {ph}", f"l.seq <= {ph}"]
-        params: list[Any] = [platform, account, max(lo, after_seq - 1), hi]
+        where = [f"l.akey = {ph}", f"l.seq > {ph}", f"l.seq <= {ph}"]
+        params: list[Any] = [akey, max(lo, after_seq - 1), hi]
         if after_seq >= 0:
             where.append(f"(l.seq > {ph} OR (l.seq = {ph} AND l.n > {ph}))")
             params += [after_seq, after_seq, after_n]
@@ -620,9 +656,10 @@ def statement(
             params += list(kinds)
         rows = db.fetchall(
             cur,
-            f"SELECT l.seq, l.n, e.state, l.amount, l.counterparty, l.held_delta, "
+            f"SELECT l.seq, l.n, e.state, l.amount, k.account, l.held_delta, "
             f"l.posted, l.held FROM {db.t(LINES)} l JOIN {db.events_table()} e "
             f"ON e.originator_id = {ph} AND e.originator_version = l.seq "
+            f"JOIN {db.t(ACCOUNTS)} k ON k.akey = l.counterparty "
             f"WHERE {' AND '.join(where)} ORDER BY l.seq, l.n LIMIT {page_size + 1}",
             [log_stream(platform), *params],
         )

@@ -13,7 +13,13 @@ from ledger.domain import ASSET_KINDS
 from ledger.service import LedgerService
 from projections import statements as st
 from projections.audit_trail import AuditFilter, audit_page
-from projections.base import NotProjected, PositionConflict, ProjectionError
+from projections.base import (
+    NotProjected,
+    PositionConflict,
+    ProjectionError,
+    key_range,
+    platform_number,
+)
 from projections.db import Db
 from projections.runner import EmbeddedRunner, ProjectionRunner
 
@@ -220,3 +226,35 @@ def test_a_changed_table_layout_is_projected_again(workload: LedgerService) -> N
     assert upgraded.digest("p1") == digest
     again = ProjectionRunner(workload.store)  # the layout is recorded now: nothing is dropped
     assert {s.position for s in again.status("p1")} == {last_position(workload, "p1")}
+
+
+def test_integer_keys_keep_each_platform_apart(service: LedgerService, clock: FakeClock) -> None:
+    """Accounts and audit names are integer keys in the platform's own range (its directory
+    position): rebuilding one platform leaves the other's rows, and keys, exactly as they were,
+    and a name known only on another platform matches nothing."""
+    run_workload(service, clock, 120, seed=1, pid="p1")
+    run_workload(service, clock, 120, seed=2, pid="p2")
+    runner = ProjectionRunner(service.store, batch_size=37)
+    runner.catch_up()
+    db = runner.db
+    with db.reading() as cur:
+        numbers = {pid: platform_number(db, cur, pid) for pid in ("p1", "p2")}
+        assert numbers == {"p1": 0, "p2": 1}  # directory order
+        for pid, pno in numbers.items():
+            first, last = key_range(pno)
+            keys = db.fetchall(
+                cur,
+                f"SELECT akey FROM {db.t(st.ACCOUNTS)} WHERE platform = {db.ph} ORDER BY akey",
+                (pid,),
+            )
+            # opened order, no gaps, inside the platform's range
+            assert [k for (k,) in keys] == list(range(first, first + len(keys)))
+            assert first + len(keys) - 1 <= last
+    p2 = b"\n".join(runner.dump("p2"))
+    runner.rebuild("p1")
+    assert b"\n".join(runner.dump("p2")) == p2
+    append_raw(service.store, "p2", {"kind": "noted", "subject": "only-on-p2"})
+    runner.catch_up()
+    assert audit_page(db, "p2", AuditFilter(account="only-on-p2")).rows
+    assert audit_page(db, "p1", AuditFilter(account="only-on-p2")).rows == []
+    assert audit_page(db, "p1", AuditFilter(actor="nobody:ever")).rows == []
