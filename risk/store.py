@@ -118,55 +118,75 @@ def open_db(store: LedgerStore) -> RiskDb:
 
 
 def apply_records(db: RiskDb, cur: Any, platform: str, recs: Sequence[dict[str, Any]]) -> None:
-    """Write the read-model rows of `recs` (in log order) in the caller's transaction."""
+    """Write the read-model rows of `recs` (in log order) in the caller's transaction.
+
+    Statements are sent with `executemany`, one call per run of the same statement: the
+    `risk_alerts` statements (insert, acknowledge, close) keep their log order (an update must
+    see the insert before it); the history and reconciliation inserts touch rows of their own
+    and go last. A catch-up reads back thousands of alerts at once (one round trip each before).
+    """
     ph = db.ph
+    alerts_runs: list[tuple[str, list[tuple[Any, ...]]]] = []
+    events: list[tuple[Any, ...]] = []
+    recons: list[tuple[Any, ...]] = []
+
+    def alerts_sql(sql: str, params: tuple[Any, ...]) -> None:
+        if alerts_runs and alerts_runs[-1][0] == sql:
+            alerts_runs[-1][1].append(params)
+        else:
+            alerts_runs.append((sql, [params]))
+
+    def event(rec: dict[str, Any], alert: str, step: str, text: str) -> None:
+        events.append((platform, rec["seq"], alert, step, rec["actor"], rec["ts"], text))
+
+    insert_alert = (
+        f"INSERT INTO {db.t('risk_alerts')} (platform, alert_id, rule, level, subject, "
+        "summary, status, raised_seq, raised_ts, raised_by) VALUES "
+        f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, 'raised', {ph}, {ph}, {ph})"
+    )
+    acknowledge = (
+        f"UPDATE {db.t('risk_alerts')} SET status = 'acknowledged', ack_seq = {ph}, "
+        f"ack_ts = {ph}, ack_by = {ph}, ack_note = {ph} "
+        f"WHERE platform = {ph} AND alert_id = {ph} AND status <> 'closed'"
+    )
+    close = (
+        f"UPDATE {db.t('risk_alerts')} SET status = 'closed', closed_seq = {ph}, "
+        f"closed_ts = {ph}, closed_by = {ph}, close_reason = {ph} "
+        f"WHERE platform = {ph} AND alert_id = {ph}"
+    )
     for rec in recs:
         kind = rec["kind"]
         if kind == "alert_raised":
             a = rec["alert"]
-            cur.execute(
-                f"INSERT INTO {db.t('risk_alerts')} (platform, alert_id, rule, level, subject, "
-                "summary, status, raised_seq, raised_ts, raised_by) VALUES "
-                f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, 'raised', {ph}, {ph}, {ph})",
+            summary = rec["cmd"].get("summary", "")
+            alerts_sql(
+                insert_alert,
                 (
                     platform,
                     a["id"],
                     a["rule"],
                     a["level"],
                     a["subject"],
-                    rec["cmd"].get("summary", ""),
+                    summary,
                     rec["seq"],
                     rec["ts"],
                     rec["actor"],
                 ),
             )
-            _event(db, cur, platform, rec, a["id"], "raised", rec["cmd"].get("summary", ""))
+            event(rec, a["id"], "raised", summary)
         elif kind == "alert_acknowledged":
             alert = rec["alert_acknowledged"]
             note = rec["cmd"].get("note", "")
-            cur.execute(
-                f"UPDATE {db.t('risk_alerts')} SET status = 'acknowledged', ack_seq = {ph}, "
-                f"ack_ts = {ph}, ack_by = {ph}, ack_note = {ph} "
-                f"WHERE platform = {ph} AND alert_id = {ph} AND status <> 'closed'",
-                (rec["seq"], rec["ts"], rec["actor"], note, platform, alert),
-            )
-            _event(db, cur, platform, rec, alert, "acknowledged", note)
+            alerts_sql(acknowledge, (rec["seq"], rec["ts"], rec["actor"], note, platform, alert))
+            event(rec, alert, "acknowledged", note)
         elif kind == "alert_closed":
             alert = rec["alert_closed"]
             reason = rec["cmd"].get("reason", "")
-            cur.execute(
-                f"UPDATE {db.t('risk_alerts')} SET status = 'closed', closed_seq = {ph}, "
-                f"closed_ts = {ph}, closed_by = {ph}, close_reason = {ph} "
-                f"WHERE platform = {ph} AND alert_id = {ph}",
-                (rec["seq"], rec["ts"], rec["actor"], reason, platform, alert),
-            )
-            _event(db, cur, platform, rec, alert, "closed", reason)
+            alerts_sql(close, (rec["seq"], rec["ts"], rec["actor"], reason, platform, alert))
+            event(rec, alert, "closed", reason)
         elif kind == "reconciliation_completed":
             r = rec["reconciliation"]
-            cur.execute(
-                f"INSERT INTO {db.t('risk_reconciliations')} (platform, seq, id, ccy, as_of, "
-                "requirement, resource, difference, breaks, result, actor, ts) VALUES "
-                f"({', '.join([ph] * 12)})",
+            recons.append(
                 (
                     platform,
                     rec["seq"],
@@ -180,19 +200,23 @@ def apply_records(db: RiskDb, cur: Any, platform: str, recs: Sequence[dict[str, 
                     r["result"],
                     rec["actor"],
                     rec["ts"],
-                ),
+                )
             )
-
-
-def _event(
-    db: RiskDb, cur: Any, platform: str, rec: dict[str, Any], alert: str, step: str, text: str
-) -> None:
-    ph = db.ph
-    cur.execute(
-        f"INSERT INTO {db.t('risk_alert_events')} (platform, seq, alert_id, step, actor, ts, text)"
-        f" VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})",
-        (platform, rec["seq"], alert, step, rec["actor"], rec["ts"], text),
-    )
+    for sql, rows in alerts_runs:
+        cur.executemany(sql, rows)
+    if events:
+        cur.executemany(
+            f"INSERT INTO {db.t('risk_alert_events')} (platform, seq, alert_id, step, actor, ts, "
+            f"text) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})",
+            events,
+        )
+    if recons:
+        cur.executemany(
+            f"INSERT INTO {db.t('risk_reconciliations')} (platform, seq, id, ccy, as_of, "
+            "requirement, resource, difference, breaks, result, actor, ts) VALUES "
+            f"({', '.join([ph] * 12)})",
+            recons,
+        )
 
 
 def write_indicators(

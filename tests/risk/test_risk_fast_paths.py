@@ -17,13 +17,16 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import FakeClock, Platform, deposit, ok, transfer
+from helpers import CHECKER, OPERATOR, FakeClock, Platform, deposit, ok, run1, transfer
 from risk_helpers import DAY, HOUR, engine
 
+from ledger import commands as c
 from ledger import records
 from ledger.service import LedgerService
 from ledger.store import log_stream
 from ledger.writer import verify_stored_chain
+from risk import store as rs
+from risk.engine import RiskEngine
 from risk.rules import REC_DECODER, Output, Rules, changes, encode_state, new_state
 from risk.ruleset import DEFAULT_RULES, RULES, RuleSet, decode_rules, encode_rules
 from risk.store import open_db
@@ -230,3 +233,34 @@ def test_chain_verification_record_fields_differ(
     _rewrite(service, 6, _ENCODE(rec))
     _count, bad, reason = _same_report(service, clock)
     assert bad == 6 and "differs" in reason
+
+
+# -- the read model written in runs of statements -------------------------------------------
+
+
+def test_alert_lifecycle_read_in_one_step_or_one_record_at_a_time_gives_the_same_rows(
+    service: LedgerService, clock: FakeClock, platform: Platform
+) -> None:
+    """`apply_records` batches the alert statements: raised, acknowledged and closed records of
+    one alert in the same step must give the rows that one step per record gives."""
+    eng = engine(service, clock, {"W15"})
+    ok(service, "p1", deposit(platform, "fund", "alice", 10_000))
+    for i in range(3):
+        o = run1(service, "p1", transfer(platform, f"s{i}", "alice", platform.own, 100))
+        assert o.code == "SEGREGATION_BREACH", o
+    eng.catch_up()
+    ids = [a["alert_id"] for a in rs.alerts(eng.db, "p1")]
+    assert len(ids) == 2
+    for n, alert in enumerate(ids):
+        for cmd, actor in (
+            (c.AcknowledgeAlert(client_id=f"k{n}", alert_id=alert, note="seen"), OPERATOR),
+            (c.CloseAlert(client_id=f"c{n}", alert_id=alert, reason="done"), CHECKER),
+        ):
+            [o] = service.execute("p1", [cmd], actor)
+            assert o.status == "accepted", o
+    eng.rebuild("p1")  # every alert record in one step
+    whole = eng.dump("p1")
+    one = RiskEngine(service, RuleSet(enabled=frozenset({"W15"})), clock_ms=clock, batch_size=1)
+    one.rebuild("p1")  # one record per step
+    assert one.dump("p1") == whole
+    assert sum(b"closed" in line for line in whole) >= 2
