@@ -418,3 +418,45 @@ def test_cli_held_checkpoints(exported, tmp_path):
     proc = run_cli("bundle", str(exported.bundle), "--vkey", exported.vkey, "--checkpoint",
                    str(unsigned))  # fmt: skip
     assert proc.returncode == 2
+
+
+# -- lines longer than a block, and longer than the verifier reads ------------------------------
+
+
+def _with_long_refusal(exported, size: int) -> bytes:
+    """The log with one refusal's message made `size` bytes long, re-chained and re-signed:
+    a valid bundle with a line that spans several blocks."""
+    records = list(exported.records)
+    i = next(n for n in range(1200, len(records)) if b'"kind":"command_refused"' in records[n])
+    rec = json.loads(records[i])
+    rec["message"] = "x" * size
+    records[i] = json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    lines = lines_of(exported.data)
+    header = b"".join(ln.raw for ln in lines if ln.kind == "header")
+    return rebuild(header, records, exported.signer, [ln.size for ln in lines if ln.size])
+
+
+@pytest.mark.parametrize(("jobs", "on_disk"), [(1, False), (2, False), (2, True)])
+def test_a_line_longer_than_several_blocks(exported, small_blocks, jobs, on_disk):
+    data = _with_long_refusal(exported, 5 * SMALL_BLOCK + 17)
+    full = verify_bytes(data, exported.vkey)
+    assert full[0] is None, full[0].describe()
+    failure, fast = verify_integrity(data, exported.vkey, jobs, on_disk)
+    assert failure is None, failure.describe()
+    assert (fast.records, fast.chain_head) == (full[1].records, full[1].chain_head)
+
+
+@pytest.mark.parametrize(("jobs", "on_disk"), [(1, False), (2, False), (2, True)])
+def test_a_line_longer_than_the_verifier_reads(exported, monkeypatch, jobs, on_disk):
+    """A record line longer than MAX_LINE is cut where readline(MAX_LINE) cuts it, and reported
+    at that record by both levels (here MAX_LINE is made small so the bundle stays small)."""
+    from custody_verify import bundle
+
+    monkeypatch.setattr(bundle, "MAX_LINE", 8192)
+    monkeypatch.setattr(integrity, "BLOCK", 2048)
+    data = _with_long_refusal(exported, 3 * 8192)
+    full = verify_bytes(data, exported.vkey)
+    assert full[0] is not None and full[0].reason == "malformed record line"
+    fast = verify_integrity(data, exported.vkey, jobs, on_disk)
+    assert fast[0] is not None
+    assert _report(*fast) == _report(*full), (fast[0].describe(), full[0].describe())
