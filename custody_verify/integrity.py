@@ -302,11 +302,15 @@ def pieces(
     block_size: int | None = None,
     start: int = 0,
     prev: bytes = GENESIS,
+    track: bool = True,
 ) -> Iterator[Piece]:
     """Blocks of whole lines read from `f`, each with the position and stored link its first
     record must continue from (taken from the blocks before it, as stored: a block that does
     not verify stops the run before the next one's `prev` matters). A line longer than
-    `max_line` is cut there, as `readline(max_line)` does, and ends the file."""
+    `max_line` is cut there, as `readline(max_line)` does, and ends the file.
+
+    `track` False: the caller checks each block before asking for the next and knows where it
+    starts; `start` and `prev` are then not computed (counting the record lines costs ~8 %)."""
     a2b = binascii.a2b_base64
     # a line inside a block is at most block_size long: never longer than what readline takes
     block_size = min(block_size or BLOCK, max_line)
@@ -328,6 +332,8 @@ def pieces(
             yield Piece(block, start, prev, True)
             return
         yield Piece(block, start, prev, False)
+        if not track:
+            continue
         start += block.count(b"\nR ") + (block[:2] == b"R ")
         i = block.rfind(b"\nR ") + 1
         if i or block[:2] == b"R ":
@@ -781,8 +787,8 @@ def _sequential(
 ) -> None:
     """--jobs 1 (and the rest of a file after an odd line in --jobs N): block after block in
     this process, continuing from the merge's state."""
-    for p in pieces(f, max_line, start=merge.pos, prev=merge.head):
-        merge.take(check_block(p.block, p.start, p.prev, origin, verifiers, p.final, marks))
+    for p in pieces(f, max_line, track=False):  # each block checked before the next is read
+        merge.take(check_block(p.block, merge.pos, merge.head, origin, verifiers, p.final, marks))
         ticker(merge.pos)
 
 
