@@ -59,6 +59,7 @@ _CACHE_MAX: Final = 200_000
 _REFUSED: Final = records.REFUSED_KIND
 _ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
 _KEY_OF: Final = operator.itemgetter(0)
+_SEQ_OF: Final = operator.itemgetter(1)
 
 # The stored row is a narrow index over the log: the platform's number, the filter columns
 # (actor and op as keys of proj_audit_names), and the accounts only where the record cannot tell
@@ -162,7 +163,7 @@ class AuditTrailProjection(Projection):
         self._platform: str | None = None
         self._pno = -1
         self._holds: dict[str, tuple[str, str]] = {}
-        self._names: dict[tuple[int, str], int] = {}  # (kind, name) -> nkey
+        self._names: tuple[dict[str, int], ...] = ({}, {}, {})  # per kind: name -> nkey
         self._next_key: int | None = None
         self._last_ts: int | None = None
 
@@ -170,7 +171,7 @@ class AuditTrailProjection(Projection):
         self._platform = None
         self._pno = -1
         self._holds = {}
-        self._names = {}
+        self._names = ({}, {}, {})
         self._next_key = None
         self._last_ts = None
 
@@ -214,7 +215,7 @@ class AuditTrailProjection(Projection):
         if (
             self._platform != platform
             or len(self._holds) > _CACHE_MAX
-            or len(self._names) > _CACHE_MAX
+            or sum(map(len, self._names)) > _CACHE_MAX
         ):
             self.reset()
             self._platform = platform
@@ -259,7 +260,7 @@ class AuditTrailProjection(Projection):
         """Give every name in `wanted` its key: the stored one, else the next free one, in the
         order of first appearance in the log (so keys do not depend on batch sizes)."""
         names = self._names
-        missing = [k for k in wanted if k not in names]
+        missing = [(kind, name) for kind, name in wanted if name not in names[kind]]
         if not missing:
             return
         for kind in (_ACTOR, _OP, _ACCOUNT):
@@ -272,8 +273,8 @@ class AuditTrailProjection(Projection):
                     f"AND kind = {db.ph} AND name IN ({marks})",
                     (platform, kind, *chunk),
                 ):
-                    names[(kind, name)] = int(nkey)
-        new = [k for k in missing if k not in names]
+                    names[kind][name] = int(nkey)
+        new = [(kind, name) for kind, name in missing if name not in names[kind]]
         if not new:
             return
         key = self._next_key
@@ -282,7 +283,7 @@ class AuditTrailProjection(Projection):
             raise ProjectionError(f"{platform}: too many audit names for integer keys")
         rows = []
         for kind, name in new:
-            names[(kind, name)] = key
+            names[kind][name] = key
             rows.append((platform, kind, name, key))
             key += 1
         self._next_key = key
@@ -291,9 +292,15 @@ class AuditTrailProjection(Projection):
     def apply(self, db: Db, cur: Any, platform: str, recs: Sequence[Record]) -> None:
         self._load(db, cur, platform, recs)
         holds = self._holds
-        # First pass: what each record names (actor, op, accounts), in log order.
-        found: list[tuple[int, str, str, Any, Sequence[str], str | None]] = []
-        keep = found.append
+        actors, ops, accts = self._names
+        pno = self._pno
+        rows: list[tuple[Any, ...]] = []
+        add = rows.append
+        touched: list[tuple[int, int]] = []
+        touch = touched.append
+        # Records naming something without a cached key wait until every such name has one
+        # (stored, or the next free key in order of first appearance: batch sizes do not matter).
+        later: list[tuple[int, str, str, Any, Sequence[str], str | None]] = []
         wanted: dict[tuple[int, str], None] = {}  # ordered set, first appearance first
         new_holds: list[tuple[str, str, str, str]] = []
         clock: list[tuple[str, int, int]] = []
@@ -307,14 +314,28 @@ class AuditTrailProjection(Projection):
                     raise ProjectionError(f"record {seq}: time goes backwards")
                 clock.append((platform, ts, seq))
                 last_ts = ts
-            actor = _name(rec.actor)
+            actor = rec.actor
+            if type(actor) is not str:
+                actor = _name(actor)
             entries = rec.entries
             stored: str | None = None  # the accounts column, when the record cannot tell
             accounts: Sequence[str]
             if entries is not None and rec.kind != _REFUSED:  # the hot path
-                op = _name(_op_of(rec.cmd))
+                op = _op_of(rec.cmd)
+                if type(op) is not str:
+                    op = _name(op)
                 if len(entries) == 1:
                     d, c, _ = entries[0]
+                    ak = actors.get(actor)
+                    ok = ops.get(op)
+                    dk = accts.get(d)
+                    ck = accts.get(c)
+                    if ak is not None and ok is not None and dk is not None and ck is not None:
+                        add((pno, seq, ak, ok, rec.code, None))
+                        touch((dk, seq))
+                        if ck != dk:
+                            touch((ck, seq))
+                        continue
                     accounts = (d, c) if c != d else (d,)
                 else:
                     accounts = list(dict.fromkeys(x for d, c, _ in entries for x in (d, c)))
@@ -351,25 +372,34 @@ class AuditTrailProjection(Projection):
                 accounts = list(dict.fromkeys(named))
                 if rec.resolve:  # a resolution names its accounts only through the hold
                     stored = ";".join(accounts)
-            wanted[(_ACTOR, actor)] = None
-            wanted[(_OP, op)] = None
-            for account in accounts:
-                wanted[(_ACCOUNT, account)] = None
-            keep((seq, actor, op, rec.code, accounts, stored))
+            ak = actors.get(actor)
+            ok = ops.get(op)
+            keys = [accts.get(account) for account in accounts]
+            if ak is None or ok is None or None in keys:
+                if ak is None:
+                    wanted[(_ACTOR, actor)] = None
+                if ok is None:
+                    wanted[(_OP, op)] = None
+                for account, k in zip(accounts, keys, strict=True):
+                    if k is None:
+                        wanted[(_ACCOUNT, account)] = None
+                later.append((seq, actor, op, rec.code, accounts, stored))
+                continue
+            add((pno, seq, ak, ok, rec.code, stored))
+            for k in keys:
+                touch((k, seq))  # type: ignore[arg-type]
         self._last_ts = last_ts
-        self._keys(db, cur, platform, wanted)
-        names = self._names
-        pno = self._pno
-        rows: list[tuple[Any, ...]] = []
-        add = rows.append
-        touched: list[tuple[int, int]] = []
-        touch = touched.append
-        for seq, actor, op, code, accounts, stored in found:
-            add((pno, seq, names[(_ACTOR, actor)], names[(_OP, op)], code, stored))
-            for account in accounts:
-                touch((names[(_ACCOUNT, account)], seq))
+        if later:
+            self._keys(db, cur, platform, wanted)
+            for seq, actor, op, code, accounts, stored in later:
+                add((pno, seq, actors[actor], ops[op], code, stored))
+                for account in accounts:
+                    touch((accts[account], seq))
+            rows.sort(key=_SEQ_OF)
+            touched.sort()
+        else:
+            touched.sort(key=_KEY_OF)  # stable: one pass over each account's b-tree pages
         db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
-        touched.sort(key=_KEY_OF)  # stable: one pass over each account's b-tree pages
         db.insert_many(cur, AUDIT_ACCOUNTS, ("akey", "seq"), touched)
         db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
         db.insert_many(cur, AUDIT_CLOCK, ("platform", "ts", "seq"), clock)

@@ -509,6 +509,8 @@ class ProjectionRunner:
         db = self.db
         name = f'"{db.schema}".{table}' if db.schema else table
         with db.reading() as cur:
+            if not db.is_pg:  # plain tuples: this cursor's rows need no sqlite3.Row per row
+                cur.row_factory = None
             cur.execute(
                 f"SELECT originator_version, topic, state FROM {name} "
                 f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} "
@@ -519,7 +521,7 @@ class ProjectionRunner:
             rows = cur.fetchall()
         if db.is_pg:
             return [(r["originator_version"], r["topic"], bytes(r["state"])) for r in rows]
-        return [(r[0], r[1], r[2]) for r in rows]
+        return rows  # type: ignore[no-any-return]
 
     def catch_up(
         self,

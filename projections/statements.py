@@ -309,6 +309,7 @@ class StatementsProjection(Projection):
         add = lines.append
         clock: list[tuple[str, int, int]] = []
         dirty: set[str] = set()
+        mark = dirty.add
         dirty_holds: set[str] = set()
         last_ts = self._last_ts
         assert last_ts is not None
@@ -334,8 +335,11 @@ class StatementsProjection(Projection):
             entries = rec.entries
             if entries is not None:  # the hot path, as in fold.apply_record
                 for d, c, amount in entries:
-                    da = acct(d, seq)
-                    ca = acct(c, seq)
+                    da = accounts.get(d)
+                    ca = accounts.get(c)
+                    if da is None or ca is None:
+                        acct(c if da else d, seq)  # raises
+                        raise AssertionError
                     if da.ccy != ca.ccy or d == c:
                         raise ProjectionError(f"record {seq}: bad posting {d}->{c}")
                     da.dp += amount
@@ -343,13 +347,17 @@ class StatementsProjection(Projection):
                     da.last_seq = ca.last_seq = seq
                     dk = da.key
                     ck = ca.key
-                    add((dk, seq, n, amount if da.asset else -amount, 0, da.posted(), da.dpend,
-                         ck))  # fmt: skip
-                    add((ck, seq, n + 1, -amount if ca.asset else amount, 0, ca.posted(),
-                         ca.dpend, dk))  # fmt: skip
+                    if da.asset:
+                        add((dk, seq, n, amount, 0, da.dp - da.cp, da.dpend, ck))
+                    else:
+                        add((dk, seq, n, -amount, 0, da.cp - da.dp, da.dpend, ck))
+                    if ca.asset:
+                        add((ck, seq, n + 1, -amount, 0, ca.dp - ca.cp, ca.dpend, dk))
+                    else:
+                        add((ck, seq, n + 1, amount, 0, ca.cp - ca.dp, ca.dpend, dk))
                     n += 2
-                    dirty.add(d)
-                    dirty.add(c)
+                    mark(d)
+                    mark(c)
                 continue
             hold = rec.hold
             if hold is not None:
