@@ -212,12 +212,15 @@ class RiskEngine:
                 )
             rs.apply_records(db, cur, platform, recs)
             rs.write_indicators(db, cur, platform, out.counters, out.gauges)
-            for n, (client_id, op, body) in enumerate(commands):
-                cur.execute(
+            if commands:  # one executemany: a step can queue thousands of alerts
+                cur.executemany(
                     f"INSERT INTO {db.t('risk_outbox')} (platform, client_id, position, n, op, "
                     f"body, status, result) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, "
                     "'queued', '') ON CONFLICT DO NOTHING",
-                    (platform, client_id, position, n, op, body),
+                    [
+                        (platform, client_id, position, n, op, body)
+                        for n, (client_id, op, body) in enumerate(commands)
+                    ],
                 )
         old.position, old.head = position, head
 
@@ -284,15 +287,20 @@ class RiskEngine:
         params: tuple[Any, ...] = (log_stream(platform), after)
         if bounded:
             params += (after + limit,)
+        sql = (
+            f"SELECT originator_version, topic, state FROM {name} "
+            f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} {upper}"
+            f"ORDER BY originator_version LIMIT {int(limit)}"
+        )
         with db.reading() as cur:
-            # plain tuples (the pool's cursors build a `sqlite3.Row` / dict per row otherwise)
-            cur.row_factory = _tuple_row if db.is_pg else None
-            cur.execute(
-                f"SELECT originator_version, topic, state FROM {name} "
-                f"WHERE originator_id = {db.ph} AND originator_version > {db.ph} {upper}"
-                f"ORDER BY originator_version LIMIT {int(limit)}",
-                params,
-            )
+            # plain tuples (the pool's cursors build a `sqlite3.Row` / dict per row otherwise);
+            # PostgreSQL in binary: `state` as its bytes, not twice as many hex digits
+            if db.is_pg:
+                cur.row_factory = _tuple_row
+                cur.execute(sql, params, binary=True)
+            else:
+                cur.row_factory = None
+                cur.execute(sql, params)
             fetched: list[tuple[int, str, bytes]] = cur.fetchall()
         if db.is_pg:
             return [(v, t, bytes(st)) for v, t, st in fetched]
