@@ -172,7 +172,7 @@ def plain_sqlite_baseline(runner: ProjectionRunner, batch: int, dump_dir: Path) 
     tables = {}
     with db.reading() as cur:
         for p in runner.projections:
-            for table, _ in p.tables:
+            for table, *_ in p.tables:
                 cur.execute(f"SELECT * FROM {db.t(table)}")
                 tables[table] = [tuple(r.values() if isinstance(r, dict) else r) for r in cur]
     path = dump_dir / "baseline.sqlite3"

@@ -23,8 +23,8 @@ T = TypeVar("T")
 class Record(msgspec.Struct, gc=False):
     """The fields of a log record the projections read, decoded once per record by the runner.
 
-    A typed struct decodes faster than a dict and skips what no projection needs (`tags`,
-    `message`, ...: the audit trail reads those back from the log per page). `cmd` stays raw
+    A typed struct decodes faster than a dict and skips what no projection needs (`cid`, `tags`,
+    `message`, ...: query pages read those back from the log). `cmd` stays raw
     bytes: the audit trail decodes its `op` (and, for refusals, the whole instruction) itself.
     Fields are lenient (`Any`) so that a record kind the projections do not know still decodes.
     """
@@ -33,7 +33,6 @@ class Record(msgspec.Struct, gc=False):
     kind: str
     platform: str
     ts: int
-    cid: Any = ""
     actor: Any = ""
     code: Any = None
     entries: Any = None
