@@ -511,7 +511,8 @@ class Rules:
         if ts > state.last_ts:
             state.last_ts = ts
         day = self.calendar(state).day(ts)
-        out.count(day, "records")
+        counters, key = out.counters, (day, "records")  # out.count(day, "records"), inlined
+        counters[key] = counters.get(key, 0) + 1
         entries = r.entries
         if (
             self.fast
@@ -746,8 +747,9 @@ class Rules:
                         count, total, top, fired = 1, amount, max(0, amount), 0
                     else:
                         assert legs is not None
-                        count, total = legs[1] + 1, legs[2] + amount
-                        top, fired = max(legs[3], amount), legs[4]
+                        count, total, top, fired = legs[1] + 1, legs[2] + amount, legs[3], legs[4]
+                        if amount > top:
+                            top = amount
                     if threshold * near_low <= amount * 10_000 <= threshold * near_high or (
                         count >= split_min and total >= threshold > top and not fired
                     ):
