@@ -64,7 +64,12 @@ MAGIC_V1: Final = b"custody-snapshot/v1\n"
 MAC_LEN: Final = 32
 KEEP_DEFAULT: Final = 2
 TABLE: Final = "snapshots"
-PART_BYTES: Final = 64 << 20  # stored in parts: SQLite and PostgreSQL cap one value at 1 GB
+# Stored in parts (SQLite and PostgreSQL cap one value at 1 GB), each in a transaction of its
+# own, so a 700 MB body at 10 M records never holds SQLite's one write lock for long: the
+# platform's commits go on between parts (one transaction for the whole body blocked them for
+# 5-10 s, long enough for a commit to time out and the writer to reload its whole log).
+PART_BYTES: Final = 16 << 20
+_COMPLETE_PART: Final = -1  # the marker row: written last, body = the number of parts
 
 assert records.FINGERPRINT_LEN == 16, "DoneBase keeps 16 bytes per fingerprint"
 
@@ -466,8 +471,11 @@ def _restore(p: Payload, fetch: Fetch | None) -> tuple[PlatformState, MerkleLog]
 class SnapshotStore:
     """The `snapshots` table beside the log: (platform, position, part, created_ms, body).
 
-    A snapshot is written in parts (PART_BYTES each) in ONE transaction, with the older ones
-    beyond `keep` deleted in the same transaction. The log's table is never touched.
+    A snapshot is written in parts (PART_BYTES each, one transaction per part), then a marker
+    row (part -1, body = the number of parts) in the last transaction, with the older complete
+    snapshots beyond `keep` and any unfinished ones deleted. Only marked snapshots are listed,
+    so one cut short by a crash is never read (its MAC would refuse it anyway). The log's table
+    is never touched; snapshots are a cache of state the log determines.
     """
 
     def __init__(self, store: Any) -> None:
@@ -492,23 +500,30 @@ class SnapshotStore:
         t = self._table
         view = memoryview(body)
         parts = [view[i : i + PART_BYTES] for i in range(0, len(body), PART_BYTES)] or [view]
+        insert = (
+            f"INSERT INTO {t} (platform, position, part, created_ms, body) "
+            f"VALUES ({ph},{ph},{ph},{ph},{ph})"
+        )
         with self._datastore.transaction(commit=True) as cur:
             # a snapshot at the same position (taken again) replaces the old one
             cur.execute(
                 f"DELETE FROM {t} WHERE platform={ph} AND position={ph}", (platform_id, position)
             )
-            for index, part in enumerate(parts):
-                cur.execute(
-                    f"INSERT INTO {t} (platform, position, part, created_ms, body) "
-                    f"VALUES ({ph},{ph},{ph},{ph},{ph})",
-                    (platform_id, position, index, created_ms, bytes(part)),
-                )
+        for index, part in enumerate(parts):
+            with self._datastore.transaction(commit=True) as cur:
+                cur.execute(insert, (platform_id, position, index, created_ms, bytes(part)))
+        with self._datastore.transaction(commit=True) as cur:
+            count = len(parts).to_bytes(8, "big")
+            cur.execute(insert, (platform_id, position, _COMPLETE_PART, created_ms, count))
             cur.execute(
-                f"SELECT DISTINCT position FROM {t} WHERE platform={ph} ORDER BY position DESC",
+                f"SELECT position, MIN(part) AS first FROM {t} WHERE platform={ph} "
+                "GROUP BY position ORDER BY position DESC",
                 (platform_id,),
             )
-            positions = [_col(row, "position") for row in cur.fetchall()]
-            for old in positions[keep:]:
+            found = [(_col(row, "position"), _col(row, "first")) for row in cur.fetchall()]
+            complete = [pos for pos, first in found if first == _COMPLETE_PART]
+            unfinished = [pos for pos, first in found if first != _COMPLETE_PART]
+            for old in complete[keep:] + unfinished:
                 cur.execute(
                     f"DELETE FROM {t} WHERE platform={ph} AND position={ph}", (platform_id, old)
                 )
@@ -518,8 +533,8 @@ class SnapshotStore:
         ph = self._ph
         with self._datastore.transaction(commit=False) as cur:
             cur.execute(
-                f"SELECT DISTINCT position FROM {self._table} WHERE platform={ph} "
-                "ORDER BY position DESC",
+                f"SELECT position FROM {self._table} WHERE platform={ph} "
+                f"AND part={_COMPLETE_PART} ORDER BY position DESC",
                 (platform_id,),
             )
             return [int(_col(row, "position")) for row in cur.fetchall()]
@@ -534,9 +549,12 @@ class SnapshotStore:
             )
             rows = cur.fetchall()
         parts = [_col(row, "part") for row in rows]
-        if parts != list(range(len(parts))):
+        if not parts or parts[0] != _COMPLETE_PART:
+            raise SnapshotError("snapshot is unfinished")
+        count = int.from_bytes(bytes(_col(rows[0], "body")), "big")
+        if parts[1:] != list(range(count)):
             raise SnapshotError("snapshot parts are missing")
-        return b"".join(bytes(_col(row, "body")) for row in rows)
+        return b"".join(bytes(_col(row, "body")) for row in rows[1:])
 
     def delete(self, platform_id: str) -> None:
         with self._datastore.transaction(commit=True) as cur:

@@ -525,3 +525,36 @@ def test_a_service_restarts_from_its_snapshot(built: tuple[Config, LedgerService
         assert store.last_row(log_stream(PLATFORM)) is not None
     finally:
         store.close()
+
+
+def test_a_snapshot_cut_short_is_never_listed_and_is_cleared_by_the_next(
+    built: tuple[Config, LedgerService],
+) -> None:
+    """Parts are written in transactions of their own; only the marker, written last, makes a
+    snapshot visible: a crash between parts leaves nothing a restart would try."""
+    _, svc = built
+    table = _table(svc)
+    before = table.positions(PLATFORM)
+    fast = _writer(svc, use_snapshots=True)
+    captured = fast.capture_snapshot()
+    assert captured is not None
+    position, body = captured
+    # a crash after the first part: the rows are there, the marker is not
+    ph = "%s" if svc.store.is_postgres else "?"
+    with svc.store.datastore.transaction(commit=True) as cur:
+        cur.execute(
+            f"INSERT INTO {table._table} (platform, position, part, created_ms, body) "
+            f"VALUES ({ph},{ph},{ph},{ph},{ph})",
+            (PLATFORM, position + 1, 0, 0, body[: snapshot.PART_BYTES]),
+        )
+    assert table.positions(PLATFORM) == before
+    assert _writer(svc, use_snapshots=True).snapshot_position == before[0]
+    # the next save lists itself and clears the unfinished one
+    fast.store_snapshot(position, body)
+    assert table.positions(PLATFORM) == [position, *before][:2]
+    with svc.store.datastore.transaction(commit=False) as cur:
+        cur.execute(
+            f"SELECT COUNT(*) AS n FROM {table._table} WHERE platform={ph} AND position={ph}",
+            (PLATFORM, position + 1),
+        )
+        assert cur.fetchone()["n"] == 0
