@@ -88,6 +88,7 @@ SWEEPER_ACTOR: Final = "system:sweeper"
 WRITER: Final = "writer"
 FOLLOWER: Final = "follower"
 _DRAIN_TIMEOUT_S: Final = 30.0
+SHUTDOWN_SNAPSHOT_MIN: Final = 10_000  # records of tail worth a snapshot at a planned stop
 
 
 class PlatformNotFound(LookupError):
@@ -279,6 +280,7 @@ class LedgerService:
         for platform in self._platforms.values():
             if platform.committer is not None:
                 platform.committer.stop()
+        self._snapshot_at_shutdown()
         if self._lease is not None:
             for platform_id, platform in self._platforms.items():
                 if platform.role == WRITER:  # the handover shows in the logs, not only in the db
@@ -582,10 +584,25 @@ class LedgerService:
                 except Exception:  # a snapshot only speeds restarts up; the log stays the truth
                     log.exception("snapshot for %s failed", platform_id)
 
-    def _maybe_snapshot(self, platform: _Platform) -> None:
-        """Every CUSTODY_SNAPSHOT_EVERY records, capture the state under the platform's lock
-        (pipeline drained) and store it outside the lock, in its own transaction."""
-        every = self.config.snapshot_every
+    def _snapshot_at_shutdown(self) -> None:
+        """A planned stop leaves a snapshot at the log's end when the tail since the last one is
+        long (SHUTDOWN_SNAPSHOT_MIN records), so the next start replays almost nothing; a crash
+        still leaves up to CUSTODY_SNAPSHOT_EVERY records of tail."""
+        if self.config.snapshot_every <= 0:
+            return
+        every = min(SHUTDOWN_SNAPSHOT_MIN, self.config.snapshot_every)
+        for platform_id, platform in self._platforms.items():
+            if platform.role != WRITER or platform.writer.fenced:
+                continue
+            try:
+                self._maybe_snapshot(platform, every)
+            except Exception:  # the log is complete without it; the next start replays more
+                log.warning("no snapshot of %s at shutdown", platform_id, exc_info=True)
+
+    def _maybe_snapshot(self, platform: _Platform, every: int | None = None) -> None:
+        """Every CUSTODY_SNAPSHOT_EVERY (or `every`) records, capture the state under the
+        platform's lock (pipeline drained) and store it outside the lock."""
+        every = self.config.snapshot_every if every is None else every
         writer = platform.writer
         last = max(writer.snapshot_position, platform.snapshot_at)
         if every <= 0 or writer.fenced or writer.committed_next_seq - max(last, 0) < every:

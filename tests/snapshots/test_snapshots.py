@@ -13,7 +13,14 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import START_MS, FakeClock, actor_for  # type: ignore[import-not-found]
+from helpers import (  # type: ignore[import-not-found]
+    START_MS,
+    FakeClock,
+    actor_for,
+    deposit,
+    make_platform,
+    transfer,
+)
 from workload import (  # type: ignore[import-not-found]
     CCY,
     CHECKER,
@@ -28,7 +35,7 @@ from ledger import commands as c
 from ledger import records, snapshot
 from ledger.config import Config
 from ledger.domain import Account, Done, DoneTable, PlatformState, StateError
-from ledger.service import LedgerService
+from ledger.service import SHUTDOWN_SNAPSHOT_MIN, LedgerService
 from ledger.store import LedgerStore, log_stream
 from ledger.writer import PlatformWriter, Request
 
@@ -558,3 +565,30 @@ def test_a_snapshot_cut_short_is_never_listed_and_is_cleared_by_the_next(
             (PLATFORM, position + 1),
         )
         assert cur.fetchone()["n"] == 0
+
+
+def test_a_planned_stop_leaves_a_snapshot_so_the_next_start_replays_nothing(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**store_env, "CUSTODY_DATA_DIR": str(tmp_path), "CUSTODY_CHECKPOINT_EVERY": "0"}
+    config = Config.from_env(env)  # CUSTODY_SNAPSHOT_EVERY keeps its default (1,000,000)
+    svc = LedgerService(config)
+    svc.start()
+    p = make_platform(svc, PLATFORM)
+    assert svc.execute(PLATFORM, [deposit(p, "seed", "alice", 10**9)], "operator:root")[0].ok
+    for start in range(0, SHUTDOWN_SNAPSHOT_MIN, 2_000):
+        batch = [transfer(p, f"t{start + i}", "alice", "bob", 1) for i in range(2_000)]
+        assert all(o.ok for o in svc.execute(PLATFORM, batch, "platform:test"))
+    end = svc.head(PLATFORM)[0]
+    assert _table(svc).positions(PLATFORM) == []  # far below the scheduled interval
+    svc.close()
+    again = LedgerService(config)
+    again.start()
+    try:
+        assert _table(again).positions(PLATFORM) == [end]
+        assert again._platform(PLATFORM).writer.snapshot_position == end
+        assert again.execute(PLATFORM, [transfer(p, "after", "alice", "bob", 1)], "platform:t")[
+            0
+        ].ok
+    finally:
+        again.close()
