@@ -280,6 +280,7 @@ class ProjectionRunner:
         # One batch at a time per runner, whichever thread asks (follow loop, API, CLI).
         self._lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
+        self._writer_pool: ThreadPoolExecutor | None = None  # PostgreSQL: one per projection
         # platform -> (after, head, the page after it being read): at most one page ahead
         self._ahead: dict[str, tuple[int, bytes, Future[tuple[list[Record], list[bytes]]]]] = {}
         # set by `use_leases` (follow does it on PostgreSQL): only leased projections are run
@@ -296,9 +297,10 @@ class ProjectionRunner:
     def close(self) -> None:
         """Stop the prefetch thread and end the lease session (the store is the caller's)."""
         self._ahead.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._writer_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._writer_pool = None
         if self.leases is not None:
             self.leases.close()
 
@@ -459,39 +461,94 @@ class ProjectionRunner:
                     f"{platform}: projection {name} stopped at {pos.position} on another chain"
                 )
         db = self.db
-        ph = db.ph
-        update = (
-            f"UPDATE {db.t(POSITIONS)} SET position = {ph}, head = {ph} "
-            f"WHERE name = {ph} AND platform = {ph} AND position = {ph}"
-        )
         new_head = heads[len(recs) - 1]
         if len(recs) == self.batch_size:
             # More is probably waiting: read and decode the next page on the prefetch thread
             # while this one is written (SQLite and psycopg release the GIL during I/O).
             future = self._prefetcher().submit(self._fetch, platform, last, new_head)
             self._ahead[platform] = (last, new_head, future)
-        leases = self.leases
-        done: list[tuple[str, int]] = []
-        with db.tx() as cur:
-            for p in active:
-                pos = positions[p.name]
-                if pos.position >= last:
-                    continue
-                if leases is not None:  # first: waits for, or stops, a takeover
-                    leases.fence(cur, p.name, platform, last)
-                # Position first: on SQLite this takes the write lock before anything is read.
-                cur.execute(update, (last, new_head.hex(), p.name, platform, pos.position))
-                if cur.rowcount != 1:
-                    raise PositionConflict(
-                        f"{platform}: projection {p.name} is no longer at {pos.position}"
-                    )
-                p.apply(db, cur, platform, recs[pos.position - start :])
-                done.append((p.name, last - pos.position))
-        for p in active:
-            self._pos[(p.name, platform)] = _Pos(last, new_head)
-        for name, n in done:
-            self.projected[(name, platform)] = self.projected.get((name, platform), 0) + n
+        todo = [p for p in active if positions[p.name].position < last]
+        done: list[Projection] = []
+        try:
+            if db.is_pg and len(todo) > 1:
+                # Positions are independent: each projection commits in its own transaction,
+                # on its own pooled connection, so the server writes one projection's rows while
+                # this process builds the other's. (SQLite has one writer at a time: one
+                # transaction for all.)
+                writing = [
+                    (p, self._writers().submit(self._write_alone, p, platform, recs, start, last,
+                                               new_head, positions[p.name].position))
+                    for p in todo
+                ]  # fmt: skip
+                failed: BaseException | None = None
+                for p, written in writing:
+                    try:
+                        written.result()
+                        done.append(p)
+                    except BaseException as exc:
+                        failed = failed or exc
+                if failed is not None:
+                    raise failed
+            elif todo:
+                with db.tx() as cur:
+                    for p in todo:
+                        self._write(cur, p, platform, recs, start, last, new_head,
+                                    positions[p.name].position)  # fmt: skip
+                done = todo
+        finally:  # what committed stays committed, even when another projection failed
+            for p in done:
+                self._pos[(p.name, platform)] = _Pos(last, new_head)
+                old = positions[p.name].position
+                key = (p.name, platform)
+                self.projected[key] = self.projected.get(key, 0) + last - old
         return len(recs)
+
+    def _writers(self) -> ThreadPoolExecutor:
+        if self._writer_pool is None:
+            self._writer_pool = ThreadPoolExecutor(
+                len(self.projections), thread_name_prefix="projection-write"
+            )
+        return self._writer_pool
+
+    def _write_alone(
+        self,
+        p: Projection,
+        platform: str,
+        recs: list[Record],
+        start: int,
+        last: int,
+        new_head: bytes,
+        old: int,
+    ) -> None:
+        with self.db.tx() as cur:
+            self._write(cur, p, platform, recs, start, last, new_head, old)
+
+    def _write(
+        self,
+        cur: Any,
+        p: Projection,
+        platform: str,
+        recs: list[Record],
+        start: int,
+        last: int,
+        new_head: bytes,
+        old: int,
+    ) -> None:
+        """One projection's part of a batch, in the caller's transaction: the lease fence, the
+        position's compare-and-set, then its rows."""
+        db = self.db
+        ph = db.ph
+        if self.leases is not None:  # first: waits for, or stops, a takeover
+            self.leases.fence(cur, p.name, platform, last)
+        # Position first: on SQLite this takes the write lock before anything is read.
+        cur.execute(
+            f"UPDATE {db.t(POSITIONS)} SET position = {ph}, head = {ph} "
+            f"WHERE name = {ph} AND platform = {ph} AND position = {ph}",
+            (last, new_head.hex(), p.name, platform, old),
+        )
+        if cur.rowcount != 1:
+            raise PositionConflict(f"{platform}: projection {p.name} is no longer at {old}")
+        p.apply(db, cur, platform, recs[old - start :])
 
     def _read(self, platform: str, after: int) -> list[tuple[int, str, bytes]]:
         """The next page of the log after `after`, read straight from the event table.

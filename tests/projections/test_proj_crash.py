@@ -58,10 +58,14 @@ def test_sigkill_inside_the_transaction_loses_the_batch_only(
     _wait_for(marker, child, "in transaction")
     child.send_signal(signal.SIGKILL)
     child.wait()
-    # the fifth batch's rows and position never committed; the first four did
+    # the fifth batch's statement rows and position never committed; the first four did
     runner = ProjectionRunner(service.store, batch_size=17)
     positions = {s.name: s.position for s in runner.status("p1")}
-    assert positions == {"statements": 4 * 17 - 1, "audit": 4 * 17 - 1}
+    assert positions["statements"] == 4 * 17 - 1
+    if runner.db.is_pg:  # each projection commits on its own: the audit trail's fifth may have
+        assert positions["audit"] in (4 * 17 - 1, 5 * 17 - 1)
+    else:  # one transaction for both
+        assert positions["audit"] == 4 * 17 - 1
     runner.catch_up("p1")
     assert runner.status("p1")[0].position == last
     recovered = runner.digest("p1")
