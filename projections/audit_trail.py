@@ -49,6 +49,12 @@ AUDIT_ACCOUNTS: Final = "proj_audit_accounts"
 AUDIT_HOLDS: Final = "proj_audit_holds"
 AUDIT_CLOCK: Final = "proj_audit_clock"
 AUDIT_NAMES: Final = "proj_audit_names"  # (platform, kind, name) -> integer key
+# Maximal runs of consecutive positions with the same actor (kind 0) or op (kind 1): the actor
+# and op filters' index. Consecutive records mostly share both, so a run costs a row now and
+# then instead of an index entry per record; they partition the log, so rebuilds and any batch
+# sizes give the same runs.
+AUDIT_RUNS: Final = "proj_audit_runs"
+AUDIT_RUNS_INDEX: Final = "proj_audit_runs_by_start"
 _ACTOR: Final = 0  # kinds of names
 _OP: Final = 1
 _ACCOUNT: Final = 2
@@ -149,10 +155,12 @@ def _amounts(rec: dict[str, Any], cmd: dict[str, Any], refused: bool) -> list[in
 class AuditTrailProjection(Projection):
     name = "audit"
     # 2: a narrow index over the log (rows read back from the records);
-    # 3: actors, ops and accounts as integer keys (proj_audit_names), platform as its number
-    layout = 3
+    # 3: actors, ops and accounts as integer keys (proj_audit_names), platform as its number;
+    # 4: actor and op filters through runs (proj_audit_runs) instead of an index entry per row
+    layout = 4
     tables = (
         (AUDIT, ("seq",), "pno"),
+        (AUDIT_RUNS, ("kind", "first_seq"), "pno"),
         (AUDIT_NAMES, ("kind", "name"), "platform"),
         (AUDIT_ACCOUNTS, ("akey", "seq"), "akey"),
         (AUDIT_HOLDS, ("hold_id",), "platform"),
@@ -166,6 +174,8 @@ class AuditTrailProjection(Projection):
         self._names: tuple[dict[str, int], ...] = ({}, {}, {})  # per kind: name -> nkey
         self._next_key: int | None = None
         self._last_ts: int | None = None
+        # the last run of each kind (actor, op) as [nkey, first_seq, last_seq], once loaded
+        self._open: list[list[int] | None] | None = None
 
     def reset(self) -> None:
         self._platform = None
@@ -174,6 +184,7 @@ class AuditTrailProjection(Projection):
         self._names = ({}, {}, {})
         self._next_key = None
         self._last_ts = None
+        self._open = None
 
     def create(self, db: Db, cur: Any) -> None:
         wr = db.without_rowid
@@ -183,14 +194,15 @@ class AuditTrailProjection(Projection):
             "actor BIGINT NOT NULL, op BIGINT NOT NULL, code TEXT, accounts TEXT, "
             f"PRIMARY KEY (pno, seq)){wr}"
         )
-        for col in ("actor", "op"):
-            cur.execute(
-                f"CREATE INDEX IF NOT EXISTS {db.index_name(f'proj_audit_by_{col}')} "
-                f"ON {t(AUDIT)} (pno, {col}, seq)"
-            )
         cur.execute(
-            f"CREATE INDEX IF NOT EXISTS {db.index_name('proj_audit_by_code')} "
-            f"ON {t(AUDIT)} (pno, code, seq) WHERE code IS NOT NULL"
+            f"CREATE TABLE IF NOT EXISTS {t(AUDIT_RUNS)} (pno INTEGER NOT NULL, "
+            "kind INTEGER NOT NULL, first_seq BIGINT NOT NULL, nkey BIGINT NOT NULL, "
+            f"last_seq BIGINT NOT NULL, PRIMARY KEY (pno, kind, nkey, first_seq)){wr}"
+        )
+        # runs partition the log: one run starts at each position at most (and the last one)
+        db.create_index(cur, AUDIT_RUNS_INDEX, AUDIT_RUNS, "pno, kind, first_seq", unique=True)
+        db.create_index(
+            cur, "proj_audit_by_code", AUDIT, "pno, code, seq", where="code IS NOT NULL"
         )
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {t(AUDIT_NAMES)} (platform TEXT NOT NULL, "
@@ -235,6 +247,17 @@ class AuditTrailProjection(Projection):
             )  # fmt: skip
             top = None if row is None else row[0]
             self._next_key = key_range(self._pno)[0] if top is None else int(top) + 1
+        if self._open is None:
+            opened: list[list[int] | None] = []
+            for kind in (_ACTOR, _OP):
+                row = db.fetchone(
+                    cur,
+                    f"SELECT nkey, first_seq, last_seq FROM {db.t(AUDIT_RUNS)} "
+                    f"WHERE pno = {db.ph} AND kind = {db.ph} ORDER BY first_seq DESC LIMIT 1",
+                    (self._pno, kind),
+                )
+                opened.append(None if row is None else [int(v) for v in row])
+            self._open = opened
         want: set[str] = set()
         for rec in recs:
             if rec.entries is not None:
@@ -400,9 +423,42 @@ class AuditTrailProjection(Projection):
         else:
             touched.sort(key=_KEY_OF)  # stable: one pass over each account's b-tree pages
         db.insert_many(cur, AUDIT, AUDIT_COLUMNS, rows)
+        self._save_runs(db, cur, rows)
         db.insert_many(cur, AUDIT_ACCOUNTS, ("akey", "seq"), touched)
         db.insert_many(cur, AUDIT_HOLDS, ("platform", "hold_id", "debit", "credit"), new_holds)
         db.insert_many(cur, AUDIT_CLOCK, ("platform", "ts", "seq"), clock)
+
+    def _save_runs(self, db: Db, cur: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Extend the open runs of actors and ops through `rows` (in log order), start new ones
+        where the value changes, and store every run this batch touched."""
+        opened = self._open
+        assert opened is not None
+        pno = self._pno
+        out: list[tuple[int, int, int, int, int]] = []
+        for kind, col in ((_ACTOR, 2), (_OP, 3)):
+            run = opened[kind]
+            touched = False
+            for row in rows:
+                key = row[col]
+                seq = row[1]
+                if run is not None and run[0] == key and run[2] == seq - 1:
+                    run[2] = seq
+                    touched = True
+                    continue
+                if run is not None and touched:
+                    out.append((pno, kind, run[1], run[0], run[2]))
+                run = [key, seq, seq]
+                touched = True
+            if run is not None and touched:
+                out.append((pno, kind, run[1], run[0], run[2]))
+            opened[kind] = run
+        if out:
+            cur.executemany(
+                f"INSERT INTO {db.t(AUDIT_RUNS)} (pno, kind, first_seq, nkey, last_seq) "
+                f"VALUES ({', '.join([db.ph] * 5)}) ON CONFLICT (pno, kind, nkey, first_seq) "
+                "DO UPDATE SET last_seq = excluded.last_seq",
+                out,
+            )
 
 
 def _name(value: Any) -> str:
@@ -556,18 +612,46 @@ def audit_page(
                     return AuditPage([], "", projected)
                 named[col] = int(row[0])
         params: list[Any]
+        # the account index drives when given; else the runs of the actor (or the op)
+        drive = (
+            None if "account" in named else next((c for c in ("actor", "op") if c in named), None)
+        )
         if "account" in named:
             src = f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a ON a.pno = {ph} AND a.seq = x.seq"
             where = [f"x.akey = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
             params = [pno, log_stream(platform), named["account"], lo, hi]
             order = "x.seq"
+        elif drive is not None:  # the runs of that actor (or op) overlapping the range
+            kind = _ACTOR if drive == "actor" else _OP
+            row = db.fetchone(
+                cur,
+                f"SELECT max(first_seq) FROM {db.t(AUDIT_RUNS)} WHERE pno = {ph} "
+                f"AND kind = {ph} AND nkey = {ph} AND first_seq <= {ph}",
+                (pno, kind, named[drive], lo),
+            )
+            first = lo if row is None or row[0] is None else int(row[0])
+            src = (
+                f"{db.t(AUDIT_RUNS)} r JOIN {db.t(AUDIT)} a ON a.pno = r.pno "
+                "AND a.seq >= r.first_seq AND a.seq <= r.last_seq"
+            )
+            where = [
+                f"r.pno = {ph}",
+                f"r.kind = {ph}",
+                f"r.nkey = {ph}",
+                f"r.first_seq >= {ph}",
+                f"r.first_seq <= {ph}",
+                f"a.seq >= {ph}",
+                f"a.seq <= {ph}",
+            ]
+            params = [log_stream(platform), pno, kind, named[drive], first, hi, lo, hi]
+            order = "r.first_seq, a.seq"
         else:
             src = f"{db.t(AUDIT)} a"
             where = [f"a.pno = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
             params = [log_stream(platform), pno, lo, hi]
             order = "a.seq"
         for col in ("actor", "op"):
-            if col in named:
+            if col in named and col != drive:
                 where.append(f"a.{col} = {ph}")
                 params.append(named[col])
         if f.code is not None:

@@ -51,6 +51,27 @@ class Db:
         assert name.startswith(PREFIX), name
         return name
 
+    def create_index(
+        self, cur: Any, name: str, table: str, columns: str, unique: bool = False, where: str = ""
+    ) -> None:
+        """CREATE INDEX IF NOT EXISTS, except that on PostgreSQL an index that exists is not
+        asked for at all: the statement takes a SHARE lock on its table even then, and a worker
+        starting (creating tables) while another projects would wait on one table while holding
+        another (a deadlock with the other's inserts, seen in the lease tests)."""
+        if self.is_pg:
+            index = self.index_name(name)
+            cur.execute(
+                "SELECT to_regclass(%s)", (f'"{self.schema}".{index}' if self.schema else index,)
+            )
+            found = cur.fetchone()
+            if found is not None and values(found)[0] is not None:
+                return
+        cond = f" WHERE {where}" if where else ""
+        cur.execute(
+            f"CREATE {'UNIQUE ' if unique else ''}INDEX IF NOT EXISTS {self.index_name(name)} "
+            f"ON {self.t(table)} ({columns}){cond}"
+        )
+
     @contextmanager
     def tx(self) -> Iterator[Any]:
         """One read-write transaction; commits on success, rolls back on any exception."""

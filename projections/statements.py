@@ -207,10 +207,7 @@ class StatementsProjection(Projection):
             f"cpend BIGINT NOT NULL, PRIMARY KEY (platform, account)){wr}"
         )
         # akey -> account: the counterparty's id on a statement page
-        cur.execute(
-            f"CREATE UNIQUE INDEX IF NOT EXISTS {db.index_name(ACCOUNT_KEY_INDEX)} "
-            f"ON {db.t(ACCOUNTS)} (akey)"
-        )
+        db.create_index(cur, ACCOUNT_KEY_INDEX, ACCOUNTS, "akey", unique=True)
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {db.t(HOLDS)} (platform TEXT NOT NULL, "
             "hold_id TEXT NOT NULL, debit TEXT NOT NULL, credit TEXT NOT NULL, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -12,7 +13,7 @@ from proj_workload import append_raw, prefix_states, run_workload
 from ledger.domain import ASSET_KINDS
 from ledger.service import LedgerService
 from projections import statements as st
-from projections.audit_trail import AuditFilter, audit_page
+from projections.audit_trail import AUDIT_RUNS, AuditFilter, audit_page
 from projections.base import (
     NotProjected,
     PositionConflict,
@@ -258,3 +259,25 @@ def test_integer_keys_keep_each_platform_apart(service: LedgerService, clock: Fa
     assert audit_page(db, "p2", AuditFilter(account="only-on-p2")).rows
     assert audit_page(db, "p1", AuditFilter(account="only-on-p2")).rows == []
     assert audit_page(db, "p1", AuditFilter(actor="nobody:ever")).rows == []
+
+
+def test_actor_and_op_runs_partition_the_log(workload: LedgerService) -> None:
+    """The actor and op filters' runs: maximal (neighbours differ), gapless from position 0 to
+    the projected head, whatever the batch size that wrote them (runs cross batches)."""
+    runner = ProjectionRunner(workload.store, batch_size=7)
+    runner.catch_up("p1")
+    db = runner.db
+    last = last_position(workload, "p1")
+    with db.reading() as cur:
+        pno = platform_number(db, cur, "p1")
+        for kind in (0, 1):
+            runs = db.fetchall(
+                cur,
+                f"SELECT first_seq, last_seq, nkey FROM {db.t(AUDIT_RUNS)} "
+                f"WHERE pno = {db.ph} AND kind = {db.ph} ORDER BY first_seq",
+                (pno, kind),
+            )
+            assert runs[0][0] == 0 and runs[-1][1] == last
+            for (_, end, key), (start, _, next_key) in itertools.pairwise(runs):
+                assert start == end + 1 and key != next_key
+            assert len(runs) > 1  # the workload mixes actors and ops
