@@ -61,6 +61,7 @@ _ACCOUNT: Final = 2
 EXPORT_ROWS_DEFAULT: Final = 1_000_000
 EXPORT_ROWS_MAX: Final = 10_000_000
 _EXPORT_PAGE: Final = 1_000
+_RUNS_PER_QUERY: Final = 32  # runs of one actor/op read, and range scans joined, per query
 _CACHE_MAX: Final = 200_000
 _REFUSED: Final = records.REFUSED_KIND
 _ENCODE: Final = msgspec.json.Encoder(order="sorted").encode
@@ -611,86 +612,130 @@ def audit_page(
                 if row is None:  # never seen: nothing matches
                     return AuditPage([], "", projected)
                 named[col] = int(row[0])
-        params: list[Any]
         # the account index drives when given; else the runs of the actor (or the op)
         drive = (
             None if "account" in named else next((c for c in ("actor", "op") if c in named), None)
         )
-        if "account" in named:
-            src = f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a ON a.pno = {ph} AND a.seq = x.seq"
-            where = [f"x.akey = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
-            params = [pno, log_stream(platform), named["account"], lo, hi]
-            order = "x.seq"
-        elif drive is not None:  # the runs of that actor (or op) overlapping the range
-            kind = _ACTOR if drive == "actor" else _OP
-            row = db.fetchone(
-                cur,
-                f"SELECT max(first_seq) FROM {db.t(AUDIT_RUNS)} WHERE pno = {ph} "
-                f"AND kind = {ph} AND nkey = {ph} AND first_seq <= {ph}",
-                (pno, kind, named[drive], lo),
-            )
-            first = lo if row is None or row[0] is None else int(row[0])
-            src = (
-                f"{db.t(AUDIT_RUNS)} r JOIN {db.t(AUDIT)} a ON a.pno = r.pno "
-                "AND a.seq >= r.first_seq AND a.seq <= r.last_seq"
-            )
-            where = [
-                f"r.pno = {ph}",
-                f"r.kind = {ph}",
-                f"r.nkey = {ph}",
-                f"r.first_seq >= {ph}",
-                f"r.first_seq <= {ph}",
-                f"a.seq >= {ph}",
-                f"a.seq <= {ph}",
-            ]
-            params = [log_stream(platform), pno, kind, named[drive], first, hi, lo, hi]
-            order = "r.first_seq, a.seq"
-        else:
-            src = f"{db.t(AUDIT)} a"
-            where = [f"a.pno = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
-            params = [log_stream(platform), pno, lo, hi]
-            order = "a.seq"
+        extra: list[str] = []  # conditions on the audit row (a) and the log's row (e)
+        extra_params: list[Any] = []
         for col in ("actor", "op"):
             if col in named and col != drive:
-                where.append(f"a.{col} = {ph}")
-                params.append(named[col])
+                extra.append(f"a.{col} = {ph}")
+                extra_params.append(named[col])
         if f.code is not None:
-            where.append(f"a.code = {ph}")
-            params.append(f.code)
+            extra.append(f"a.code = {ph}")
+            extra_params.append(f.code)
         if f.kind is not None:  # the log's own column: the record's kind
-            where.append(f"e.topic = {ph}")
-            params.append(f.kind)
+            extra.append(f"e.topic = {ph}")
+            extra_params.append(f.kind)
         if f.outcome is not None:
-            where.append(f"e.topic {'=' if f.outcome == 'refused' else '<>'} {ph}")
-            params.append(_REFUSED)
+            extra.append(f"e.topic {'=' if f.outcome == 'refused' else '<>'} {ph}")
+            extra_params.append(_REFUSED)
         if f.role is not None:  # the actor's prefix before ':' ("" when it has none)
             if ":" in f.role:
-                where.append("1 = 0")
+                extra.append("1 = 0")
             else:
                 if f.role:
                     cond = f"substr(n.name, 1, {len(f.role) + 1}) = {ph}"
-                    params.append(platform)
-                    params.append(f.role + ":")
+                    extra_params += [platform, f.role + ":"]
                 else:
                     cond = "(n.name NOT LIKE '%:%' OR substr(n.name, 1, 1) = ':')"
-                    params.append(platform)
-                where.append(
+                    extra_params.append(platform)
+                extra.append(
                     f"a.actor IN (SELECT n.nkey FROM {db.t(AUDIT_NAMES)} n "
                     f"WHERE n.platform = {ph} AND n.kind = {_ACTOR} AND {cond})"
                 )
-        rows = db.fetchall(
-            cur,
-            f"SELECT a.seq, a.accounts, e.state FROM {src} JOIN {db.events_table()} e "
-            f"ON e.originator_id = {ph} AND e.originator_version = a.seq "
-            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {page_size + 1}",
-            params,
+        events = (
+            f"JOIN {db.events_table()} e ON e.originator_id = {ph} AND e.originator_version = a.seq"
         )
+        if drive is not None:
+            kind = _ACTOR if drive == "actor" else _OP
+            rows = _by_runs(
+                db, cur, platform, pno, kind, named[drive], lo, hi, page_size + 1, extra,
+                extra_params,
+            )  # fmt: skip
+        else:
+            if "account" in named:
+                src = (
+                    f"{db.t(AUDIT_ACCOUNTS)} x JOIN {db.t(AUDIT)} a "
+                    f"ON a.pno = {ph} AND a.seq = x.seq"
+                )
+                where = [f"x.akey = {ph}", f"x.seq >= {ph}", f"x.seq <= {ph}"]
+                params = [pno, log_stream(platform), named["account"], lo, hi]
+                order = "x.seq"
+            else:
+                src = f"{db.t(AUDIT)} a"
+                where = [f"a.pno = {ph}", f"a.seq >= {ph}", f"a.seq <= {ph}"]
+                params = [log_stream(platform), pno, lo, hi]
+                order = "a.seq"
+            rows = db.fetchall(
+                cur,
+                f"SELECT a.seq, a.accounts, e.state FROM {src} {events} "
+                f"WHERE {' AND '.join(where + extra)} ORDER BY {order} LIMIT {page_size + 1}",
+                params + extra_params,
+            )
     out = []
     for seq, accounts, state in rows[:page_size]:
         rec = log_body(platform, seq, state, _DECODE)
         out.append(_public(seq, derived_accounts(rec) if accounts is None else accounts, rec))
     token = encode_token(key, out[-1]["seq"], 0) if len(rows) > page_size else ""
     return AuditPage(out, token, projected)
+
+
+def _by_runs(
+    db: Db,
+    cur: Any,
+    platform: str,
+    pno: int,
+    kind: int,
+    nkey: int,
+    lo: int,
+    hi: int,
+    limit: int,
+    extra: list[str],
+    extra_params: list[Any],
+) -> list[tuple[Any, ...]]:
+    """The first `limit` matching rows in [lo, hi] whose actor (or op) is `nkey`, through its
+    runs: up to _RUNS_PER_QUERY runs at a time, one ordered, limited range scan of the audit rows
+    per run (UNION ALL), so neither one long run nor many short ones is read or sorted whole."""
+    ph = db.ph
+    row = db.fetchone(
+        cur,
+        f"SELECT max(first_seq) FROM {db.t(AUDIT_RUNS)} WHERE pno = {ph} AND kind = {ph} "
+        f"AND nkey = {ph} AND first_seq <= {ph}",
+        (pno, kind, nkey, lo),
+    )
+    start = lo if row is None or row[0] is None else int(row[0])  # the run holding lo
+    out: list[tuple[Any, ...]] = []
+    while len(out) < limit:
+        runs = db.fetchall(
+            cur,
+            f"SELECT first_seq, last_seq FROM {db.t(AUDIT_RUNS)} WHERE pno = {ph} "
+            f"AND kind = {ph} AND nkey = {ph} AND first_seq >= {ph} AND first_seq <= {ph} "
+            f"ORDER BY first_seq LIMIT {_RUNS_PER_QUERY}",
+            (pno, kind, nkey, start, hi),
+        )
+        need = limit - len(out)
+        arms: list[str] = []
+        params: list[Any] = []
+        for first, last in runs:
+            a, b = max(int(first), lo), min(int(last), hi)
+            if a > b:
+                continue
+            arms.append(
+                f"SELECT * FROM (SELECT a.seq, a.accounts, e.state FROM {db.t(AUDIT)} a "
+                f"JOIN {db.events_table()} e ON e.originator_id = {ph} "
+                f"AND e.originator_version = a.seq WHERE "
+                f"{' AND '.join([f'a.pno = {ph}', f'a.seq >= {ph}', f'a.seq <= {ph}', *extra])} "
+                f"ORDER BY a.seq LIMIT {need}) q{len(arms)}"
+            )
+            params += [log_stream(platform), pno, a, b, *extra_params]
+        if arms:
+            out += db.fetchall(cur, f"{' UNION ALL '.join(arms)} ORDER BY 1 LIMIT {need}", params)
+        if len(runs) < _RUNS_PER_QUERY:
+            break
+        start = int(runs[-1][0]) + 1
+    return out[:limit]
 
 
 def iter_audit(
