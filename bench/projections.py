@@ -11,6 +11,8 @@ hot account `hot`), then, on the same database:
                transaction per batch); the ratio is projection rate / baseline rate
   as-of        `balance_at` on `hot` at random positions and random times, p50/p99 in ms
   statement    one page of 100 lines of `hot` starting at a random time, p50/p99 in ms
+  audit        one page of 100 rows filtered by actor (one long run) or by account, from a
+               random position, p50/p99 in ms
 
   python bench/projections.py [--records N] [--store sqlite|postgres|both] [--batch N]
 
@@ -46,7 +48,7 @@ from ledger.config import Config  # noqa: E402
 from ledger.service import LedgerService  # noqa: E402
 from ledger.store import log_stream  # noqa: E402
 from projections import statements as st  # noqa: E402
-from projections.audit_trail import AuditTrailProjection  # noqa: E402
+from projections.audit_trail import AuditFilter, AuditTrailProjection, audit_page  # noqa: E402
 from projections.runner import BATCH_MAX, ProjectionRunner, _verified  # noqa: E402
 from projections.statements import StatementsProjection  # noqa: E402
 
@@ -229,13 +231,28 @@ def latencies(runner: ProjectionRunner, n_log: int, queries: int) -> None:
             lambda: st.statement(db, PLATFORM, "hot", 100, from_ms=rnd.randint(lo_ms, hi_ms)),
         ),
         ("current balance", lambda: st.balance_at(db, PLATFORM, "hot")),
+        (
+            "audit page (100 rows, actor filter, from a random position)",
+            lambda: audit_page(
+                db,
+                PLATFORM,
+                AuditFilter(actor="platform:bench", from_seq=rnd.randrange(n_log)),
+                100,
+            ),
+        ),
+        (
+            "audit page (100 rows, account filter, from a random position)",
+            lambda: audit_page(
+                db, PLATFORM, AuditFilter(account="hot", from_seq=rnd.randrange(n_log)), 100
+            ),
+        ),
     ):
         times = []
         for _ in range(queries):
             _, dt = timed(fn)
             times.append(dt * 1000)
         print(
-            f"  {label:<48} p50 {statistics.median(times):6.3f} ms   "
+            f"  {label:<62} p50 {statistics.median(times):6.3f} ms   "
             f"p99 {pct(times, 0.99):6.3f} ms   ({queries} queries)"
         )
     # deep pages: walk 5 consecutive pages from the middle of a million-line statement
