@@ -246,7 +246,7 @@ class LedgerService:
                 writer.fenced = True  # a follower until it holds the lease
                 platform.role = FOLLOWER
             self._platforms[platform_id] = platform
-        _tune_gc()
+        tune_gc()
         if self._lease is not None:
             self._lease.connect()
             self._lease_tick()  # take what nobody writes before serving anything
@@ -915,7 +915,7 @@ def _signing_key(config: Config) -> Any:
     return load_key(path)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Live state is millions of long-lived objects; the hot path allocates many short ones.
 
     Freezing what was loaded keeps every later full collection from walking it again, and a

@@ -165,12 +165,12 @@ def cmd_project(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace, runner: ProjectionRunner) -> int:
     action = args.action
     if action in ("run", "rebuild"):
-        from ledger.service import _tune_gc
+        from ledger.service import tune_gc
 
         # as in `custody serve`: catch-up allocates many short-lived objects per record, and
         # the default first-generation threshold (700) collects thousands of times a second
         # (~20 % of a worker's CPU, measured with bench/projections.py)
-        _tune_gc()
+        tune_gc()
     if action == "run":
         return _run(args, runner)
     if action == "rebuild":
