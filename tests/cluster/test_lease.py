@@ -116,11 +116,10 @@ def test_losing_the_lease_connection_fences_the_writer_at_once(
     p = make_platform(a)
     b = _server(pg_store, tmp_path, "b", 7002)
     try:
-        # the network between a and the database drops a's lease session (only that one)
-        killed = pg_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'custody-lease:a'"
-        )
+        # the network between a and the database drops a's lease session (only that one: by
+        # its backend pid, since tests running alongside may name a server "a" too)
+        assert a._lease is not None and a._lease._conn is not None
+        killed = pg_execute("SELECT pg_terminate_backend(%s)", (a._lease._conn.info.backend_pid,))
         assert killed == [(True,)]
         _until(lambda: not a.is_writer("p1"), timeout=3.0)
         _until(lambda: b.is_writer("p1"), timeout=3.0)
