@@ -160,7 +160,7 @@ def move_platform(
 ) -> MoveReport:
     """Move the platform from this configuration's store to `target` (see the module doc).
 
-    `progress(step, done, total)` is called as the copy goes (step: "read", "copy", "verify")."""
+    `progress(step, done, total)` is called as the copy goes (step: "copy", then "verify")."""
     placement = config.placement
     if placement is None:
         raise ConfigError("moving a platform needs a placement (CUSTODY_PLACEMENT)")
@@ -219,22 +219,29 @@ def abort_move(config: Config, platform_id: str, actor: str) -> MoveState:
         move = _latest(conn, config, platform_id)
     if move is None or move.state != OUT_START:
         raise MoveError(f"platform {platform_id} is not moving out of {config.store_name}")
+    # A mover at work holds the source's lease until it has recorded the end of the move:
+    # holding it here means no copy can complete between the check below and the abort.
+    lease = LeaseManager(replace(config, server_id=f"abort-{os.getpid()}", advertise=""))
+    lease.connect()
     target_config = config.for_store(move.peer)
     dst = LedgerStore(target_config)
+    src = LedgerStore(config)
     try:
+        if not lease.try_acquire(platform_id):
+            raise MoveError(
+                f"a move of {platform_id} is in progress (its mover holds the write lease): "
+                "let it finish, or stop it first"
+            )
         if _serves(dst, target_config, platform_id):
             raise MoveError(
                 f"store {move.peer} already serves platform {platform_id}: the copy is complete, "
                 "run the move again to finish it"
             )
+        return _record(config, platform_id, ABORTED, move.peer, _size(src, platform_id), "", actor)
     finally:
-        dst.close()
-    src = LedgerStore(config)
-    try:
-        size = _size(src, platform_id)
-    finally:
+        lease.close()
         src.close()
-    return _record(config, platform_id, ABORTED, move.peer, size, "", actor)
+        dst.close()
 
 
 def move_history(config: Config, platform_id: str) -> list[MoveState]:

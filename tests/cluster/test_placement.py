@@ -34,6 +34,7 @@ from ledger.api.certs import create_dev_pki
 from ledger.api.client import CustodyClient
 from ledger.api.server import running_server
 from ledger.config import Config, ConfigError
+from ledger.lease import LeaseManager
 from ledger.move import MoveError, abort_move, move_history, move_platform
 from ledger.placement import ABORTED, IN, OUT_DONE, OUT_START, Placement, PlacementError
 from ledger.service import LedgerService, PlatformNotFound, WriterElsewhere
@@ -390,6 +391,15 @@ def test_an_interrupted_move_can_be_aborted_or_finished(
         assert err.value.address == ""
         with pytest.raises(MoveError, match="already in store a"):
             move_platform(a.config, "pa", "a", "operator:mover")  # same store: refused
+        # while a mover holds the lease (copying), nobody can abort under its feet
+        busy = LeaseManager(replace(a.config, server_id="busy-mover", advertise=""))
+        busy.connect()
+        try:
+            _until(lambda: busy.try_acquire("pa"))
+            with pytest.raises(MoveError, match="in progress"):
+                abort_move(a.config, "pa", "operator:mover")
+        finally:
+            busy.close()
         abort_move(a.config, "pa", "operator:mover")
         _until(lambda: _serves(a, "pa"))
         assert a.execute("pa", [deposit(p, "d1", "alice", 1)], "operator:root")[0].ok
