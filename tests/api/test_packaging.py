@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 # What the Dockerfile's build stage must copy: the build files and every package of the wheel
 # (pyproject's packages.find); `test_dockerfile_copies_every_package_the_wheel_needs` checks it.
 def _wheel_packages() -> tuple[str, ...]:
