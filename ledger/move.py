@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,9 +43,10 @@ from psycopg import sql
 
 from ledger import records
 from ledger.config import Config, ConfigError
-from ledger.lease import LeaseManager, connect_kwargs
+from ledger.lease import LeaseLost, LeaseManager, TakeoverBlocked, connect_kwargs
 from ledger.placement import (
     ABORTED,
+    ARRIVING,
     GONE,
     IN,
     OUT_DONE,
@@ -54,11 +56,12 @@ from ledger.placement import (
     latest_moves,
     record_move,
 )
-from ledger.store import LedgerStore, NewRow, log_stream
+from ledger.store import WRITERS_TABLE, LedgerStore, NewRow, Row, log_stream
 
 log = logging.getLogger("ledger.move")
 
 CHUNK_ROWS_MAX: Final = 10_000
+PG_EVENTS_TABLE: Final = "custody_events"  # eventsourcing's table for the application `custody`
 LEASE_WAIT_S_MAX: Final = 3_600.0
 # Side tables that belong to a platform and cannot be rebuilt from its log. Append-only ones
 # are merged (missing rows inserted, present rows must be equal); the engine's mutable state is
@@ -179,27 +182,39 @@ def move_platform(
     try:
         if platform_id not in src.platform_ids():
             raise MoveError(f"platform {platform_id} is not in store {source}")
-        with _connect(config) as conn:
-            move = _latest(conn, config, platform_id)
+        move = _latest_of(config, platform_id)
         if move is not None and move.state == OUT_DONE:
+            # committed earlier; finish the target's side if the mover stopped before it
+            if move.peer == target and _finish_arrival(target_config, move, source, actor):
+                report.records, report.head, report.state = move.size, move.head, OUT_DONE
+                report.elapsed_s = time.monotonic() - started
+                return report
             raise MoveError(f"platform {platform_id} already moved from {source} to {move.peer}")
         if move is not None and move.state == OUT_START and move.peer != target:
             raise MoveError(
                 f"platform {platform_id} is moving to {move.peer}: finish or abort that move first"
             )
         if move is None or move.state != OUT_START:
-            size_now = _size(src, platform_id)
-            _record(config, platform_id, OUT_START, target, size_now, "", actor)
+            move = _record(config, platform_id, OUT_START, target, _size(src, platform_id), "",
+                           actor)  # fmt: skip
             log.info("platform %s: moving from %s to %s", platform_id, source, target)
-        lease = _take_lease(config, platform_id, lease_wait_s, report, src)
+        lease, claim = _take_lease(config, platform_id, lease_wait_s, report, src)
+        keepalive = _Keepalive(lease)
         try:
+            _check_target(src, dst, config, target_config, platform_id)  # before touching it
+            arriving = _latest_of(target_config, platform_id)
+            if arriving is None or arriving.state != ARRIVING:
+                # the target's servers leave it alone until the source commits the move
+                _record(target_config, platform_id, ARRIVING, source, 0, "", actor)
             size, head = _copy(src, dst, config, target_config, platform_id, chunk_rows, report,
                                progress)  # fmt: skip
             report.records, report.head = size, head.hex()
-            _record(target_config, platform_id, IN, source, size, head.hex(), actor)
-            _record(config, platform_id, OUT_DONE, target, size, head.hex(), actor)
+            keepalive.confirm()  # the lease was held from the fence to here
+            done = _commit_move(config, move, size, head.hex(), claim, actor)
+            _finish_arrival(target_config, done, source, actor)
             report.state = OUT_DONE
         finally:
+            keepalive.stop()
             lease.close()
     finally:
         src.close()
@@ -207,6 +222,102 @@ def move_platform(
     report.elapsed_s = time.monotonic() - started
     log.info("platform %s moved to %s: %d records", platform_id, target, report.records)
     return report
+
+
+def _latest_of(config: Config, platform_id: str) -> MoveState | None:
+    with _connect(config) as conn:
+        return _latest(conn, config, platform_id)
+
+
+def _commit_move(
+    config: Config,
+    started: MoveState,
+    size: int,
+    head: str,
+    claim: tuple[str, str, int],
+    actor: str,
+) -> MoveState:
+    """The move's single commit point: `out-done` in the source, in one transaction, only if
+    nothing changed since the mover fenced the platform (still our `out-start`, nobody aborted;
+    the log still ends at `size`; the writers row still names the mover at its epoch)."""
+    platform_id = started.platform_id
+    schema = _schema(config)
+    with _connect(config) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"custody-move/{platform_id}",))
+        latest = _latest(conn, config, platform_id)
+        if latest is None or (latest.seq, latest.state, latest.peer) != (
+            started.seq, OUT_START, started.peer
+        ):  # fmt: skip
+            raise MoveError(
+                f"platform {platform_id}: the move was aborted or restarted meanwhile "
+                f"(latest: {latest.state if latest else 'none'}); nothing was switched"
+            )
+        writer = conn.execute(
+            sql.SQL("SELECT server_id, epoch FROM {} WHERE platform_id = %s FOR SHARE").format(
+                sql.Identifier(schema, WRITERS_TABLE)
+            ),
+            (platform_id,),
+        ).fetchone()
+        if writer is None or (str(writer[0]), int(writer[1])) != (claim[1], claim[2]):
+            raise MoveError(
+                f"platform {platform_id}: another writer took the platform during the copy; "
+                "nothing was switched, run the move again"
+            )
+        found = conn.execute(
+            sql.SQL(
+                "SELECT COALESCE(MAX(originator_version), -1) FROM {} WHERE originator_id = %s"
+            ).format(sql.Identifier(schema, PG_EVENTS_TABLE)),
+            (log_stream(platform_id),),
+        ).fetchone()
+        if found is None or int(found[0]) + 1 != size:
+            raise MoveError(
+                f"platform {platform_id}: the source log changed during the copy; nothing was "
+                "switched, run the move again"
+            )
+        return record_move(conn, schema, platform_id, OUT_DONE, started.peer, size, head, actor)
+
+
+def _finish_arrival(target_config: Config, done: MoveState, source: str, actor: str) -> bool:
+    """Record `in` in the target after the source's `out-done` (again, if the mover stopped in
+    between). False when the target is not waiting for this move."""
+    latest = _latest_of(target_config, done.platform_id)
+    if latest is None or latest.state != ARRIVING:
+        return False
+    _record(target_config, done.platform_id, IN, source, done.size, done.head, actor)
+    return True
+
+
+class _Keepalive:
+    """Keeps the mover's lease session talking while it copies: a silent lease session is
+    ended by PostgreSQL (idle_session_timeout), which would free the lease mid-copy."""
+
+    def __init__(self, lease: LeaseManager) -> None:
+        self._lease = lease
+        self._stop = threading.Event()
+        self.lost: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="move-keepalive", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease.poll_s):
+            try:
+                self._lease.check()
+            except BaseException as exc:  # reported by confirm()
+                self.lost = exc
+                return
+
+    def confirm(self) -> None:
+        """Raise MoveError unless the lease is still held (checked now, and all along)."""
+        try:
+            self._lease.check()
+        except LeaseLost as exc:
+            self.lost = exc
+        if self.lost is not None:
+            raise MoveError(f"the mover lost the write lease during the copy: {self.lost}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def abort_move(config: Config, platform_id: str, actor: str) -> MoveState:
@@ -237,7 +348,12 @@ def abort_move(config: Config, platform_id: str, actor: str) -> MoveState:
                 f"store {move.peer} already serves platform {platform_id}: the copy is complete, "
                 "run the move again to finish it"
             )
-        return _record(config, platform_id, ABORTED, move.peer, _size(src, platform_id), "", actor)
+        aborted = _record(config, platform_id, ABORTED, move.peer, _size(src, platform_id), "",
+                          actor)  # fmt: skip
+        if (arriving := _latest_of(target_config, platform_id)) and arriving.state == ARRIVING:
+            # the target sends callers back to the source instead of asking them to wait
+            _record(target_config, platform_id, OUT_DONE, config.store_name, 0, "", actor)
+        return aborted
     finally:
         lease.close()
         src.close()
@@ -261,8 +377,10 @@ def _size(store: LedgerStore, platform_id: str) -> int:
 
 def _take_lease(
     config: Config, platform_id: str, wait_s: float, report: MoveReport, src: LedgerStore
-) -> LeaseManager:
-    """Hold the platform's write lease in the source and record the mover as its writer."""
+) -> tuple[LeaseManager, tuple[str, str, int]]:
+    """Hold the platform's write lease in the source and record the mover as its writer (a new
+    epoch: a writer that has not noticed the move can no longer commit). Returns the lease and
+    the mover's claim (platform, server id, epoch)."""
     mover = replace(
         config,
         server_id=f"mover-{os.getpid()}-{secrets.token_hex(3)}",
@@ -279,12 +397,18 @@ def _take_lease(
                     f"within {wait_s:.0f} s (are they running this version, with leases?)"
                 )
             time.sleep(min(0.2, config.lease_poll_ms / 1000))
-        lease.announce(platform_id, _size(src, platform_id))
+        while True:  # a commit of the old writer may still hold its row: wait for it
+            try:
+                info = lease.announce(platform_id, _size(src, platform_id))
+                break
+            except TakeoverBlocked:
+                if time.monotonic() - started > wait_s:
+                    raise
     except BaseException:
         lease.close()
         raise
     report.lease_wait_s = time.monotonic() - started
-    return lease
+    return lease, (platform_id, info.server_id, info.epoch)
 
 
 def _chain(rows: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[int, str, bytes, bytes]]:
@@ -318,16 +442,11 @@ def _stream(
             yield int(seq), str(kind), bytes(state)
 
 
-def _copy(
-    src: LedgerStore,
-    dst: LedgerStore,
-    config: Config,
-    target_config: Config,
-    platform_id: str,
-    chunk_rows: int,
-    report: MoveReport,
-    progress: Callable[[str, int, int], None] | None,
-) -> tuple[int, bytes]:
+def _check_target(
+    src: LedgerStore, dst: LedgerStore, config: Config, target_config: Config, platform_id: str
+) -> tuple[int, int, Row | None]:
+    """Refuse a target that serves the platform or holds a history that is not a prefix of the
+    source's; returns (source size, target size, target's last row)."""
     stream = log_stream(platform_id)
     size = _size(src, platform_id)
     if size == 0:
@@ -339,16 +458,32 @@ def _copy(
             f"store {target_config.store_name} holds {dst_size} records of {platform_id}, more "
             f"than the source's {size}: the logs have diverged, nothing was copied"
         )
-    if dst_size and _serves(dst, target_config, platform_id):
-        raise MoveError(f"store {target_config.store_name} already serves {platform_id}")
-    if dst_size:
-        assert dst_last is not None
+    if platform_id in dst.platform_ids():
+        latest = _latest_of(target_config, platform_id)
+        if latest is None or latest.state not in GONE:
+            raise MoveError(f"store {target_config.store_name} already serves {platform_id}")
+    if dst_last is not None:
         [(_, _, src_packed)] = src.read(stream, after=dst_size - 2, limit=1)
         if records.unpack_state(dst_last[2])[0] != records.unpack_state(src_packed)[0]:
             raise MoveError(
                 f"store {target_config.store_name} holds a different history of {platform_id} "
                 f"(position {dst_size - 1} differs): nothing was copied"
             )
+    return size, dst_size, dst_last
+
+
+def _copy(
+    src: LedgerStore,
+    dst: LedgerStore,
+    config: Config,
+    target_config: Config,
+    platform_id: str,
+    chunk_rows: int,
+    report: MoveReport,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[int, bytes]:
+    stream = log_stream(platform_id)
+    size, dst_size, dst_last = _check_target(src, dst, config, target_config, platform_id)
     report.side_rows = _copy_side_tables(config, target_config, platform_id)
     in_directory = platform_id in dst.platform_ids()
     pending: list[NewRow] = []

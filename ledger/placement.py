@@ -22,9 +22,10 @@ Passwords never go in the file: POSTGRES_PASSWORD comes from the environment.
 
 Moves (`custody platform move`, `ledger/move.py`) are not edits of this file: each store keeps an
 insert-only `custody_moves` table whose latest row per platform says whether the platform is
-served here (no row, `in`, `aborted`), frozen while it moves out (`out-start`) or gone to another
-store (`out-done`). Servers read it every lease poll, so a move takes effect everywhere at once;
-operators update the file afterwards so that new clients go to the right store first.
+served here (no row, `in`, `aborted`), frozen while it moves out (`out-start`), gone to another
+store (`out-done`), or being copied in and not served yet (`arriving`). Servers read it every
+lease poll, so a move takes effect everywhere at once; operators update the file afterwards so
+that new clients go to the right store first.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ IN: Final = "in"  # arrived here (after a move); served here
 OUT_START: Final = "out-start"  # moving out: nobody writes it, callers retry
 OUT_DONE: Final = "out-done"  # moved to `peer`: callers go there
 ABORTED: Final = "aborted"  # a move out was abandoned before it finished; served here again
-STATES: Final = (IN, OUT_START, OUT_DONE, ABORTED)
-GONE: Final = (OUT_START, OUT_DONE)  # not served by this store
+ARRIVING: Final = "arriving"  # being copied here: not served until `in` (after the source's
+# `out-done`, the move's single commit point)
+STATES: Final = (IN, OUT_START, OUT_DONE, ABORTED, ARRIVING)
+GONE: Final = (OUT_START, OUT_DONE, ARRIVING)  # not served by this store
 
 _ALLOWED_PG_KEYS: Final = frozenset(
     {

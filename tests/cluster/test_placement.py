@@ -36,7 +36,15 @@ from ledger.api.server import running_server
 from ledger.config import Config, ConfigError
 from ledger.lease import LeaseManager
 from ledger.move import MoveError, abort_move, move_history, move_platform
-from ledger.placement import ABORTED, IN, OUT_DONE, OUT_START, Placement, PlacementError
+from ledger.placement import (
+    ABORTED,
+    ARRIVING,
+    IN,
+    OUT_DONE,
+    OUT_START,
+    Placement,
+    PlacementError,
+)
 from ledger.service import LedgerService, PlatformNotFound, WriterElsewhere
 from ledger.store import LedgerStore, log_stream
 from ledger.writer import verify_stored_chain
@@ -342,7 +350,7 @@ def test_move_under_load_loses_nothing_and_keeps_the_chain(
             assert (err.value.server_id, err.value.address) == ("store:b", ADDRESS_B)
         states = [m.state for m in move_history(a1.config, "pa")]
         assert states == [OUT_START, OUT_DONE]
-        assert [m.state for m in move_history(b1.config, "pa")] == [IN]
+        assert [m.state for m in move_history(b1.config, "pa")] == [ARRIVING, IN]
     finally:
         for s in (a1, a2, b1):
             s.close()
@@ -366,7 +374,12 @@ def test_move_back_appends_only_the_tail_and_the_old_store_serves_again(
         assert balances(a, "pa")["bob"][0] == 51
         rows = _rows(a.config, "pa")
         assert verify_stored_chain(LedgerStore(a.config), "pa") == (len(rows), None, "ok")
-        assert [m.state for m in move_history(a.config, "pa")] == [OUT_START, OUT_DONE, IN]
+        assert [m.state for m in move_history(a.config, "pa")] == [
+            OUT_START,
+            OUT_DONE,
+            ARRIVING,
+            IN,
+        ]
         with pytest.raises(WriterElsewhere) as err:
             b.execute("pa", [], "operator:root")
         assert err.value.address == ADDRESS_A
@@ -554,3 +567,73 @@ def test_cli_moves_a_platform_and_then_says_where_it_is(
     monkeypatch.setenv("CUSTODY_STORE_NAME", "b")
     assert main(["--json", "platform", "list"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out) == ["demo"]
+
+
+def test_a_mover_stopped_before_or_after_the_commit_point_is_finished_by_a_rerun(
+    two_stores: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ledger.move as mv
+
+    a = _server(two_stores, tmp_path, "a", "a1")
+    b = _server(two_stores, tmp_path, "b", "b1")
+    try:
+        _load_platform(a, "pa")
+        commit, finish = mv._commit_move, mv._finish_arrival
+
+        def crash(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the mover died here")
+
+        # 1. the whole log is in b, the source has not committed: b must not serve it
+        monkeypatch.setattr(mv, "_commit_move", crash)
+        with pytest.raises(RuntimeError):
+            move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        time.sleep(3 * POLL_MS / 1000)
+        assert "pa" not in b.platform_ids() and not _serves(b, "pa")
+        assert [m.state for m in move_history(b.config, "pa")] == [ARRIVING]
+        # 2. the source committed, the target's `in` is missing: the rerun records it
+        monkeypatch.setattr(mv, "_commit_move", commit)
+        monkeypatch.setattr(mv, "_finish_arrival", crash)
+        with pytest.raises(RuntimeError):
+            move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        assert [m.state for m in move_history(a.config, "pa")][-1] == OUT_DONE
+        assert not _serves(b, "pa")
+        monkeypatch.setattr(mv, "_finish_arrival", finish)
+        report = move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        assert report.state == OUT_DONE and report.records == len(_rows(b.config, "pa"))
+        _until(lambda: _serves(b, "pa"))
+        assert [m.state for m in move_history(b.config, "pa")] == [ARRIVING, IN]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_copy_longer_than_the_idle_session_timeout_keeps_the_lease(
+    two_stores: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL ends a silent lease session; the mover keeps its own talking, so nobody can
+    abort (or write) under its feet however long the copy takes."""
+    import ledger.move as mv
+
+    a = _server(two_stores, tmp_path, "a", "a1")
+    try:
+        _load_platform(a, "pa")
+        copy_side_tables = mv._copy_side_tables
+        session_timeout_s = LeaseManager(a.config).session_timeout_s
+        aborts: list[str] = []
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(session_timeout_s + 1.5)
+            try:
+                abort_move(a.config, "pa", "operator:other")
+                aborts.append("aborted")
+            except MoveError as exc:
+                aborts.append(str(exc))
+            return copy_side_tables(*args, **kwargs)
+
+        monkeypatch.setattr(mv, "_copy_side_tables", slow)
+        report = move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        assert report.state == OUT_DONE
+        assert len(aborts) == 1 and "in progress" in aborts[0]
+        assert [m.state for m in move_history(a.config, "pa")] == [OUT_START, OUT_DONE]
+    finally:
+        a.close()
