@@ -235,7 +235,7 @@ class SharedNotes(Protocol):
     def append(self, cp: SignedCheckpoint) -> None: ...
     def latest(self) -> SignedCheckpoint | None: ...
     def at_size(self, size: int) -> SignedCheckpoint | None: ...
-    def history(self, limit: int = 100_000) -> list[SignedCheckpoint]: ...
+    def history(self, page: int = 10_000) -> list[SignedCheckpoint]: ...
 
 
 def tree_consistency(tree: object) -> ConsistencyCheck:
@@ -339,7 +339,13 @@ class CheckpointLog:
         if not self._genuine(latest):
             log.error("ignoring a checkpoint row this ledger's key did not sign: %s", self.origin)
             return last
-        return latest
+        return latest if self._ours(latest) else last
+
+    def _ours(self, cp: SignedCheckpoint) -> bool:
+        """Genuine, and of this log: only a root this server's tree has at that size counts (a
+        note from a forked history would make every later signature fail); a note beyond the
+        tree waits until the tree has caught up with it."""
+        return self._genuine(cp) and self.consistent(cp.size, cp.root, cp.size, cp.root)
 
     def latest(self) -> SignedCheckpoint | None:
         """The last checkpoint signed by any server of the store (see `shared`)."""
@@ -413,7 +419,7 @@ class CheckpointLog:
             return
         by_size = {cp.size: cp for cp in self._file_history()}
         for cp in self.shared.history():
-            if cp.size not in by_size and self._genuine(cp):
+            if cp.size not in by_size and self._ours(cp):
                 by_size[cp.size] = cp
         for size in sorted(by_size):
             yield by_size[size]
@@ -442,7 +448,7 @@ class CheckpointLog:
                 return cp
         if self.shared is not None:
             found = self.shared.at_size(size)
-            if found is not None and self._genuine(found):
+            if found is not None and self._ours(found):
                 return found
         return None
 

@@ -12,6 +12,7 @@ only if signing its body again with this ledger's key gives the very same note.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Final
@@ -21,6 +22,7 @@ from psycopg import sql
 from ledger.checkpoint import SignedCheckpoint
 
 TABLE: Final = "custody_checkpoints"
+log = logging.getLogger("ledger.checkpoint_store")
 _created_lock = threading.Lock()
 
 
@@ -60,6 +62,16 @@ class SharedCheckpoints:
                 ).format(self._table),
                 (self._platform_id, cp.size, cp.root, cp.note, time.time_ns() // 1_000_000),
             )
+            inserted = cur.rowcount
+        if inserted == 0 and self.at_size(cp.size) != cp:
+            # someone wrote another note at this size: readers ignore it (not this log's), but
+            # the operators must hear of it
+            log.error(
+                "custody_checkpoints holds a different note for %s at size %d than the one "
+                "signed now: the table was written by someone else",
+                self._platform_id,
+                cp.size,
+            )
 
     def latest(self) -> SignedCheckpoint | None:
         rows = self._select("ORDER BY size DESC LIMIT 1", ())
@@ -69,9 +81,17 @@ class SharedCheckpoints:
         rows = self._select("AND size = %s", (size,))
         return rows[0] if rows else None
 
-    def history(self, limit: int = 100_000) -> list[SignedCheckpoint]:
-        assert 1 <= limit <= 1_000_000
-        return self._select("ORDER BY size LIMIT %s", (limit,))
+    def history(self, page: int = 10_000) -> list[SignedCheckpoint]:
+        """Every row, oldest first, read page by page (a year of notes every minute is ~525k)."""
+        assert 1 <= page <= 100_000
+        out: list[SignedCheckpoint] = []
+        after = -1
+        while True:
+            rows = self._select("AND size > %s ORDER BY size LIMIT %s", (after, page))
+            out.extend(rows)
+            if len(rows) < page:
+                return out
+            after = rows[-1].size
 
     def _select(self, tail: str, params: tuple[Any, ...]) -> list[SignedCheckpoint]:
         query = sql.SQL("SELECT size, root, note FROM {} WHERE platform = %s " + tail).format(

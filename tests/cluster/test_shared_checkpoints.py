@@ -95,3 +95,37 @@ def test_a_row_the_ledger_key_did_not_sign_is_ignored(
         assert a.sign_checkpoint("p1").size == signed.size + 1  # signing goes on as before
     finally:
         a.close()
+
+
+def test_a_genuine_note_of_another_history_is_not_adopted(
+    pg_store: dict[str, str], tmp_path: Path
+) -> None:
+    """Signed with the ledger's key but for a root this log does not have (a fork elsewhere):
+    adopting it would make every later signature fail; it is ignored."""
+    from ledger.checkpoint import sign_checkpoint
+
+    a = _server(pg_store, tmp_path, "a")
+    try:
+        p = make_platform(a)
+        signed = a.sign_checkpoint("p1")
+        assert a.execute("p1", [deposit(p, "d1", "alice", 5)], "platform:test")[0].ok
+        signer = a._platform("p1").checkpoints.signer
+        forged = sign_checkpoint(signer, signed.size + 1, b"\x02" * 32)
+        schema = pg_store["POSTGRES_SCHEMA"]
+        pg_execute(
+            f"INSERT INTO {schema}.custody_checkpoints (platform, size, root, note, signed_ms) "
+            "VALUES ('p1', %s, %s, %s, 0)",
+            (signed.size + 1, b"\x02" * 32, forged),
+        )
+        assert a.checkpoint("p1") == signed
+        real = a.sign_checkpoint("p1")  # signing is not blocked
+        assert real.size == signed.size + 1 and real.root != b"\x02" * 32
+        assert a.checkpoint("p1", real.size) == real  # the forged row is never served
+        b = _server(pg_store, tmp_path, "b")  # nor by a server that only has the table
+        try:
+            assert b.checkpoint("p1", real.size) is None
+            assert [cp.size for cp in b._platform("p1").checkpoints.history()] == [signed.size]
+        finally:
+            b.close()
+    finally:
+        a.close()
