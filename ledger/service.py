@@ -590,6 +590,10 @@ class LedgerService:
         still leaves up to CUSTODY_SNAPSHOT_EVERY records of tail."""
         if self.config.snapshot_every <= 0:
             return
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            # still storing a scheduled snapshot (its join timed out): never race it
+            log.warning("no snapshot at shutdown: the checkpoint thread is still busy")
+            return
         every = min(SHUTDOWN_SNAPSHOT_MIN, self.config.snapshot_every)
         for platform_id, platform in self._platforms.items():
             if platform.role != WRITER or platform.writer.fenced:

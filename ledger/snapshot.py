@@ -522,7 +522,8 @@ class SnapshotStore:
             )
             found = [(_col(row, "position"), _col(row, "first")) for row in cur.fetchall()]
             complete = [pos for pos, first in found if first == _COMPLETE_PART]
-            unfinished = [pos for pos, first in found if first != _COMPLETE_PART]
+            # only older unfinished ones: a newer one may be another save still in progress
+            unfinished = [pos for pos, first in found if first != _COMPLETE_PART and pos < position]
             for old in complete[keep:] + unfinished:
                 cur.execute(
                     f"DELETE FROM {t} WHERE platform={ph} AND position={ph}", (platform_id, old)

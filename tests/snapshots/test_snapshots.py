@@ -546,23 +546,26 @@ def test_a_snapshot_cut_short_is_never_listed_and_is_cleared_by_the_next(
     captured = fast.capture_snapshot()
     assert captured is not None
     position, body = captured
-    # a crash after the first part: the rows are there, the marker is not
+    # a crash after the first part of an earlier save: the rows are there, the marker is not
+    stale = position - 1
+    assert stale not in before
     ph = "%s" if svc.store.is_postgres else "?"
     with svc.store.datastore.transaction(commit=True) as cur:
         cur.execute(
             f"INSERT INTO {table._table} (platform, position, part, created_ms, body) "
             f"VALUES ({ph},{ph},{ph},{ph},{ph})",
-            (PLATFORM, position + 1, 0, 0, body[: snapshot.PART_BYTES]),
+            (PLATFORM, stale, 0, 0, body[: snapshot.PART_BYTES]),
         )
     assert table.positions(PLATFORM) == before
     assert _writer(svc, use_snapshots=True).snapshot_position == before[0]
-    # the next save lists itself and clears the unfinished one
+    # the next save lists itself and clears the unfinished older one (a newer unfinished one
+    # could be another save in progress: left alone)
     fast.store_snapshot(position, body)
     assert table.positions(PLATFORM) == [position, *before][:2]
     with svc.store.datastore.transaction(commit=False) as cur:
         cur.execute(
             f"SELECT COUNT(*) AS n FROM {table._table} WHERE platform={ph} AND position={ph}",
-            (PLATFORM, position + 1),
+            (PLATFORM, stale),
         )
         assert cur.fetchone()["n"] == 0
 
