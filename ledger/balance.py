@@ -11,7 +11,6 @@ announcing itself, the share of the others grows, and they take its platforms.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Final
 
 from psycopg import sql
@@ -20,8 +19,7 @@ TABLE: Final = "custody_servers"
 SERVERS_MAX: Final = 1_000
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+_DB_NOW_MS: Final = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
 
 def heartbeat(datastore: Any, schema: str, server_id: str, address: str) -> None:
@@ -34,24 +32,26 @@ def heartbeat(datastore: Any, schema: str, server_id: str, address: str) -> None
                 "seen_ms bigint NOT NULL)"
             ).format(table)
         )
+        # the database's clock, not the servers': one server's clock running ahead or behind
+        # would otherwise keep a dead server counted, or a live one uncounted
         cur.execute(
             sql.SQL(
-                "INSERT INTO {} (server_id, address, seen_ms) VALUES (%s, %s, %s) "
+                "INSERT INTO {} (server_id, address, seen_ms) VALUES (%s, %s, " + _DB_NOW_MS + ") "
                 "ON CONFLICT (server_id) DO UPDATE SET address = excluded.address, "
                 "seen_ms = excluded.seen_ms"
             ).format(table),
-            (server_id, address, _now_ms()),
+            (server_id, address),
         )
 
 
 def live_servers(datastore: Any, schema: str, within_ms: int) -> int:
     """How many servers announced themselves within the last `within_ms` (at least 1: us)."""
     assert within_ms > 0
-    query = sql.SQL("SELECT count(*) FROM {} WHERE seen_ms >= %s").format(
+    query = sql.SQL("SELECT count(*) FROM {} WHERE seen_ms >= " + _DB_NOW_MS + " - %s").format(
         sql.Identifier(schema, TABLE)
     )
     with datastore.get_connection() as conn, conn.cursor() as cur:
-        cur.execute(query, (_now_ms() - within_ms,))
+        cur.execute(query, (within_ms,))
         row = cur.fetchone()
     count = int(next(iter(row.values())) if isinstance(row, dict) else row[0])
     return max(1, min(count, SERVERS_MAX))

@@ -218,6 +218,7 @@ class LedgerService:
         # PostgreSQL: each platform's latest `custody_moves` row in this store (ledger/move.py);
         # a platform moving out or gone elsewhere is neither written nor read here
         self._moves: dict[str, MoveState] = {}
+        self._last_share: int | None = None  # CUSTODY_LEASE_BALANCE: the last fair share
         self._create_lock = threading.Lock()
         self._closed = False
         self.signing_key = _signing_key(config)
@@ -778,11 +779,14 @@ class LedgerService:
                 self.store.datastore, schema, within_ms=int(lease.timeout_s * 1000)
             )
         except Exception:
-            log.warning("cannot count the live servers; not balancing this poll", exc_info=True)
-            return None
+            # keep the last share: no share at all would take every free lease for one poll
+            # and hand them back at the next
+            log.warning("cannot count the live servers; keeping the last share", exc_info=True)
+            return self._last_share
         # a platform being created holds its lease before it is in `_platforms`: count it too
         platforms = len({p for p in self._platforms if not self._gone(p)} | set(lease.held))
-        return max(1, balance.fair_share(platforms, live))
+        self._last_share = max(1, balance.fair_share(platforms, live))
+        return self._last_share
 
     def _discover(self) -> None:
         """Platforms another server created since: loaded here as followers. Caller holds
