@@ -830,6 +830,13 @@ class LedgerService:
         writer = platform.writer
         platform_id = writer.platform_id
         try:
+            # Read the moves again now that the lease is held: a mover releases it only after
+            # committing `out-done`, so this read cannot miss a move that the tick's earlier
+            # read did (writing after it would put acknowledged records where nobody reads).
+            self._refresh_moves()
+            if self._gone(platform_id):
+                lease.release(platform_id)
+                return
             with platform.cond:
                 platform.drained_or_timeout()
                 self._catch_up(writer)

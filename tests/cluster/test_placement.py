@@ -637,3 +637,24 @@ def test_a_copy_longer_than_the_idle_session_timeout_keeps_the_lease(
         assert [m.state for m in move_history(a.config, "pa")] == [OUT_START, OUT_DONE]
     finally:
         a.close()
+
+
+def test_a_source_server_with_a_stale_view_never_writes_a_moved_platform(
+    two_stores: dict[str, Any], tmp_path: Path
+) -> None:
+    """Its tick read the moves just before the mover committed and released the lease: taking
+    the free lease then must not let it write where nobody reads any more."""
+    a = _server(two_stores, tmp_path, "a", "a1")
+    try:
+        _load_platform(a, "pa")
+        move_platform(a.config, "pa", "b", "operator:mover", lease_wait_s=30)
+        platform = a._platforms["pa"]
+        lease = a._lease
+        assert lease is not None
+        a._moves = {}  # the stale read of a tick that started before the move's commit
+        assert lease.try_acquire("pa")  # the mover has released it
+        a._promote(platform)
+        assert "pa" not in lease.held and platform.role != "writer"
+        assert a._gone("pa") and not a.is_writer("pa")
+    finally:
+        a.close()
