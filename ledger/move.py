@@ -12,18 +12,23 @@ The procedure (`custody platform move PLATFORM --to STORE`), each step safe to r
    lease poll and releases the write lease; callers get a retryable WRITER_ELSEWHERE meanwhile.
 2. The mover takes the platform's write lease in the source and records itself as its writer
    (a new epoch): a writer that has not noticed yet can no longer commit (`WriterSuperseded`).
-3. The mover reads the whole log, checking every chain link, and copies the platform's side
-   data (customer data keys, bank statements, disclosures, the risk engine's state).
-4. It appends the log to the target in chunks; the directory entry goes in the last chunk's
-   transaction, so no target server sees the platform before its whole log is there. A target
-   that already holds a prefix (a platform coming back) gets only the missing tail, after the
-   prefix's chain hash is compared.
-5. It re-reads the target's log, verifies the chain and compares size and head hash with the
-   source, then records `in` in the target and `out-done` in the source. From then on the
-   source's servers redirect to the target's servers, and the target's servers write it.
+   Its lease session is kept talking for the whole move (PostgreSQL ends silent sessions).
+3. `arriving` in the target: the target's servers will not serve the platform until `in`.
+4. The target must not serve the platform and must hold nothing but a prefix of the source's
+   log (compared by chain hash). The side data is copied (customer data keys, bank statements,
+   disclosures, signed checkpoints, the risk engine's state), then the log is appended in chunks
+   (only the missing tail of a platform coming back), every chain link checked on the way; the
+   directory entry goes in the last chunk's transaction.
+5. The copy is read back and checked link by link against the source's head.
+6. The commit point: `out-done` in the source, by a compare-and-set in one transaction (still
+   this move's `out-start`, nobody aborted; the log still ends where it was copied; the writers
+   row still names the mover's epoch). Then `in` in the target, whose servers take it over;
+   the source's servers redirect callers there.
 
-If the mover stops half way, run the move again (it resumes) or abort it while the target does
-not serve the platform yet (`--abort`: `aborted` in the source, which serves it again).
+If the mover stops before step 6, run the move again (it resumes) or abort it
+(`--abort`: `aborted` in the source, which serves the platform again, and the target sends
+callers back to the source); an abort takes the source's lease first, so it cannot overtake a
+mover at work. If it stops after the `out-done`, running it again records the missing `in`.
 """
 
 from __future__ import annotations
