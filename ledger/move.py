@@ -399,7 +399,8 @@ def _take_lease(
             if time.monotonic() - started > wait_s:
                 raise MoveError(
                     f"the servers of {config.store_name} did not release platform {platform_id} "
-                    f"within {wait_s:.0f} s (are they running this version, with leases?)"
+                    f"within {wait_s:.0f} s (are they running this version, with leases?); it "
+                    "stays frozen until the move is run again or aborted (--abort)"
                 )
             time.sleep(min(0.2, config.lease_poll_ms / 1000))
         while True:  # a commit of the old writer may still hold its row: wait for it
