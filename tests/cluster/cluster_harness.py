@@ -215,6 +215,30 @@ class ClientStats:
     errors: list[str] = field(default_factory=list)
 
 
+def call_node(
+    conns: dict[int, tuple[socket.socket, Any]], port: int, request: bytes, timeout_s: float
+) -> dict[str, Any]:
+    """One request line to a node on `port` and its answer line, on a connection kept in
+    `conns`; a failed call drops the connection, so the next one reconnects."""
+    conn = conns.get(port)
+    if conn is None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        conn = (sock, sock.makefile("rb"))
+        conns[port] = conn
+    sock, reader = conn
+    try:
+        sock.sendall(request)
+        line = reader.readline()
+        if not line:
+            raise ConnectionError("closed")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+    except BaseException:
+        conns.pop(port, None)
+        sock.close()
+        raise
+
+
 class Client(threading.Thread):
     """Submits batches of transfers with unique client ids to whichever server writes, following
     redirects, retrying a batch (same ids) on a dropped connection until it is acknowledged."""
@@ -249,23 +273,7 @@ class Client(threading.Thread):
             sock.close()
 
     def _call(self, port: int, request: bytes) -> dict[str, Any]:
-        conn = self.conns.get(port)
-        if conn is None:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            conn = (sock, sock.makefile("rb"))
-            self.conns[port] = conn
-        sock, reader = conn
-        try:
-            sock.sendall(request)
-            line = reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            answer: dict[str, Any] = json.loads(line)
-            return answer
-        except BaseException:
-            self.conns.pop(port, None)
-            sock.close()
-            raise
+        return call_node(self.conns, port, request, timeout_s=10)
 
     def send_until_acked(self, platform: str, cids: list[str]) -> None:
         request = json.dumps({"platform": platform, "cids": cids}).encode() + b"\n"

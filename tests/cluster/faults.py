@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from cluster_harness import Ack, Cluster, Node
+from cluster_harness import Ack, Cluster, Node, call_node
 
 from ledger.api.errors import from_exception
 from ledger.lease import WriterElsewhere
@@ -488,23 +488,7 @@ class FaultClient(threading.Thread):
                 sock.close()
 
     def _call(self, port: int, request: bytes) -> dict[str, Any]:
-        conn = self.conns.get(port)
-        if conn is None:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=90)
-            conn = (sock, sock.makefile("rb"))
-            self.conns[port] = conn
-        sock, reader = conn
-        try:
-            sock.sendall(request)
-            line = reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            answer: dict[str, Any] = json.loads(line)
-            return answer
-        except BaseException:
-            self.conns.pop(port, None)
-            sock.close()
-            raise
+        return call_node(self.conns, port, request, timeout_s=90)
 
     def _send_until_acked(self, platform: str, cids: list[str]) -> None:
         request = json.dumps({"platform": platform, "cids": cids}).encode() + b"\n"
