@@ -60,6 +60,7 @@ from ledger.placement import (
     ensure_moves_table,
     latest_moves,
     record_move,
+    table_exists,
 )
 from ledger.store import WRITERS_TABLE, LedgerStore, NewRow, Row, log_stream
 
@@ -464,10 +465,8 @@ def _check_target(
             f"store {target_config.store_name} holds {dst_size} records of {platform_id}, more "
             f"than the source's {size}: the logs have diverged, nothing was copied"
         )
-    if platform_id in dst.platform_ids():
-        latest = _latest_of(target_config, platform_id)
-        if latest is None or latest.state not in GONE:
-            raise MoveError(f"store {target_config.store_name} already serves {platform_id}")
+    if _serves(dst, target_config, platform_id):
+        raise MoveError(f"store {target_config.store_name} already serves {platform_id}")
     if dst_last is not None:
         [(_, _, src_packed)] = src.read(stream, after=dst_size - 2, limit=1)
         if records.unpack_state(dst_last[2])[0] != records.unpack_state(src_packed)[0]:
@@ -529,11 +528,6 @@ def _copy(
     if progress is not None:
         progress("verify", size, size)
     return size, head
-
-
-def _table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
-    found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
-    return found is not None and found[0] is not None
 
 
 def _columns(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[str, str, bool]]:
@@ -606,7 +600,7 @@ def _copy_side_tables(config: Config, target_config: Config, platform_id: str) -
             src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             plan: list[tuple[str, list[str], list[tuple[Any, ...]]]] = []
             for table in MERGED_TABLES + REPLACED_TABLES:
-                if not _table_exists(src, src_schema, table):
+                if not table_exists(src, src_schema, table):
                     continue
                 names = [name for name, _, _ in _columns(src, src_schema, table)]
                 plan.append(
@@ -614,7 +608,7 @@ def _copy_side_tables(config: Config, target_config: Config, platform_id: str) -
                 )
         with dst.transaction():
             for table, names, rows in plan:
-                if not _table_exists(dst, dst_schema, table):
+                if not table_exists(dst, dst_schema, table):
                     _create_like(src, dst, src_schema, dst_schema, table)
                 target = sql.Identifier(dst_schema, table)
                 if table in REPLACED_TABLES:

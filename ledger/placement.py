@@ -231,24 +231,33 @@ def _row(row: Any) -> MoveState:
     )  # fmt: skip
 
 
+def table_exists(conn: Any, schema: str, table: str) -> bool:
+    """Whether `schema.table` exists (a connection or cursor; tuple or dict rows)."""
+    found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
+    first = (
+        None
+        if found is None
+        else next(iter(found.values()))
+        if isinstance(found, dict)
+        else found[0]
+    )
+    return first is not None
+
+
 def latest_moves(conn: Any, schema: str) -> dict[str, MoveState]:
     """Every platform's latest move row in this store (no table yet: no moves)."""
     query = sql.SQL(
         "SELECT DISTINCT ON (platform_id) platform_id, seq, state, peer, size, head, at_ms, "
         "actor FROM {} ORDER BY platform_id, seq DESC"
     ).format(_table(schema))
-    exists = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{MOVES_TABLE}',)).fetchone()
-    first = exists[0] if not isinstance(exists, dict) else next(iter(exists.values()))
-    if first is None:
+    if not table_exists(conn, schema, MOVES_TABLE):
         return {}
     return {m.platform_id: m for m in map(_row, conn.execute(query).fetchall())}
 
 
 def history(conn: Any, schema: str, platform_id: str) -> list[MoveState]:
     """Every move row of the platform in this store, oldest first."""
-    exists = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{MOVES_TABLE}',)).fetchone()
-    first = exists[0] if not isinstance(exists, dict) else next(iter(exists.values()))
-    if first is None:
+    if not table_exists(conn, schema, MOVES_TABLE):
         return []
     query = sql.SQL(
         "SELECT platform_id, seq, state, peer, size, head, at_ms, actor FROM {} "
