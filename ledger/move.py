@@ -67,7 +67,6 @@ from ledger.store import WRITERS_TABLE, LedgerStore, NewRow, Row, log_stream
 log = logging.getLogger("ledger.move")
 
 CHUNK_ROWS_MAX: Final = 10_000
-PG_EVENTS_TABLE: Final = "custody_events"  # eventsourcing's table for the application `custody`
 LEASE_WAIT_S_MAX: Final = 3_600.0
 # Side tables that belong to a platform and cannot be rebuilt from its log. Append-only ones
 # are merged (missing rows inserted, present rows must be equal); the engine's mutable state is
@@ -216,7 +215,8 @@ def move_platform(
                                progress)  # fmt: skip
             report.records, report.head = size, head.hex()
             keepalive.confirm()  # the lease was held from the fence to here
-            done = _commit_move(config, move, size, head.hex(), claim, actor)
+            events_table = src.recorder.events_table_name  # type: ignore[attr-defined]
+            done = _commit_move(config, events_table, move, size, head.hex(), claim, actor)
             _finish_arrival(target_config, done, source, actor)
             report.state = OUT_DONE
         finally:
@@ -237,6 +237,7 @@ def _latest_of(config: Config, platform_id: str) -> MoveState | None:
 
 def _commit_move(
     config: Config,
+    events_table: str,
     started: MoveState,
     size: int,
     head: str,
@@ -272,7 +273,7 @@ def _commit_move(
         found = conn.execute(
             sql.SQL(
                 "SELECT COALESCE(MAX(originator_version), -1) FROM {} WHERE originator_id = %s"
-            ).format(sql.Identifier(schema, PG_EVENTS_TABLE)),
+            ).format(sql.Identifier(schema, events_table)),
             (log_stream(platform_id),),
         ).fetchone()
         if found is None or int(found[0]) + 1 != size:
